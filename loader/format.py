@@ -1,0 +1,129 @@
+"""Store format v1: names, ids and checksums (DESIGN §2).
+
+A cache folder holds
+
+    CURRENT                     one line: the current release id (replaced atomically)
+    releases/<release>.json     the release manifest (model, params, parent, stats, index file)
+    index/<release>.parquet     one row per chunk
+    shards/<shard>.safetensors  immutable; many chunks each
+
+and per chunk, inside a shard:
+
+    <chunk_id>.kv   [L, 2, H_kv, T, D]  model dtype, layer-major, keys after RoPE at pos_base..
+    <chunk_id>.tok  [T]                 int32 token ids
+    <chunk_id>.sal  [S, T]              float16 saliency signals (names in the shard metadata)
+
+This module owns only pure functions and constants, so that the pipeline, the
+loader and the tests agree on every byte.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+import xxhash
+
+FORMAT_VERSION = 1
+
+CURRENT_FILE = "CURRENT"
+RELEASES_DIR = "releases"
+INDEX_DIR = "index"
+SHARDS_DIR = "shards"
+SHARD_SUFFIX = ".safetensors"
+
+# Names of the saliency rows in `<chunk_id>.sal`, in order. Stored in each shard's
+# metadata too, so a reader never has to guess.
+SALIENCY_SIGNALS = ("attn_received", "kv_deviation")
+
+# Index columns, in order (pyarrow types are set in loader.store).
+INDEX_COLUMNS = (
+    "chunk_id",     # content hash, see chunk_id()
+    "doc_id",
+    "chunk_no",     # position of the chunk in its document; -1 for the shared prefix
+    "n_tokens",
+    "shard",        # shard name without suffix
+    "pos_base",     # absolute position of the chunk's first token when its KV was computed
+    "neighbours",   # chunk_ids prefilled before it (FusionRAG enrichment)
+    "checksum",     # xxh3_64 hex over kv, tok, sal bytes
+    "char_start",   # text span in the document
+    "char_end",
+    "text",         # the chunk's text (retrieval reads it)
+)
+
+PREFIX_DOC_ID = "__prefix__"
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def kv_name(chunk_id: str) -> str:
+    return f"{chunk_id}.kv"
+
+
+def tok_name(chunk_id: str) -> str:
+    return f"{chunk_id}.tok"
+
+
+def sal_name(chunk_id: str) -> str:
+    return f"{chunk_id}.sal"
+
+
+def is_safe_name(name: str) -> bool:
+    """A release or shard name that cannot escape its folder ('..', '/', absolute paths)."""
+    return bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
+def chunk_id(
+    *,
+    model_fingerprint: str,
+    dtype: str,
+    tokenizer_fingerprint: str,
+    chunker: dict,
+    token_ids,
+    prefix_id: str,
+    neighbour_ids: list[str] | tuple[str, ...] = (),
+) -> str:
+    """Content hash of everything that determines a chunk's stored bytes.
+
+    Identical chunks dedupe; an unchanged chunk keeps its id across releases and is
+    reused without recomputation.
+    """
+    h = xxhash.xxh3_128()
+    header = {
+        "format": FORMAT_VERSION,
+        "model": model_fingerprint,
+        "dtype": dtype,
+        "tokenizer": tokenizer_fingerprint,
+        "chunker": chunker,
+        "prefix": prefix_id,
+        "neighbours": list(neighbour_ids),
+    }
+    h.update(json.dumps(header, sort_keys=True).encode())
+    h.update(torch.as_tensor(list(token_ids), dtype=torch.int32).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, bf16 included) without a copy when contiguous."""
+    t = t.detach().contiguous()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def checksum(*tensors: torch.Tensor) -> str:
+    """xxh3_64 over the bytes of the tensors, in order (fast: ~10+ GB/s)."""
+    h = xxhash.xxh3_64()
+    for t in tensors:
+        h.update(tensor_bytes(t.cpu() if t.device.type != "cpu" else t))
+    return h.hexdigest()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in store metadata")
+    return dtype
