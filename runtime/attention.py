@@ -1,0 +1,79 @@
+"""An attention function that can also record attention probabilities.
+
+kvfuse registers "kvfuse" with transformers' AttentionInterface: it computes the
+output with SDPA exactly as "sdpa" does, and, only while an `AttentionRecorder`
+is active, also records softmax(q k^T) averaged over heads for the layers asked
+for. Selectors use it to measure question-to-context attention; the build uses
+it for the saliency prior. Nothing is recorded (and nothing is paid) otherwise.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+IMPLEMENTATION = "kvfuse"
+
+
+class AttentionRecorder:
+    """Collects, per layer, attention probabilities [Q, K] (mean over heads) of the queries
+    in `query_rows` (a slice over the current input; default all)."""
+
+    def __init__(self, layers: set[int] | None = None, query_rows: slice = slice(None)):
+        self.layers = layers
+        self.query_rows = query_rows
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def wants(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+
+_active: AttentionRecorder | None = None
+
+
+@contextmanager
+def record_attention(recorder: AttentionRecorder):
+    global _active
+    previous, _active = _active, recorder
+    try:
+        yield recorder
+    finally:
+        _active = previous
+
+
+def _probabilities(query, key, attention_mask, scaling) -> torch.Tensor:
+    # query [1, Hq, q, D]; key [1, Hkv, K, D] -> probs [q, K] mean over heads
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling  # [1, Hq, q, K]
+    q, k = scores.shape[-2:]
+    if attention_mask is None:  # plain causal, the queries being the last q positions
+        rows = torch.arange(q, device=scores.device)[:, None] + (k - q)
+        allowed = torch.arange(k, device=scores.device)[None, :] <= rows
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :k], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :k].float()
+    return scores.softmax(-1).mean(1)[0]  # [q, K]
+
+
+def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    rec = _active
+    if rec is not None and rec.wants(module.layer_idx):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        rec.maps[module.layer_idx] = _probabilities(query, key, attention_mask, scale)[rec.query_rows]
+    return out
+
+
+AttentionInterface.register(IMPLEMENTATION, kvfuse_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def use_kvfuse_attention(model) -> None:
+    """Switch a loaded model to the recording-capable SDPA attention."""
+    model.set_attn_implementation(IMPLEMENTATION)
