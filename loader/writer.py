@@ -139,12 +139,26 @@ class ShardWriter:
         ids = sorted(cid for cid, _ in self._pending)
         shard = "s-" + xxhash.xxh3_64("\n".join(ids).encode()).hexdigest()
         path = self.cache_dir / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}"
-        if not path.exists():  # same content = same name: a rerun needn't rewrite it
+        # Same content = same name: a rerun needn't rewrite a shard that is whole, but
+        # must replace a torn or corrupt one (scan_shards skipped it, so its chunks
+        # were recomputed and are in self._tensors).
+        if not _shard_holds(path, self._tensors.keys()):
             write_atomic(path, lambda tmp: save_file(self._tensors, str(tmp), metadata=self.metadata))
         done = [WrittenChunk(cid, shard, ck) for cid, ck in self._pending]
         self.written.extend(done)
         self._tensors, self._pending, self._bytes = {}, [], 0
         return done
+
+
+def _shard_holds(path: Path, names) -> bool:
+    """Whether path is a readable shard holding every tensor in names."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(names) <= set(f.keys())
+    except Exception:
+        return False
 
 
 def scan_shards(cache_dir: Path) -> dict[str, str]:
