@@ -1,0 +1,127 @@
+"""build-cache on a tiny random model: bad input, resume after SIGKILL, model mismatch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_model_dir
+
+from kvfuse.loader.errors import ModelMismatchError
+from kvfuse.loader.store import Store, read_current
+from kvfuse.pipeline.build import BuildConfig, build_cache
+from kvfuse.pipeline.corpus import CorpusError
+from kvfuse.runtime.engine import FusionEngine
+from kvfuse.runtime.model import load_model
+
+WORDS = "the city is the capital of the country and the river is red".split()
+
+
+def corpus(path, n_docs=4, words=60):
+    import random
+    rng = random.Random(0)  # random words: no two chunks identical (identical chunks dedupe)
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            text = " ".join(rng.choice(WORDS) for j in range(words))
+            f.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+def test_build_then_ask_and_rebuild_reuses(tmp_path, model_dir):
+    lm = load_model(str(model_dir))
+    cfg = BuildConfig(chunk_tokens=16, progress=False)
+    r1 = build_cache(corpus(tmp_path / "c.jsonl"), tmp_path / "cache", lm, cfg)
+    assert r1.computed == r1.chunks > 4
+    r2 = build_cache(tmp_path / "c.jsonl", tmp_path / "cache", lm, cfg)
+    assert r2.computed == 0 and r2.reused == r1.chunks
+    engine = FusionEngine(tmp_path / "cache", lm)
+    a = engine.ask("what is the capital", top_k=2, ratio=0.5, max_new_tokens=3, compare=True)
+    assert a.n_recomputed > 0 and a.full_text is not None
+
+
+def test_long_document_is_chunked_not_dropped(tmp_path, model_dir):
+    lm = load_model(str(model_dir))  # max_position_embeddings 1024
+    r = build_cache(corpus(tmp_path / "c.jsonl", n_docs=1, words=3000), tmp_path / "cache", lm,
+                    BuildConfig(chunk_tokens=64, progress=False))
+    assert sum(rec.n_tokens for rec in Store.open(tmp_path / "cache").records()) == 3000
+
+
+def test_empty_and_non_utf8_corpus_errors_keep_release(tmp_path, model_dir):
+    lm = load_model(str(model_dir))
+    build_cache(corpus(tmp_path / "c.jsonl"), tmp_path / "cache", lm, BuildConfig(chunk_tokens=16, progress=False))
+    before = read_current(tmp_path / "cache")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(CorpusError, match="no documents"):
+        build_cache(tmp_path / "empty.jsonl", tmp_path / "cache", lm, BuildConfig(progress=False))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(CorpusError, match="a.txt"):
+        build_cache(tmp_path / "bad", tmp_path / "cache", lm, BuildConfig(progress=False))
+    assert read_current(tmp_path / "cache") == before
+
+
+def test_other_model_is_refused_naming_both_fingerprints(tmp_path, tmp_path_factory, model_dir):
+    lm = load_model(str(model_dir))
+    build_cache(corpus(tmp_path / "c.jsonl"), tmp_path / "cache", lm, BuildConfig(chunk_tokens=16, progress=False))
+    other = load_model(str(tiny_model_dir(tmp_path_factory, seed=1)))
+    with pytest.raises(ModelMismatchError) as e:
+        FusionEngine(tmp_path / "cache", other)
+    assert lm.spec.fingerprint in str(e.value) and other.spec.fingerprint in str(e.value)
+    with pytest.raises(ModelMismatchError):
+        build_cache(tmp_path / "c.jsonl", tmp_path / "cache", other, BuildConfig(chunk_tokens=16, progress=False))
+
+
+SCRIPT = """
+import sys, time
+from kvfuse.pipeline import build as b
+from kvfuse.runtime.model import load_model
+from kvfuse.loader import writer as w
+orig = w.ShardWriter.flush
+count = [0]
+def flush(self):
+    out = orig(self)
+    count[0] += 1
+    if count[0] == 2:
+        open(sys.argv[4], "w").write("x"); time.sleep(60)
+    return out
+w.ShardWriter.flush = flush
+lm = load_model(sys.argv[1])
+b.build_cache(sys.argv[2], sys.argv[3], lm, b.BuildConfig(chunk_tokens=16, shard_bytes=1, progress=False))
+"""
+
+
+def test_sigkill_mid_build_keeps_previous_release_and_rerun_completes(tmp_path, model_dir):
+    lm = load_model(str(model_dir))
+    cache = tmp_path / "cache"
+    build_cache(corpus(tmp_path / "c1.jsonl", n_docs=2), cache, lm, BuildConfig(chunk_tokens=16, progress=False))
+    before = read_current(cache)
+    bigger = corpus(tmp_path / "c2.jsonl", n_docs=6)
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(model_dir), str(bigger), str(cache), str(marker)])
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), "the build never reached its second shard"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_current(cache) == before
+    old = Store.open(cache)
+    for rec in old.records():
+        old.read(rec.chunk_id)
+    report = build_cache(bigger, cache, lm, BuildConfig(chunk_tokens=16, progress=False))
+    assert report.reused >= 2  # chunks written before the kill (and the old release's) are not recomputed
+    fresh = tmp_path / "fresh"
+    ref = build_cache(bigger, fresh, lm, BuildConfig(chunk_tokens=16, progress=False))
+    new, clean = Store.open(cache), Store.open(fresh)
+    assert {r.chunk_id for r in new.records()} == {r.chunk_id for r in clean.records()}
+    for rec in clean.records():
+        assert torch.equal(new.read(rec.chunk_id).kv, clean.read(rec.chunk_id).kv)
