@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from kvfuse.loader import format as fmt
@@ -58,10 +59,6 @@ def prompt_parts(lm: LoadedModel) -> dict:
     return {"prefix": prefix, "question_template": QUESTION_TEMPLATE, "suffix": suffix}
 
 
-def tokenizer_fingerprint(lm: LoadedModel) -> str:
-    return lm.spec.fingerprint  # the model fingerprint covers the tokenizer
-
-
 def build_cache(corpus: str | Path | list[Document], cache_dir: str | Path, lm: LoadedModel,
                 config: BuildConfig = BuildConfig()) -> BuildReport:
     t0 = time.perf_counter()
@@ -75,7 +72,8 @@ def build_cache(corpus: str | Path | list[Document], cache_dir: str | Path, lm: 
     prefix_ids = lm.tokenizer(parts["prefix"], add_special_tokens=False)["input_ids"]
     if not prefix_ids:
         raise ValueError("the shared prefix tokenises to nothing; give the model a chat template")
-    ident = dict(model_fingerprint=spec.fingerprint, dtype=dtype, tokenizer_fingerprint=tokenizer_fingerprint(lm),
+    ident = dict(model_fingerprint=spec.fingerprint, dtype=dtype, tokenizer_fingerprint=spec.fingerprint,  # covers the tokenizer too
+                
                  chunker=chunker_params)
     prefix_id = fmt.chunk_id(**ident, token_ids=prefix_ids, prefix_id="")
 
@@ -140,7 +138,6 @@ def _existing_chunks(cache_dir: Path, fingerprint: str, dtype: str) -> dict[str,
         store = Store.open(cache_dir)
         store.check_model(fingerprint, dtype)  # building onto another model's cache is refused
         found = {r.chunk_id: (r.shard, r.checksum) for r in store.records(include_prefix=True)}
-    from safetensors import safe_open
     for cid, shard in scan_shards(cache_dir).items():
         if cid in found:
             continue
