@@ -1,17 +1,32 @@
-"""`kvfuse build-cache`: corpus -> chunks -> KV -> shards -> a published release.
+"""`kvfuse build-cache`: corpus -> chunks -> relate -> KV -> shards -> a published release.
 
-Single process here (the Dask job is pipeline/ issue 4's). Resumable: chunks
-already in the current release or in any complete shard on disk are skipped,
-so a rerun after a crash only computes what is missing, and the previous release
-stays readable throughout (CURRENT is replaced last).
+    report = build_cache("corpus.jsonl", "cache/", lm, BuildConfig())   # in this process
+    report = run_build(corpus, cache_dir, DaskStages(...), config)       # on Dask (pipeline/dask_job.py)
+
+The driver logic lives here once; the model work (chunking, embedding,
+prefilling + writing shards) goes through a *stages* object: `LocalStages`
+runs it in this process, `kvfuse.pipeline.dask_job.DaskStages` on a Dask cluster.
+
+Chunk identity (DESIGN §2): a chunk's *content id* hashes the model, dtype,
+tokenizer, chunker, shared prefix and its tokens. Its *chunk id* hashes the
+same plus the content ids of its enrichment neighbours, in prompt order. So a
+chunk is recomputed exactly when its tokens or its neighbour set change, and a
+neighbour's own neighbours changing never cascades. Isolated chunks
+(`enrich=False`, or no neighbour found) have chunk id == content id.
+
+Incremental and resumable: chunks already in the current release or in any
+complete shard on disk are reused by reference (their index row points at the
+old shard; nothing is copied), embeddings are cached by content id, and
+`CURRENT` is replaced last, so the previous release stays readable throughout.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -20,16 +35,17 @@ from tqdm import tqdm
 from kvfuse.loader import format as fmt
 from kvfuse.loader.store import Store, read_current
 from kvfuse.loader.writer import (
-    ShardWriter, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
+    ShardWriter, WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
 )
-from kvfuse.runtime.attention import use_kvfuse_attention
-from kvfuse.runtime.model import LoadedModel, chat_prefix_and_suffix
+from kvfuse.runtime.model import LoadedModel, ModelSpec, chat_prefix_and_suffix
 
-from .chunker import chunk_document
+from .chunker import Chunk, chunk_document
 from .corpus import Document, read_corpus
-from .precompute import prefill_chunk, prefill_prefix
+from .precompute import embed_chunk, prefill_chunk, prefill_prefix
+from .relate import EmbeddingCache, MiniLM, check_embedder, top_neighbours
 
 QUESTION_TEMPLATE = "\n\nAnswer the question using the documents above.\nQuestion: {question}"
+CHUNKER_KIND = "paragraph-sentence-v1"
 
 
 @dataclass
@@ -37,6 +53,10 @@ class BuildConfig:
     chunk_tokens: int = 512
     shard_bytes: int = 1 << 30
     progress: bool = True
+    enrich: bool = True          # FusionRAG: prefill [prefix][neighbours][chunk]
+    neighbours: int = 2          # top-n most similar other chunks
+    neighbour_tokens: int = 1024  # token budget for all of a chunk's neighbours together
+    embedder: str = "model"      # "model": mean-pooled final hidden states of the model itself
 
 
 @dataclass
@@ -45,12 +65,55 @@ class BuildReport:
     chunks: int
     computed: int
     reused: int
-    tokens: int
+    tokens: int          # tokens of the computed chunks (what was stored)
     seconds: float
+    prefilled: int = 0   # tokens run through the model: embeddings + neighbours + isolated passes
+    embedded: int = 0    # chunk contents embedded (not found in the embedding cache)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What the driver needs to know about the model (no weights): its spec, prompt and prefix tokens."""
+
+    spec: ModelSpec
+    parts: dict
+    prefix_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> "BuildContext":
+        parts = prompt_parts(lm)
+        prefix_ids = tuple(lm.tokenizer(parts["prefix"], add_special_tokens=False)["input_ids"])
+        if not prefix_ids:
+            raise ValueError("the shared prefix tokenises to nothing; give the model a chat template")
+        return cls(lm.spec, parts, prefix_ids)
+
+    @property
+    def dtype(self) -> str:
+        return fmt.dtype_name(self.spec.dtype)
+
+    def shard_metadata(self) -> dict[str, str]:
+        spec = self.spec
+        return {"format_version": str(fmt.FORMAT_VERSION), "model_fingerprint": spec.fingerprint,
+                "dtype": self.dtype, "rope": json.dumps({"theta": spec.rope_theta, "type": spec.rope_type}),
+                "saliency_signals": ",".join(fmt.SALIENCY_SIGNALS)}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One chunk to prefill and write: its id, tokens, and the concatenated tokens of its neighbours."""
+
+    chunk_id: str
+    token_ids: tuple[int, ...]
+    neighbour_ids: tuple[int, ...] = ()
+    is_prefix: bool = False
+
+    @property
+    def cost(self) -> int:  # tokens through the model
+        return len(self.token_ids) + (len(self.neighbour_ids) + len(self.token_ids) if self.neighbour_ids else 0)
 
 
 def prompt_parts(lm: LoadedModel) -> dict:
@@ -59,75 +122,175 @@ def prompt_parts(lm: LoadedModel) -> dict:
     return {"prefix": prefix, "question_template": QUESTION_TEMPLATE, "suffix": suffix}
 
 
+# ---------------------------------------------------------------- model work (runs where the model is)
+
+def chunk_docs(lm: LoadedModel, docs: Iterable[Document], chunk_tokens: int) -> list[Chunk]:
+    return [c for doc in docs for c in chunk_document(doc, lm.tokenizer, chunk_tokens)]
+
+
+def embed_items(lm: LoadedModel, prefix_ids, items: list[tuple[str, tuple[int, ...], str]],
+                embedder: str = "model", minilm: MiniLM | None = None) -> dict[str, torch.Tensor]:
+    """content_id -> embedding [hidden] for (content_id, token_ids, text) items."""
+    if embedder == "minilm":
+        vecs = (minilm or MiniLM()).embed([text for _, _, text in items])  # [N, 384]
+        return {cid: v for (cid, _, _), v in zip(items, vecs)}
+    prefix_kv = prefill_prefix(lm, prefix_ids)
+    return {cid: embed_chunk(lm, prefix_kv, ids) for cid, ids, _ in items}
+
+
+def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, metadata: dict[str, str],
+                 shard_bytes: int, on_done=None) -> list[WrittenChunk]:
+    """Prefill every job and write it into complete shards under cache_dir; returns where each went."""
+    prefix_kv = prefill_prefix(lm, prefix_ids)  # [L, 2, H_kv, P, D]
+    writer = ShardWriter(Path(cache_dir), metadata, shard_bytes)
+    for job in jobs:
+        if job.is_prefix:
+            kv, sal = prefix_kv.cpu(), torch.zeros(len(fmt.SALIENCY_SIGNALS), len(job.token_ids))
+        else:
+            kv, sal = prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids)
+        writer.add(job.chunk_id, kv, torch.tensor(job.token_ids), sal)
+        if on_done:
+            on_done(job)
+    writer.flush()
+    return writer.written
+
+
+class LocalStages:
+    """The model stages, run in this process."""
+
+    def __init__(self, lm: LoadedModel, config: BuildConfig):
+        self.lm, self.config = lm, config
+
+    def context(self) -> BuildContext:
+        return BuildContext.of(self.lm)
+
+    def chunk(self, docs: list[Document]) -> list[Chunk]:
+        return chunk_docs(self.lm, tqdm(docs, desc="chunk", disable=not self.config.progress, unit="doc"),
+                          self.config.chunk_tokens)
+
+    def embed(self, ctx: BuildContext, items) -> Iterator[dict[str, torch.Tensor]]:
+        minilm = MiniLM() if self.config.embedder == "minilm" and items else None
+        batch = 256  # persisted per batch, so a crash loses at most one batch
+        with tqdm(total=len(items), desc="embed", unit="chunk", disable=not self.config.progress) as bar:
+            for i in range(0, len(items), batch):
+                yield embed_items(self.lm, ctx.prefix_ids, items[i:i + batch], self.config.embedder, minilm)
+                bar.update(len(items[i:i + batch]))
+
+    def precompute(self, ctx: BuildContext, jobs: list[Job], cache_dir: Path) -> list[WrittenChunk]:
+        with tqdm(total=sum(j.cost for j in jobs), desc="prefill", unit="tok", disable=not self.config.progress) as bar:
+            return compute_jobs(self.lm, ctx.prefix_ids, jobs, cache_dir, ctx.shard_metadata(),
+                                self.config.shard_bytes, on_done=lambda j: bar.update(j.cost))
+
+
+# ---------------------------------------------------------------- the driver
+
 def build_cache(corpus: str | Path | list[Document], cache_dir: str | Path, lm: LoadedModel,
                 config: BuildConfig = BuildConfig()) -> BuildReport:
+    """Build (or refresh) the cache in this process; see run_build."""
+    return run_build(corpus, cache_dir, LocalStages(lm, config), config)
+
+
+@dataclass
+class _Plan:
+    chunks: list[Chunk]
+    content: list[str]                                      # content id per chunk
+    neighbours: dict[str, tuple[str, ...]] = field(default_factory=dict)  # content id -> neighbour content ids
+    chunk_id: dict[str, str] = field(default_factory=dict)  # content id -> chunk id
+    embedding_files: list[str] = field(default_factory=list)
+    embedded: int = 0
+    embedded_tokens: int = 0
+
+
+def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages, config: BuildConfig) -> BuildReport:
+    """read -> chunk -> relate -> precompute (+ write shards) -> publish, the model work done by `stages`."""
     t0 = time.perf_counter()
     cache_dir = Path(cache_dir)
+    if config.enrich:
+        check_embedder(config.embedder)
     docs = corpus if isinstance(corpus, list) else read_corpus(corpus)
-    use_kvfuse_attention(lm.model)
-    spec = lm.spec
-    dtype = fmt.dtype_name(spec.dtype)
-    chunker_params = {"chunk_tokens": config.chunk_tokens, "kind": "paragraph-sentence-v1"}
-    parts = prompt_parts(lm)
-    prefix_ids = lm.tokenizer(parts["prefix"], add_special_tokens=False)["input_ids"]
-    if not prefix_ids:
-        raise ValueError("the shared prefix tokenises to nothing; give the model a chat template")
-    ident = dict(model_fingerprint=spec.fingerprint, dtype=dtype, tokenizer_fingerprint=spec.fingerprint,  # covers the tokenizer too
-                
+    ctx = stages.context()
+    spec, P = ctx.spec, len(ctx.prefix_ids)
+    chunker_params = {"chunk_tokens": config.chunk_tokens, "kind": CHUNKER_KIND}
+    ident = dict(model_fingerprint=spec.fingerprint, dtype=ctx.dtype, tokenizer_fingerprint=spec.fingerprint,  # covers the tokenizer too
                  chunker=chunker_params)
-    prefix_id = fmt.chunk_id(**ident, token_ids=prefix_ids, prefix_id="")
-
-    chunks = []
-    for doc in tqdm(docs, desc="chunk", disable=not config.progress, unit="doc"):
-        chunks.extend(chunk_document(doc, lm.tokenizer, config.chunk_tokens))
-    ids = [fmt.chunk_id(**ident, token_ids=c.token_ids, prefix_id=prefix_id) for c in chunks]
+    prefix_id = fmt.chunk_id(**ident, token_ids=ctx.prefix_ids, prefix_id="")
+    chunks = stages.chunk(docs)
+    plan = _Plan(chunks, [fmt.chunk_id(**ident, token_ids=c.token_ids, prefix_id=prefix_id) for c in chunks])
+    tokens_of = {cid: c.token_ids for cid, c in zip(plan.content, chunks)}
+    text_of = {cid: c.text for cid, c in zip(plan.content, chunks)}
 
     with cache_lock(cache_dir):
         init_cache_dir(cache_dir)
         remove_stale_tmp(cache_dir)
-        existing = _existing_chunks(cache_dir, spec.fingerprint, dtype)
-        metadata = {"format_version": str(fmt.FORMAT_VERSION), "model_fingerprint": spec.fingerprint,
-                    "dtype": dtype, "rope": json.dumps({"theta": spec.rope_theta, "type": spec.rope_type}),
-                    "saliency_signals": ",".join(fmt.SALIENCY_SIGNALS)}
-        writer = ShardWriter(cache_dir, metadata, config.shard_bytes)
-        prefix_kv = prefill_prefix(lm, prefix_ids)
-        if prefix_id not in existing:
-            writer.add(prefix_id, prefix_kv, torch.tensor(prefix_ids), torch.zeros(len(fmt.SALIENCY_SIGNALS), len(prefix_ids)))
-        todo = {cid: c for cid, c in zip(ids, chunks) if cid not in existing}
-        n_tokens = sum(len(c.token_ids) for c in todo.values())
-        with tqdm(total=n_tokens, desc="prefill", unit="tok", disable=not config.progress) as bar:
-            for cid, chunk in todo.items():
-                kv, sal = prefill_chunk(lm, prefix_kv, chunk.token_ids)
-                writer.add(cid, kv, torch.tensor(chunk.token_ids), sal)
-                bar.update(len(chunk.token_ids))
-        writer.flush()
-        where = {**{k: v[0] for k, v in existing.items()}, **{w.chunk_id: w.shard for w in writer.written}}
-        checks = {**{k: v[1] for k, v in existing.items()}, **{w.chunk_id: w.checksum for w in writer.written}}
+        existing = _existing_chunks(cache_dir, spec.fingerprint, ctx.dtype)
+        if config.enrich:
+            _relate(plan, tokens_of, text_of, ctx, stages, cache_dir, config)
+        for cid in tokens_of:
+            nb = plan.neighbours.get(cid, ())
+            plan.chunk_id[cid] = fmt.chunk_id(**ident, token_ids=tokens_of[cid], prefix_id=prefix_id, neighbour_ids=nb) if nb else cid
 
-        P = len(prefix_ids)
-        rows = [_row(prefix_id, fmt.PREFIX_DOC_ID, -1, len(prefix_ids), where[prefix_id], 0, checks[prefix_id],
-                     0, len(parts["prefix"]), parts["prefix"])]
-        seen = {prefix_id}
-        for cid, c in zip(ids, chunks):
-            if cid in seen:  # identical chunks dedupe
-                continue
-            seen.add(cid)
-            rows.append(_row(cid, c.doc_id, c.chunk_no, len(c.token_ids), where[cid], P, checks[cid],
-                             c.char_start, c.char_end, c.text))
+        jobs = [] if prefix_id in existing else [Job(prefix_id, ctx.prefix_ids, is_prefix=True)]
+        for cid in sorted(tokens_of):
+            if plan.chunk_id[cid] not in existing:
+                nb = tuple(t for n in plan.neighbours.get(cid, ()) for t in tokens_of[n])
+                jobs.append(Job(plan.chunk_id[cid], tokens_of[cid], nb))
+        written = stages.precompute(ctx, jobs, cache_dir) if jobs else []
+        where = {**existing, **{w.chunk_id: (w.shard, w.checksum) for w in written}}
+        missing = [j.chunk_id for j in jobs if j.chunk_id not in where]
+        if missing:
+            raise RuntimeError(f"{len(missing)} chunks were not written (e.g. {missing[0]}); nothing was published. "
+                               "Run the build again: it resumes from the shards already written.")
+        rows = _rows(plan, ctx, prefix_id, where, tokens_of)
+        computed = [j for j in jobs if not j.is_prefix]
         manifest = {
-            "model": {"name": spec.name, "fingerprint": spec.fingerprint, "arch": spec.arch, "dtype": dtype,
+            "model": {"name": spec.name, "fingerprint": spec.fingerprint, "arch": spec.arch, "dtype": ctx.dtype,
                       "n_layers": spec.n_layers, "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
                       "rope_theta": spec.rope_theta, "rope_type": spec.rope_type,
                       "kv_bytes_per_token": spec.kv_bytes_per_token()},
             "prefix": {"chunk_id": prefix_id, "n_tokens": P},
-            "prompt": parts,
-            "params": {"chunker": chunker_params, "enrich": False},
+            "prompt": ctx.parts,
+            "params": {"chunker": chunker_params, "enrich": config.enrich, "neighbours": config.neighbours,
+                       "neighbour_tokens": config.neighbour_tokens, "embedder": config.embedder},
+            "embeddings": plan.embedding_files,
             "stats": {"documents": len(docs), "chunks": len(rows) - 1, "tokens": sum(r["n_tokens"] for r in rows[1:]),
-                      "computed": len(todo), "reused": len(rows) - 1 - len(todo)},
+                      "computed": len(computed), "reused": len(rows) - 1 - len(computed)},
         }
         release = publish_release(cache_dir, rows, manifest)
-    return BuildReport(release, len(rows) - 1, len(todo), len(rows) - 1 - len(todo), n_tokens,
-                       time.perf_counter() - t0)
+    return BuildReport(release, len(rows) - 1, len(computed), len(rows) - 1 - len(computed),
+                       sum(len(j.token_ids) for j in computed), time.perf_counter() - t0,
+                       prefilled=sum(j.cost for j in computed) + plan.embedded_tokens, embedded=plan.embedded)
+
+
+def _relate(plan: _Plan, tokens_of: dict, text_of: dict, ctx: BuildContext, stages, cache_dir: Path, config: BuildConfig) -> None:
+    """Embed the chunk contents not embedded before, then pick each one's neighbours."""
+    cache = EmbeddingCache.load(cache_dir, f"{config.embedder}:{ctx.spec.fingerprint}")
+    order = sorted(tokens_of)  # content ids: a fixed order, so ties break the same way every build
+    todo = [(cid, tokens_of[cid], text_of[cid]) for cid in order if cid not in cache.vectors]
+    for batch in stages.embed(ctx, todo):
+        cache.add(batch)
+        plan.embedded += len(batch)
+        plan.embedded_tokens += sum(len(tokens_of[c]) for c in batch)
+    budget = max(0, min(config.neighbour_tokens, ctx.spec.max_positions - len(ctx.prefix_ids) - config.chunk_tokens))
+    matrix = torch.stack([cache.vectors[cid] for cid in order])  # [N, hidden]
+    picks = top_neighbours(matrix, [len(tokens_of[c]) for c in order], config.neighbours, budget)
+    plan.neighbours = {cid: tuple(order[j] for j in pick) for cid, pick in zip(order, picks)}
+    plan.embedding_files = cache.files_for(order)
+
+
+def _rows(plan: _Plan, ctx: BuildContext, prefix_id: str, where: dict, tokens_of: dict) -> list[dict]:
+    P, prefix_text = len(ctx.prefix_ids), ctx.parts["prefix"]
+    rows = [_row(prefix_id, fmt.PREFIX_DOC_ID, -1, P, where[prefix_id], 0, [], 0, len(prefix_text), prefix_text)]
+    seen = {prefix_id}
+    for content, c in zip(plan.content, plan.chunks):
+        cid = plan.chunk_id[content]
+        if cid in seen:  # identical chunks dedupe
+            continue
+        seen.add(cid)
+        nbs = plan.neighbours.get(content, ())
+        pos_base = P + sum(len(tokens_of[n]) for n in nbs)
+        rows.append(_row(cid, c.doc_id, c.chunk_no, len(c.token_ids), where[cid], pos_base,
+                         [plan.chunk_id[n] for n in nbs], c.char_start, c.char_end, c.text))
+    return rows
 
 
 def _existing_chunks(cache_dir: Path, fingerprint: str, dtype: str) -> dict[str, tuple[str, str]]:
@@ -149,7 +312,8 @@ def _existing_chunks(cache_dir: Path, fingerprint: str, dtype: str) -> dict[str,
     return found
 
 
-def _row(cid, doc_id, chunk_no, n_tokens, shard, pos_base, checksum, start, end, text) -> dict:
+def _row(cid, doc_id, chunk_no, n_tokens, stored: tuple[str, str], pos_base, neighbours, start, end, text) -> dict:
+    shard, checksum = stored
     return {"chunk_id": cid, "doc_id": doc_id, "chunk_no": chunk_no, "n_tokens": n_tokens, "shard": shard,
-            "pos_base": pos_base, "neighbours": [], "checksum": checksum, "char_start": start, "char_end": end,
-            "text": text}
+            "pos_base": pos_base, "neighbours": neighbours, "checksum": checksum, "char_start": start,
+            "char_end": end, "text": text}

