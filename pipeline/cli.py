@@ -33,19 +33,44 @@ def main():
               help="Token budget for a chunk's neighbours together.")
 @click.option("--embedder", default="model", show_default=True, type=click.Choice(["model", "minilm"]),
               help="model: mean-pooled hidden states of the model itself; minilm: all-MiniLM-L6-v2.")
+@click.option("--scheduler", default=None, help="Run on this Dask scheduler (tcp://host:8786); default "
+              "$KVFUSE_SCHEDULER, else a LocalCluster on this machine.")
+@click.option("--workers", default=None, type=click.IntRange(1), help="LocalCluster workers (default: one per GPU, or 1).")
+@click.option("--gpus", default=0, show_default=True, type=click.IntRange(0), help="GPUs to use, one per worker.")
+@click.option("--in-process", is_flag=True, help="No Dask: run everything in this process.")
 def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enrich=True, neighbours=2,
-                    neighbour_tokens=1024, embedder="model"):
+                    neighbour_tokens=1024, embedder="model", scheduler=None, workers=None, gpus=0, in_process=False):
     """Chunk CORPUS (jsonl, parquet, folder of .txt/.md, or a saved datasets folder), precompute
-    every chunk's KV and publish a new release into --cache (in this process; `kvfuse build`
-    runs the same job on Dask)."""
+    every chunk's KV (FusionRAG-enriched unless --no-enrich) and publish a new release into --cache.
+    Building onto an existing cache recomputes only new or changed chunks and those whose
+    neighbours changed; a rerun after a crash resumes. Runs as a Dask job unless --in-process."""
     from kvfuse.pipeline.build import BuildConfig, build_cache
-    lm = _load(model, dtype)
-    report = build_cache(corpus, cache_dir, lm, BuildConfig(
-        chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich, neighbours=neighbours,
-        neighbour_tokens=neighbour_tokens, embedder=embedder))
+    config = BuildConfig(chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich,
+                         neighbours=neighbours, neighbour_tokens=neighbour_tokens, embedder=embedder)
+    if in_process:
+        report = build_cache(corpus, cache_dir, _load(model, dtype), config)
+    else:
+        from kvfuse.pipeline.dask_job import ClusterConfig, ModelLoader, build_on_dask, open_client
+        cluster = ClusterConfig(scheduler=scheduler, workers=workers, gpus=gpus)
+        with open_client(cluster) as client:
+            click.echo(f"dask: {len(client.scheduler_info()['workers'])} workers at {client.scheduler.address}", err=True)
+            report = build_on_dask(client, corpus, cache_dir, ModelLoader(model, dtype), config, cluster)
     click.echo(f"release {report.release}: {report.chunks} chunks ({report.computed} computed, "
                f"{report.reused} reused), {report.tokens} tokens prefilled in {report.seconds:.1f} s "
                f"({report.tokens_per_s:.0f} tok/s)")
+
+
+@main.command()
+@click.argument("cache_dir", type=click.Path(exists=True))
+@click.option("--keep", required=True, type=click.IntRange(1), help="Keep the newest N releases (and CURRENT).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+def gc(cache_dir, keep, dry_run):
+    """Delete older releases and every shard or embedding file no kept release references."""
+    from kvfuse.loader.gc import collect
+    r = collect(cache_dir, keep, dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"kept {', '.join(r.kept)}; {verb} {len(r.releases)} releases, {len(r.shards)} shards, "
+               f"{len(r.embeddings)} embedding files ({r.bytes_freed / 2**20:.1f} MiB)")
 
 
 @main.command()

@@ -22,9 +22,8 @@ import pyarrow.parquet as pq
 import torch
 import xxhash
 
+from kvfuse.loader.gc import EMBEDDINGS_DIR
 from kvfuse.loader.writer import write_atomic
-
-EMBEDDINGS_DIR = "embeddings"
 EMBEDDERS = ("model", "minilm")
 
 
