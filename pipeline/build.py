@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -69,6 +71,7 @@ class BuildReport:
     seconds: float
     prefilled: int = 0   # tokens run through the model: embeddings + neighbours + isolated passes
     embedded: int = 0    # chunk contents embedded (not found in the embedding cache)
+    stage_seconds: dict = field(default_factory=dict)  # context, chunk, relate, precompute, publish
 
     @property
     def tokens_per_s(self) -> float:
@@ -140,18 +143,29 @@ def embed_items(lm: LoadedModel, prefix_ids, items: list[tuple[str, tuple[int, .
 
 def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, metadata: dict[str, str],
                  shard_bytes: int, on_done=None) -> list[WrittenChunk]:
-    """Prefill every job and write it into complete shards under cache_dir; returns where each went."""
+    """Prefill every job and write it into complete shards under cache_dir; returns where each went.
+
+    One writer thread copies each chunk's KV to the host, checksums it and writes
+    shards while the model computes the next chunks (at most `depth` chunks wait).
+    """
     prefix_kv = prefill_prefix(lm, prefix_ids)  # [L, 2, H_kv, P, D]
     writer = ShardWriter(Path(cache_dir), metadata, shard_bytes)
-    for job in jobs:
-        if job.is_prefix:
-            kv, sal = prefix_kv.cpu(), torch.zeros(len(fmt.SALIENCY_SIGNALS), len(job.token_ids))
-        else:
-            kv, sal = prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids)
-        writer.add(job.chunk_id, kv, torch.tensor(job.token_ids), sal)
-        if on_done:
-            on_done(job)
-    writer.flush()
+    pending: deque = deque()
+    depth = 2
+    with ThreadPoolExecutor(1, thread_name_prefix="kvfuse-writer") as pool:
+        for job in jobs:
+            if job.is_prefix:
+                kv, sal = prefix_kv, torch.zeros(len(fmt.SALIENCY_SIGNALS), len(job.token_ids))
+            else:
+                kv, sal = prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids, to_cpu=False)
+            pending.append(pool.submit(writer.add, job.chunk_id, kv, torch.tensor(job.token_ids), sal))
+            while len(pending) > depth:
+                pending.popleft().result()
+            if on_done:
+                on_done(job)
+        for fut in pending:
+            fut.result()
+        pool.submit(writer.flush).result()
     return writer.written
 
 
@@ -204,17 +218,20 @@ class _Plan:
 def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages, config: BuildConfig) -> BuildReport:
     """read -> chunk -> relate -> precompute (+ write shards) -> publish, the model work done by `stages`."""
     t0 = time.perf_counter()
+    clock = _StageClock()
     cache_dir = Path(cache_dir)
     if config.enrich:
         check_embedder(config.embedder)
     docs = corpus if isinstance(corpus, list) else read_corpus(corpus)
     ctx = stages.context()
+    clock.lap("context")
     spec, P = ctx.spec, len(ctx.prefix_ids)
     chunker_params = {"chunk_tokens": config.chunk_tokens, "kind": CHUNKER_KIND}
     ident = dict(model_fingerprint=spec.fingerprint, dtype=ctx.dtype, tokenizer_fingerprint=spec.fingerprint,  # covers the tokenizer too
                  chunker=chunker_params)
     prefix_id = fmt.chunk_id(**ident, token_ids=ctx.prefix_ids, prefix_id="")
     chunks = stages.chunk(docs)
+    clock.lap("chunk")
     plan = _Plan(chunks, [fmt.chunk_id(**ident, token_ids=c.token_ids, prefix_id=prefix_id) for c in chunks])
     tokens_of = {cid: c.token_ids for cid, c in zip(plan.content, chunks)}
     text_of = {cid: c.text for cid, c in zip(plan.content, chunks)}
@@ -225,6 +242,7 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
         existing = _existing_chunks(cache_dir, spec.fingerprint, ctx.dtype)
         if config.enrich:
             _relate(plan, tokens_of, text_of, ctx, stages, cache_dir, config)
+        clock.lap("relate")
         for cid in tokens_of:
             nb = plan.neighbours.get(cid, ())
             plan.chunk_id[cid] = fmt.chunk_id(**ident, token_ids=tokens_of[cid], prefix_id=prefix_id, neighbour_ids=nb) if nb else cid
@@ -235,6 +253,7 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
                 nb = tuple(t for n in plan.neighbours.get(cid, ()) for t in tokens_of[n])
                 jobs.append(Job(plan.chunk_id[cid], tokens_of[cid], nb))
         written = stages.precompute(ctx, jobs, cache_dir) if jobs else []
+        clock.lap("precompute")
         where = {**existing, **{w.chunk_id: (w.shard, w.checksum) for w in written}}
         missing = [j.chunk_id for j in jobs if j.chunk_id not in where]
         if missing:
@@ -256,9 +275,22 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
                       "computed": len(computed), "reused": len(rows) - 1 - len(computed)},
         }
         release = publish_release(cache_dir, rows, manifest)
+        clock.lap("publish")
     return BuildReport(release, len(rows) - 1, len(computed), len(rows) - 1 - len(computed),
                        sum(len(j.token_ids) for j in computed), time.perf_counter() - t0,
-                       prefilled=sum(j.cost for j in computed) + plan.embedded_tokens, embedded=plan.embedded)
+                       prefilled=sum(j.cost for j in computed) + plan.embedded_tokens, embedded=plan.embedded,
+                       stage_seconds=clock.laps)
+
+
+class _StageClock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 4)
+        self._t = now
 
 
 def _relate(plan: _Plan, tokens_of: dict, text_of: dict, ctx: BuildContext, stages, cache_dir: Path, config: BuildConfig) -> None:

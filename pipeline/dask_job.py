@@ -217,5 +217,8 @@ def build_on_dask(client: Client, corpus: str | Path | list[Document], cache_dir
     threads = cluster.torch_threads
     if threads is None and not (cluster.scheduler or os.environ.get(SCHEDULER_ENV)):
         threads = max(1, (os.cpu_count() or 1) // n_workers)  # LocalCluster: split this machine's cores
-    client.register_plugin(ModelPlugin(loader, bool(cluster.gpus), threads), name=PLUGIN_NAME)
+    plugin = (loader, bool(cluster.gpus), threads)
+    if getattr(client, "_kvfuse_plugin", None) != plugin:  # same model on the same client: keep it loaded
+        client.register_plugin(ModelPlugin(*plugin), name=PLUGIN_NAME)
+        client._kvfuse_plugin = plugin
     return run_build(corpus, Path(cache_dir).absolute(), DaskStages(client, config, cluster), config)

@@ -66,11 +66,13 @@ def embed_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids) -> torch.Te
 
 
 @torch.inference_mode()
-def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour_ids=()) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour_ids=(),
+                  to_cpu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """KV of `chunk_ids` prefilled after [prefix][neighbours]; returns (kv [L,2,H_kv,T,D], saliency [S,T]).
 
     With neighbours the chunk is also prefilled alone (for kv_deviation), so an
-    enriched chunk costs T + (E + T) prefilled tokens.
+    enriched chunk costs T + (E + T) prefilled tokens. to_cpu=False leaves kv on
+    the model's device (the build's writer thread copies it, overlapping compute).
     """
     if lm.model.config._attn_implementation != IMPLEMENTATION:
         use_kvfuse_attention(lm.model)  # records attention for the saliency prior
@@ -89,7 +91,7 @@ def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour
     if E:
         iso_cache, _ = _prefill_after_prefix(lm, prefix_kv, chunk)
         saliency[1] = kv_deviation(kv, kv_from_cache(iso_cache, P, P + T), E, lm.rope_inv_freq()).cpu()
-    return kv.cpu(), saliency.to(torch.float16)
+    return (kv.cpu() if to_cpu else kv), saliency.to(torch.float16)
 
 
 def kv_deviation(kv: torch.Tensor, iso: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:

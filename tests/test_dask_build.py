@@ -141,3 +141,15 @@ def test_driver_killed_mid_job_then_rerun_gives_the_uninterrupted_release(tmp_pa
     assert report.reused >= done - 1  # the shards written before the kill (one may hold the prefix) are reused
     assert report.computed < ref.computed
     assert_same_release(Store.open(cache), want)
+
+
+def test_cli_build_cache_on_the_scheduler_named_by_the_env_var(tmp_path, client, model_dir, reference, monkeypatch):
+    from click.testing import CliRunner
+    from kvfuse.pipeline.cli import main
+    corpus, want, _ = reference
+    monkeypatch.setenv("KVFUSE_SCHEDULER", client.scheduler.address)
+    out = CliRunner().invoke(main, ["build-cache", str(corpus), "--cache", str(tmp_path / "cache"), "--model",
+                                    str(model_dir), "--chunk-tokens", "16", "--neighbour-tokens", "40"])
+    assert out.exit_code == 0, out.output
+    assert f"{want.stats()['chunks']} chunks" in out.output
+    assert [r.chunk_id for r in Store.open(tmp_path / "cache").records()] == [r.chunk_id for r in want.records()]
