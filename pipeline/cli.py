@@ -145,3 +145,7 @@ def demo(ctx, workdir, model, question):
     ctx.invoke(inspect, cache_dir=str(Path(workdir) / "cache"), release=None, as_json=False)
     ctx.invoke(ask, cache_dir=str(Path(workdir) / "cache"), question=question or DEMO_QUESTION, model=model,
                dtype=None, top_k=4, selector="kvfuse", ratio=0.15, max_new_tokens=48, compare=True)
+
+
+from kvfuse.pipeline.cli_eval import eval_cmd  # noqa: E402
+main.add_command(eval_cmd)

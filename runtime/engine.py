@@ -1,7 +1,7 @@
 """FusionEngine: the API a host server embeds.
 
     engine = FusionEngine("cache/", load_model("smollm2-135m"))
-    answer = engine.ask("Who painted La Grande Jatte?", top_k=4, selector="qattn", ratio=0.15)
+    answer = engine.ask("Who painted La Grande Jatte?", top_k=4, selector="kvfuse", ratio=0.15)
     print(answer.text, answer.n_reused, answer.n_recomputed, answer.ttft_s)
 """
 
@@ -53,7 +53,7 @@ class FusionEngine:
         text = self.prompt["question_template"].format(question=question) + self.prompt["suffix"]
         return torch.tensor(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def ask(self, question: str, top_k: int = 4, selector: str = "qattn", ratio: float = 0.15,
+    def ask(self, question: str, top_k: int = 4, selector: str = "kvfuse", ratio: float = 0.15,
             max_new_tokens: int = 48, chunk_ids: list[str] | None = None, compare: bool = False) -> Answer:
         if not question.strip():
             raise ValueError("empty question")

@@ -1,0 +1,45 @@
+"""`kvfuse eval`: accuracy of every selector against a full prefill on a suite (docs/eval.md)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _floats(ctx, param, value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 0.05,0.1, got {value!r}") from None
+
+
+def _names(ctx, param, value: str) -> list[str]:
+    from kvfuse.runtime.selectors import SELECTORS
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    unknown = [x for x in names if x not in SELECTORS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(SELECTORS)}")
+    return names
+
+
+@click.command("eval")
+@click.option("--suite", type=click.Choice(["niah", "squad"]), required=True)
+@click.option("--model", default="qwen2.5-0.5b", show_default=True)
+@click.option("--methods", default="reuse,epic,cacheblend,a3,prophet,kvfuse", show_default=True, callback=_names)
+@click.option("--ratios", default="0.15", show_default=True, callback=_floats)
+@click.option("--n", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (store, results.jsonl, report).")
+@click.option("--no-enrich", is_flag=True, help="Build isolated chunks (no FusionRAG neighbours).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's choice).")
+def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, threads):
+    """Build the SUITE's store, run a full prefill and every method at every ratio on the same
+    token ids, and write accuracy-<suite>-<model>.{json,md,png} into --out. Rerunning with the
+    same --out resumes: finished (example, method, ratio) results are kept."""
+    import torch
+
+    from kvfuse.pipeline.evaluate import EvalConfig, evaluate, markdown
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = EvalConfig(suite=suite, model=model, methods=methods, ratios=ratios, n=n, seed=seed, out=out,
+                     build={"enrich": False} if no_enrich else {})
+    click.echo(markdown(evaluate(cfg)))

@@ -1,0 +1,326 @@
+"""`kvfuse eval`: every selector at every ratio against a full prefill, on one suite (docs/eval.md).
+
+    cfg = EvalConfig(suite="niah", model="qwen2.5-0.5b", methods=["reuse", "kvfuse"], ratios=[0.15], n=50, seed=0, out=Path("runs/niah"))
+    report = evaluate(cfg)          # also writes accuracy-<suite>-<model>.{json,md,png} into cfg.out
+
+The suite's store is built with `build_cache` (the normal build path) into
+`out/store`. Per example, the full prefill runs once (its first-token log-probs
+kept under `out/full/`), the prompt is assembled once, and every method x ratio
+runs on the same token ids. Every finished (example, method, ratio) is appended
+to `out/results.jsonl` and skipped on a rerun, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kvfuse.runtime.engine import FusionEngine
+from kvfuse.runtime.fusion import full_prefill, greedy_batch, prepare, run
+from kvfuse.runtime.model import LoadedModel, load_model
+from kvfuse.runtime.selectors import get_selector
+
+from .build import BuildConfig, build_cache
+from .suites import Example, Suite, make_suite, needle_recall, squad_em_f1
+
+RESULTS = "results.jsonl"
+META = "meta.json"
+REFERENCE = "full-prefill"  # the method name of the reference rows
+
+
+@dataclass
+class EvalConfig:
+    suite: str
+    model: str
+    methods: list[str]
+    ratios: list[float]
+    n: int
+    seed: int
+    out: Path
+    build: dict = field(default_factory=dict)   # extra BuildConfig fields (e.g. {"enrich": False})
+    progress: bool = True
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        for m in self.methods:
+            get_selector(m)  # unknown names fail before any work
+        if not self.ratios or any(not 0.0 <= r <= 1.0 for r in self.ratios):
+            raise ValueError(f"ratios must be in [0, 1], got {self.ratios}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def score(suite: Suite, ex: Example, answer: str) -> dict:
+    if suite.metric == "recall":
+        return {"score": needle_recall(answer, ex.answers)}
+    em, f1 = squad_em_f1(answer, ex.answers)
+    return {"score": f1, "em": em, "f1": f1}
+
+
+def first_token_kl(full_logprobs: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(full || method) of the first generated token's distribution, in nats."""
+    lp = logits.float().log_softmax(-1)
+    return float((full_logprobs.exp() * (full_logprobs - lp)).sum().clamp_min(0))
+
+
+def _same_answer(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
+
+
+# ----------------------------------------------------------------------------- the run
+
+class _Results:
+    """results.jsonl: one line per finished (example, method, ratio); read back on resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[tuple[str, str, float], dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: redo that one
+                    continue
+                self.rows[(row["example"], row["method"], row["ratio"])] = row
+
+    def has(self, ex: str, method: str, ratio: float) -> bool:
+        return (ex, method, ratio) in self.rows
+
+    def add(self, row: dict) -> None:
+        self.rows[(row["example"], row["method"], row["ratio"])] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _stop_ids(lm: LoadedModel, suite: Suite) -> set[int]:
+    if not suite.stop_on_newline:
+        return set()
+    vocab = lm.tokenizer.get_vocab()
+    return {i for t, i in vocab.items() if "\n" in lm.tokenizer.convert_tokens_to_string([t])}
+
+
+def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
+    t_start = time.perf_counter()
+    lm = lm or load_model(cfg.model)
+    suite = make_suite(cfg.suite, lm.tokenizer, cfg.n, cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    _check_meta(cfg)
+    build = build_cache(suite.documents, cfg.out / "store", lm,
+                        BuildConfig(chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build))
+    engine = FusionEngine(cfg.out / "store", lm, verify=False)
+    by_doc: dict[str, list] = {}
+    for rec in engine.records:
+        by_doc.setdefault(rec.doc_id, []).append(rec)
+    results = _Results(cfg.out / RESULTS)
+    (cfg.out / "full").mkdir(exist_ok=True)
+    stop = _stop_ids(lm, suite)
+
+    todo = [(m, r) for m in cfg.methods for r in cfg.ratios]
+    for ex in tqdm(suite.examples, desc=f"eval {cfg.suite}", unit="ex", disable=not cfg.progress):
+        if all(results.has(ex.id, m, r) for m, r in todo) and results.has(ex.id, REFERENCE, 1.0):
+            continue
+        missing = [d for d in ex.doc_ids if d not in by_doc]
+        if missing:
+            raise RuntimeError(f"{ex.id}: documents {missing} are not in the built store {cfg.out / 'store'}; "
+                               "delete the store folder and rerun")
+        chunk_ids = [r.chunk_id for d in ex.doc_ids for r in sorted(by_doc[d], key=lambda r: r.chunk_no)]
+        chunks = [engine.store.read(c, verify=False) for c in chunk_ids]
+        q_ids = engine.question_ids(ex.question)
+        if ex.answer_prefix:  # the question part ends with the start of the answer
+            q_ids = torch.cat((q_ids, torch.tensor(lm.tokenizer(ex.answer_prefix, add_special_tokens=False)["input_ids"])))
+        _run_example(lm, suite, ex, engine.prefix, chunks, q_ids, todo, results, cfg.out / "full", stop)
+    report = summarize(cfg, suite, results.rows, build_seconds=build.seconds,
+                       wall_seconds=time.perf_counter() - t_start)
+    write_report(report, cfg.out)
+    return report
+
+
+def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_ids: torch.Tensor,
+                 todo: list[tuple[str, float]], results: _Results, full_dir: Path, stop: set[int]) -> None:
+    """The full prefill (once) and every missing method x ratio of one example; all their
+    answers are decoded together in one batch (identical selections decode once)."""
+    all_ids = torch.cat([prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])
+    n_context = sum(len(c.tokens) for c in chunks)
+    full_path = full_dir / f"{ex.id}.pt"
+    pending = []                      # (cache, first logits) to decode
+    need_full = not results.has(ex.id, REFERENCE, 1.0) or not full_path.exists()
+    if need_full:
+        t0 = time.perf_counter()
+        cache, logits = full_prefill(lm, all_ids)
+        full_ttft = time.perf_counter() - t0
+        torch.save(logits.log_softmax(-1), full_path)
+        pending.append((cache, logits))
+    full_lp = torch.load(full_path)
+    prep = prepare(lm, prefix, chunks, q_ids)
+    by_selection: dict[tuple, int] = {}
+    rows = []                         # (row, index of its answer in pending)
+    for method, ratio in todo:
+        if results.has(ex.id, method, ratio):
+            continue
+        res = run(prep, method, ratio)
+        key = tuple(res.recomputed.tolist())
+        if key not in by_selection:
+            by_selection[key] = len(pending)
+            pending.append((res.cache, res.logits))
+        rows.append(({"method": method, "ratio": ratio, "kl": first_token_kl(full_lp, res.logits),
+                      "n_context": n_context, "n_recomputed": res.n_recomputed,
+                      "ttft_s": res.timings["select_s"] + res.timings["recompute_s"],
+                      "select_s": res.timings["select_s"]}, by_selection[key]))
+    if not pending:
+        return
+    decoded = greedy_batch(lm, [c for c, _ in pending], [l for _, l in pending], len(all_ids), ex.max_new_tokens, stop)
+    answers = [lm.tokenizer.decode(t, skip_special_tokens=True).strip() for t in decoded]
+    if need_full:
+        results.add({"example": ex.id, "kind": ex.kind, "method": REFERENCE, "ratio": 1.0, "answer": answers[0],
+                     **score(suite, ex, answers[0]), "kl": 0.0, "agree": True, "n_context": n_context,
+                     "n_recomputed": n_context, "ttft_s": full_ttft})
+    full_answer = results.rows[(ex.id, REFERENCE, 1.0)]["answer"]
+    for row, i in rows:
+        results.add({"example": ex.id, "kind": ex.kind, **row, "answer": answers[i], **score(suite, ex, answers[i]),
+                     "agree": _same_answer(answers[i], full_answer)})
+
+
+def _check_meta(cfg: EvalConfig) -> None:
+    """One output folder holds one suite x model x seed x build: refuse to mix results."""
+    meta = {"suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "build": cfg.build}
+    path = cfg.out / META
+    if path.exists():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise ValueError(f"{cfg.out} holds results of {old}, not {meta}; use another --out folder")
+        commands = old.get("commands", [])
+    else:
+        commands = []
+    meta["commands"] = list(dict.fromkeys(commands + [command_line(cfg)]))
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _sem(xs) -> float:
+    xs = list(xs)
+    if len(xs) < 2:
+        return float("nan")
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def summarize(cfg: EvalConfig, suite: Suite, rows: dict, build_seconds: float = 0.0,
+              wall_seconds: float = 0.0) -> dict:
+    """Per method x ratio over the examples that have both the method's row and the full prefill's."""
+    full = {k[0]: v for k, v in rows.items() if k[1] == REFERENCE}
+    table = []
+    for method, ratio in sorted({k[1:] for k in rows if k[1] != REFERENCE}, key=lambda k: (k[1], k[0])):
+        got = [v for k, v in rows.items() if k[1] == method and k[2] == ratio and k[0] in full]
+        if not got:
+            continue
+        ref = [full[v["example"]] for v in got]
+        full_score = _mean(r["score"] for r in ref)
+        entry = {
+            "method": method, "ratio": ratio, "n": len(got),
+            "score": _mean(v["score"] for v in got), "score_sem": _sem(v["score"] for v in got),
+            "full_score": full_score,
+            "retention": _mean(v["score"] for v in got) / full_score if full_score else float("nan"),
+            "kl": _mean(v["kl"] for v in got), "kl_sem": _sem(v["kl"] for v in got),
+            "agreement": _mean(float(v["agree"]) for v in got),
+            "recomputed": _mean(v["n_recomputed"] for v in got),
+            "recomputed_frac": _mean(v["n_recomputed"] / v["n_context"] for v in got),
+            "ttft_s": _mean(v["ttft_s"] for v in got), "full_ttft_s": _mean(r["ttft_s"] for r in ref),
+        }
+        if suite.metric == "squad":
+            entry.update(em=_mean(v["em"] for v in got), f1=entry["score"],
+                         full_em=_mean(r["em"] for r in ref), full_f1=full_score)
+        table.append(entry)
+    return {
+        "suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "n_requested": cfg.n,
+        "metric": "needle recall" if suite.metric == "recall" else "SQuAD F1 (EM also given)",
+        "commands": json.loads((cfg.out / META).read_text())["commands"],
+        "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "build": cfg.build, "build_seconds": build_seconds, "wall_seconds": wall_seconds,
+        "full": {"n": len(full), "score": _mean(v["score"] for v in full.values()),
+                 "ttft_s": _mean(v["ttft_s"] for v in full.values()),
+                 "context_tokens": _mean(v["n_context"] for v in full.values())},
+        "results": table,
+    }
+
+
+def command_line(cfg: EvalConfig) -> str:
+    cmd = (f"kvfuse eval --suite {cfg.suite} --model {cfg.model} --methods {','.join(cfg.methods)} "
+           f"--ratios {','.join(str(r) for r in cfg.ratios)} --n {cfg.n} --seed {cfg.seed} --out {cfg.out}")
+    if cfg.build.get("enrich") is False:
+        cmd += " --no-enrich"
+    return cmd
+
+
+def report_name(report: dict) -> str:
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(report["model"]).name)
+    return f"accuracy-{report['suite']}-{model}"
+
+
+def markdown(report: dict) -> str:
+    squad = report["suite"] == "squad"
+    head = ["method", "ratio", "n", "F1" if squad else "recall"] + (["EM"] if squad else []) + \
+        ["retention", "KL(full‖m)", "agree", "recomputed", "TTFT s"]
+    lines = [f"# Accuracy: {report['suite']} on {report['model']}", "",
+             *[f"- command: `{c}`" for c in report["commands"]], f"- machine: {report['machine']}", f"- date: {report['date']}",
+             f"- full prefill: {report['metric']} {report['full']['score']:.3f} over {report['full']['n']} examples, "
+             f"mean context {report['full']['context_tokens']:.0f} tokens, TTFT {report['full']['ttft_s']:.2f} s",
+             f"- build {report['build_seconds']:.0f} s, wall {report['wall_seconds'] / 60:.1f} min (this invocation)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in sorted(report["results"], key=lambda e: (e["ratio"], e["method"])):
+        cells = [e["method"], f"{e['ratio']:.2f}", str(e["n"]), f"{e['score']:.3f} ± {e['score_sem']:.3f}"]
+        if squad:
+            cells.append(f"{e['em']:.3f}")
+        cells += [f"{e['retention'] * 100:.1f}%", f"{e['kl']:.3f} ± {e['kl_sem']:.3f}", f"{e['agreement'] * 100:.0f}%",
+                  f"{e['recomputed']:.0f} ({e['recomputed_frac'] * 100:.1f}%)", f"{e['ttft_s']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "± is one standard error of the mean. Retention = score / full-prefill score on the same examples; "
+              "KL is the first generated token's KL(full ‖ method) in nats; agree = greedy answer identical to "
+              "the full prefill's; TTFT = selection (including any probe pass) + recompute, without loading."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(e["method"] for e in report["results"]):
+        pts = sorted((e["ratio"], e["score"], e["kl"]) for e in report["results"] if e["method"] == method)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
+    ax1.axhline(report["full"]["score"], color="black", ls="--", lw=1, label="full prefill")
+    ax1.set(xlabel="recompute ratio", ylabel=report["metric"], title=f"{report['suite']} · {report['model']}")
+    ax2.set(xlabel="recompute ratio", ylabel="first-token KL(full‖method), nats", yscale="log", title="divergence")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    base = out / report_name(report)
+    paths = [base.with_suffix(".json"), base.with_suffix(".md"), base.with_suffix(".png")]
+    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    paths[1].write_text(markdown(report))
+    plot(report, paths[2])
+    return paths

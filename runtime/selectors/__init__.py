@@ -1,0 +1,40 @@
+"""Token selectors: which context tokens to recompute (DESIGN §4; docs/selectors.md).
+
+One module per selector, one signature (see `base`):
+
+    select(ctx: SelectionContext, budget: int) -> LongTensor [S]   # absolute positions, sorted
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import a3, cacheblend, epic, full, kvfuse, prophet, qattn, reuse
+from .base import SelectionContext
+
+Selector = Callable[[SelectionContext, int], torch.Tensor]
+
+SELECTORS: dict[str, Selector] = {
+    "full": full.select,
+    "reuse": reuse.select,
+    "epic": epic.select,
+    "cacheblend": cacheblend.select,
+    "a3": a3.select,
+    "qattn": qattn.select,
+    "prophet": prophet.select,
+    "kvfuse": kvfuse.select,
+}
+
+DEFAULT = "kvfuse"
+
+
+def get_selector(name: str) -> Selector:
+    try:
+        return SELECTORS[name]
+    except KeyError:
+        raise ValueError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}") from None
+
+
+__all__ = ["DEFAULT", "SELECTORS", "SelectionContext", "Selector", "get_selector"]

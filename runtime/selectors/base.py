@@ -1,0 +1,100 @@
+"""What every selector sees, and the small helpers they share.
+
+A selector is a function
+
+    select(ctx: SelectionContext, budget: int) -> LongTensor [S]   # absolute positions, sorted, unique
+
+`budget` is the number of context tokens to recompute (ratio x context length);
+the question is always recomputed, so it is neither counted nor returned.
+
+The expensive signals are computed lazily by the fusion code and cached in the
+context, so that several selectors and ratios on one prompt pay for each once:
+
+* `question_attention(selected)` — attention [L, Q, C] of the question tokens to
+  the context tokens (mean over heads), from one pass of the question (plus the
+  `selected` context tokens, recomputed) over the fused cache;
+* `layer_kv(layer)` — K/V [2, H_kv, C, D] of every context token at `layer`,
+  recomputed with the full context (the layers above are not run);
+* `saliency` — the stored per-token prior [S, C] (`loader.format.SALIENCY_SIGNALS`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..layout import FusedLayout
+
+
+@dataclass
+class SelectionContext:
+    layout: FusedLayout
+    kv: torch.Tensor                                       # [L, 2, H_kv, N, D] fused (re-rotated) cache, N = question_start
+    attend: Callable[[torch.Tensor], torch.Tensor]         # selected [S] -> question attention [L, Q, C]
+    recompute_layer: Callable[[int], torch.Tensor]         # layer -> fresh K/V [2, H_kv, C, D]
+    saliency: torch.Tensor | None = None                   # [S_sig, C] offline prior, chunk order
+    cached: dict = field(default_factory=dict)
+    costs: dict = field(default_factory=dict)              # signal key -> seconds it took to compute
+    used: set = field(default_factory=set)                 # signal keys read since the last `used.clear()`
+
+    def _signal(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self.cached:
+            t0 = time.perf_counter()
+            self.cached[key] = compute()
+            self.costs[key] = time.perf_counter() - t0
+        self.used.add(key)
+        return self.cached[key]
+
+    def signal_seconds(self) -> float:
+        """What the signals read since `used.clear()` cost to compute (whoever paid for them)."""
+        return sum(self.costs[k] for k in self.used)
+
+    def question_attention(self, selected: torch.Tensor | None = None) -> torch.Tensor:
+        """[L, Q, C]; with `selected`, measured after recomputing those context tokens."""
+        selected = torch.zeros(0, dtype=torch.long) if selected is None else selected.long().cpu()
+        return self._signal(("attn", tuple(selected.tolist())), lambda: self.attend(selected).float())
+
+    def layer_kv(self, layer: int) -> torch.Tensor:
+        return self._signal(("layer_kv", layer), lambda: self.recompute_layer(layer))
+
+    def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Cache a ratio-independent score vector under `key` (selectors share one context per
+        prompt); a cache hit still marks the signals it was computed from as used."""
+        if key not in self.cached:
+            outer, self.used = self.used, set()
+            try:
+                self.cached[key] = compute()
+                self.cached[("deps", key)] = set(self.used)
+            finally:
+                self.used = outer | self.used
+        self.used |= self.cached[("deps", key)]
+        return self.cached[key]
+
+
+def clamp_budget(budget: int, n: int) -> int:
+    return max(0, min(int(budget), n))
+
+
+def top_positions(scores: torch.Tensor, budget: int, layout: FusedLayout) -> torch.Tensor:
+    """The `budget` highest-scoring context tokens ([C] scores), as sorted absolute positions.
+
+    Ties break towards the earlier token (stable sort), so results are deterministic.
+    """
+    budget = clamp_budget(budget, scores.numel())
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:budget]
+    return order.sort().values + layout.prefix_len
+
+
+def fused_layer_attention(attn: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+    """[L, Q, C] -> [C]: question attention summed over question tokens, each layer
+    normalised to sum 1 over the context (so no layer dominates), averaged over `layers`."""
+    per_layer = attn[layers].sum(1)                                  # [L', C]
+    per_layer = per_layer / per_layer.sum(-1, keepdim=True).clamp_min(1e-12)
+    return per_layer.mean(0)
+
+
+def empty() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
