@@ -149,3 +149,5 @@ def demo(ctx, workdir, model, question):
 
 from kvfuse.pipeline.cli_eval import eval_cmd  # noqa: E402
 main.add_command(eval_cmd)
+from kvfuse.pipeline.cli_bench import bench  # noqa: E402
+main.add_command(bench)

@@ -1,0 +1,298 @@
+"""`kvfuse bench ttft`: full prefill against fused prefill from each tier (DESIGN §5-6).
+
+For each model shape (random weights, built on the GPU) and context length, in one run:
+full-prefill TTFT; fused TTFT with the chunks cold (on disk, page cache dropped),
+warm (pinned host pool) and hot (GPU pool); the load stall (time the compute stream
+waits on layer copies); the loader's throughput (a warm load alone, copies + gather +
+re-rotation) against the host->GPU ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvfuse.loader.store import Store
+from kvfuse.runtime.fusion import full_prefill
+from kvfuse.runtime.layerwise import Tiers, fuse_layerwise
+
+from .shapes import build_random_model
+from .synthetic import write_synthetic_store
+from .timing import environment, host_to_gpu_gbps, median, sync, timed
+
+# Acceptance targets (issue 5): H100, Llama-3-8B shape, warm pool, ratio 0.15.
+TARGETS = {"shape": "llama3-8b", "ratio": 0.15, "speedup": {16384: 3.5, 32768: 2.8},
+           "loader_fraction": 0.8, "stall_fraction": 0.10}
+
+
+@dataclass
+class TTFTConfig:
+    shapes: tuple[str, ...] = ("llama3-8b", "qwen2.5-7b")
+    contexts: tuple[int, ...] = (4096, 16384, 32768)
+    ratios: tuple[float, ...] = (0.1, 0.15, 0.2)
+    selector: str = "a3"
+    chunk_tokens: int = 512
+    prefix_tokens: int = 32
+    question_tokens: int = 32
+    reps: int = 3
+    host_pool_gb: float = 8.0
+    gpu_pool_gb: float = 8.0
+    workers: int = 8
+    store_root: str = "/tmp/kvfuse-bench"
+    store_chunks: int = 0          # chunks to write (0: as many as the longest context needs)
+    device: str = "cuda"
+    profile: str | None = "llama3-8b:16384:0.15"   # shape:context:ratio profiled (warm), or None
+    compare_selectors: tuple[str, ...] = ("epic", "kvfuse")  # also timed warm at the target points
+    out_dir: str = "bench/results"
+    extra: dict = field(default_factory=dict)
+
+
+def ensure_store(root: Path, lm, n_chunks: int, chunk_tokens: int, prefix_tokens: int, device: str):
+    """Open the synthetic store for lm's shape at root, (re)writing it unless it fits."""
+    try:
+        store = Store.open(root)
+        ok = (store.model["fingerprint"] == lm.spec.fingerprint and len(store.records()) >= n_chunks
+              and store.manifest.get("params", {}).get("chunk_tokens") == chunk_tokens)
+    except Exception:
+        ok = False
+    if not ok:
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_synthetic_store(root, lm.spec, n_chunks, chunk_tokens, prefix_tokens,
+                              vocab=lm.model.config.vocab_size, device=device)
+        os.sync()  # written back, so dropping the page cache really makes the next read cold
+        print(f"  wrote {n_chunks} chunks to {root} in {time.perf_counter() - t0:.1f} s", flush=True)
+        store = Store.open(root)
+    return store, store.prefix_id, [r.chunk_id for r in store.records()]
+
+
+def make_tiers(store, lm, cfg, policy="lookahead", drop_page_cache=False) -> Tiers:
+    return Tiers(store, lm.spec, host_bytes=int(cfg.host_pool_gb * 2**30), gpu_bytes=int(cfg.gpu_pool_gb * 2**30),
+                 device=cfg.device, chunk_tokens=cfg.chunk_tokens, policy=policy, workers=cfg.workers,
+                 drop_page_cache=drop_page_cache)
+
+
+class Runner:
+    """Runs one request through the tiers in a given state (cold / warm / hot)."""
+
+    def __init__(self, lm, tiers: Tiers, question: torch.Tensor, selector: str):
+        self.lm, self.tiers, self.question, self.selector = lm, tiers, question, selector
+        self.n = 0
+
+    def fused(self, request: list[str], ratio: float, state: str) -> dict:
+        t = self.tiers
+        if state == "cold":
+            t.gpu.clear()
+            t.host.clear()
+            t.prefetcher.reader.drop_cached_pages()
+        elif state == "warm":
+            t.gpu.clear()
+        self.n += 1
+        rid = f"b{self.n}"
+        sync(t.device)
+        t0 = time.perf_counter()
+        t.submit(rid, request)
+        res = fuse_layerwise(self.lm, t, rid, self.question, selector=self.selector, ratio=ratio, measure_stall=True)
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()}}
+
+    def loader_only(self, request: list[str]) -> dict:
+        """A warm load with no compute: every layer copied, gathered and re-rotated."""
+        t = self.tiers
+        t.gpu.clear()
+        self.n += 1
+        rid = f"b{self.n}"
+        t.submit(rid, request)
+        t0 = time.perf_counter()
+        load = t.open(rid, len(self.question), self.lm.rope_inv_freq(), depth=0, measure_stall=True)
+        load.issue_all()
+        info = load.close()
+        ms = info.get("copy_ms", (time.perf_counter() - t0) * 1e3)  # GPU: side-stream events
+        h2d_ms = info.get("h2d_ms", ms)
+        return {"copy_ms": ms, "h2d_ms": h2d_ms, "bytes": info["h2d_bytes"],
+                "gbps": info["h2d_bytes"] / (h2d_ms * 1e-3) / 1e9,          # the transfers: disk tier -> GPU slots
+                "pipeline_gbps": info["h2d_bytes"] / (ms * 1e-3) / 1e9}     # + gather + re-rotation, end to end
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = {"ttft_ms": median([r["ttft_ms"] for r in runs]), "runs_ms": [round(r["ttft_ms"], 2) for r in runs]}
+    for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s"):
+        if key in runs[0]:
+            out[key] = median([r[key] for r in runs])
+    for key in ("hot", "warm", "cold", "n_selected", "h2d_bytes"):
+        out[key] = runs[-1].get(key)
+    return out
+
+
+def profile_run(runner: Runner, request, ratio, path: Path) -> str:
+    """torch.profiler over one warm run: a table by CUDA time, and a gzipped Chrome trace beside it."""
+    import gzip
+    from torch.profiler import ProfilerActivity, profile
+    runner.fused(request, ratio, "warm")  # warm-up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.fused(request, ratio, "warm")
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    path.write_text(table)
+    trace = path.with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    trace.unlink()
+    return table
+
+
+def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
+    print(f"[{shape}] building random model on {cfg.device}", flush=True)
+    t0 = time.perf_counter()
+    lm = build_random_model(shape, cfg.device)
+    build_s = time.perf_counter() - t0
+    n_store = max(cfg.store_chunks, max(cfg.contexts) // cfg.chunk_tokens)
+    store, prefix, ids = ensure_store(Path(cfg.store_root) / shape, lm, n_store, cfg.chunk_tokens,
+                                      cfg.prefix_tokens, cfg.device)
+    ceiling = host_to_gpu_gbps(device=cfg.device)
+    print(f"  host->GPU: pinned {ceiling['pinned_gbps']:.1f} GB/s, pageable {ceiling['pageable_gbps']:.1f} GB/s",
+          flush=True)
+    tiers = make_tiers(store, lm, cfg)
+    gen = torch.Generator().manual_seed(1)
+    question = torch.randint(0, lm.model.config.vocab_size, (cfg.question_tokens,), generator=gen)
+    runner = Runner(lm, tiers, question, cfg.selector)
+    prefix_tokens = store.read(prefix, verify=False).tokens
+    rows = []
+    try:
+        for ctx in cfg.contexts:
+            n = ctx // cfg.chunk_tokens
+            request = [prefix, *ids[:n]]
+            tokens = torch.cat([prefix_tokens, *[store.read(c, verify=False).tokens for c in ids[:n]],
+                                question.int()])
+            full_ms, _ = timed(lambda: full_prefill(lm, tokens), cfg.device, reps=cfg.reps)
+            torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
+            runner.fused(request, cfg.ratios[0], "warm")  # warm-up of this shape's kernels
+            loader = [runner.loader_only(request) for _ in range(cfg.reps)]
+            loader_gbps = median([x["gbps"] for x in loader])
+            pipeline_gbps = median([x["pipeline_gbps"] for x in loader])
+            print(f"  {ctx:>6} tokens: full {median(full_ms):8.1f} ms, loader {loader_gbps:.1f} GB/s", flush=True)
+            for ratio in cfg.ratios:
+                row = {"shape": shape, "context": ctx, "ratio": ratio, "tokens": len(tokens),
+                       "kv_bytes": lm.spec.kv_bytes_per_token() * (len(tokens) - len(question)),
+                       "full_ms": median(full_ms), "full_runs_ms": [round(x, 2) for x in full_ms],
+                       "loader_gbps": loader_gbps, "loader_fraction": loader_gbps / ceiling["pinned_gbps"],
+                       "pipeline_gbps": pipeline_gbps}
+                row["cold"] = _summary([runner.fused(request, ratio, "cold")])
+                runner.fused(request, ratio, "warm")  # pinned again after the cold run's evictions
+                row["warm"] = _summary([runner.fused(request, ratio, "warm") for _ in range(cfg.reps)])
+                runner.fused(request, ratio, "hot")
+                row["hot"] = _summary([runner.fused(request, ratio, "hot") for _ in range(cfg.reps)])
+                for state in ("cold", "warm", "hot"):
+                    row[state]["speedup"] = row["full_ms"] / row[state]["ttft_ms"]
+                    row[state]["stall_fraction"] = row[state].get("stall_ms", 0.0) / row[state]["ttft_ms"]
+                print(f"    r={ratio}: cold {row['cold']['ttft_ms']:7.1f}  warm {row['warm']['ttft_ms']:7.1f} "
+                      f"(x{row['warm']['speedup']:.2f}, stall {row['warm'].get('stall_ms', 0):.1f})  "
+                      f"hot {row['hot']['ttft_ms']:7.1f} (x{row['hot']['speedup']:.2f}) ms", flush=True)
+                rows.append(row)
+                if shape == TARGETS["shape"] and ratio == TARGETS["ratio"] and ctx in TARGETS["speedup"]:
+                    row["selectors"] = {}
+                    for name in cfg.compare_selectors:   # what the token selection costs, warm
+                        other = Runner(lm, tiers, question, name)
+                        other.n = runner.n = runner.n + 1000
+                        other.fused(request, ratio, "warm")
+                        runs = [other.fused(request, ratio, "warm") for _ in range(cfg.reps)]
+                        row["selectors"][name] = _summary(runs)
+                        row["selectors"][name]["speedup"] = row["full_ms"] / row["selectors"][name]["ttft_ms"]
+                if cfg.profile == f"{shape}:{ctx}:{ratio}":
+                    profile_run(runner, request, ratio, out_dir / f"profile_{shape}_{ctx}_{ratio}.txt")
+        return {"shape": shape, "build_s": build_s, "ceiling": ceiling, "rows": rows,
+                "pools": {"host": tiers.host.stats.as_dict(), "gpu": tiers.gpu.stats.as_dict()}}
+    finally:
+        tiers.close()
+        del lm, tiers, runner
+        gc.collect()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def check_targets(shapes: list[dict]) -> list[dict]:
+    out = []
+    for s in shapes:
+        if s["shape"] != TARGETS["shape"]:
+            continue
+        for row in s["rows"]:
+            if row["ratio"] != TARGETS["ratio"] or row["context"] not in TARGETS["speedup"]:
+                continue
+            ctx, warm = row["context"], row["warm"]
+            out += [
+                {"what": f"warm speed-up at {ctx}", "target": f">= {TARGETS['speedup'][ctx]}",
+                 "measured": round(warm["speedup"], 2), "met": warm["speedup"] >= TARGETS["speedup"][ctx]},
+                {"what": f"load stall / fused TTFT at {ctx}", "target": f"< {TARGETS['stall_fraction']}",
+                 "measured": round(warm["stall_fraction"], 3),
+                 "met": warm["stall_fraction"] < TARGETS["stall_fraction"]},
+                {"what": f"loader / pinned ceiling at {ctx}", "target": f">= {TARGETS['loader_fraction']}",
+                 "measured": round(row["loader_fraction"], 3),
+                 "met": row["loader_fraction"] >= TARGETS["loader_fraction"]},
+            ]
+    return out
+
+
+def markdown(result: dict) -> str:
+    env, cfg = result["environment"], result["config"]
+    lines = [f"# kvfuse bench ttft — {env.get('device')} — {env['date']}", "",
+             f"Command: `{result['command']}`  ",
+             f"Versions: torch {env['torch']}, transformers {env['transformers']}, CUDA {env.get('cuda')}, "
+             f"python {env['python']}  ",
+             f"Selector `{cfg['selector']}`, {cfg['chunk_tokens']}-token chunks, prefix {cfg['prefix_tokens']} + "
+             f"question {cfg['question_tokens']} tokens, median of {cfg['reps']} runs (cold: 1 run).", ""]
+    for s in result["shapes"]:
+        c = s["ceiling"]
+        lines += [f"## {s['shape']} (bf16, random weights)", "",
+                  f"Host->GPU in this run: pinned {c['pinned_gbps']:.1f} GB/s, pageable {c['pageable_gbps']:.1f} GB/s.",
+                  "",
+                  "| context | ratio | full prefill ms | fused cold ms | fused warm ms | fused hot ms | speed-up warm | "
+                  "speed-up hot | stall warm ms (% TTFT) | loader GB/s (% pinned) | + gather, rotation GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            w = r["warm"]
+            lines.append(
+                f"| {r['context']} | {r['ratio']} | {r['full_ms']:.1f} | {r['cold']['ttft_ms']:.1f} | "
+                f"{w['ttft_ms']:.1f} | {r['hot']['ttft_ms']:.1f} | {w['speedup']:.2f}x | {r['hot']['speedup']:.2f}x | "
+                f"{w.get('stall_ms', 0):.1f} ({100 * w['stall_fraction']:.1f}%) | "
+                f"{r['loader_gbps']:.1f} ({100 * r['loader_fraction']:.0f}%) | {r.get('pipeline_gbps', 0):.1f} |")
+        lines.append("")
+        cmp = [(r, n, x) for r in s["rows"] for n, x in r.get("selectors", {}).items()]
+        if cmp:
+            lines += ["Warm fused TTFT by selector (the selection's own cost shows here):", "",
+                      "| context | ratio | selector | warm ms | select ms | recompute ms | speed-up |", "|---|---|---|---|---|---|---|"]
+            for r in s["rows"]:
+                if "selectors" not in r:
+                    continue
+                w = r["warm"]
+                lines.append(f"| {r['context']} | {r['ratio']} | {result['config']['selector']} | {w['ttft_ms']:.1f} | "
+                             f"{1e3 * w['select_s']:.1f} | {1e3 * w['recompute_s']:.1f} | {w['speedup']:.2f}x |")
+                for n, x in r["selectors"].items():
+                    lines.append(f"| {r['context']} | {r['ratio']} | {n} | {x['ttft_ms']:.1f} | {1e3 * x['select_s']:.1f} | "
+                                 f"{1e3 * x['recompute_s']:.1f} | {x['speedup']:.2f}x |")
+            lines.append("")
+    if result["targets"]:
+        lines += ["## Targets (Llama-3-8B shape, warm pool, ratio 0.15)", "", "| what | target | measured | met |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t['what']} | {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |"
+                  for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_ttft(cfg: TTFTConfig, command: str = "kvfuse bench ttft") -> dict:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"command": command, "environment": environment(cfg.device), "config": asdict(cfg), "shapes": []}
+    for shape in cfg.shapes:
+        result["shapes"].append(run_shape(cfg, shape, out_dir))
+        (out_dir / "ttft.json").write_text(json.dumps(result, indent=1))  # keep what finished
+    result["targets"] = check_targets(result["shapes"])
+    (out_dir / "ttft.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "ttft.md").write_text(markdown(result))
+    return result

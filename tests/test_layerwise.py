@@ -1,0 +1,153 @@
+"""Layer-wise loading: the fused cache it builds gives the plain path's logits, on every tier.
+
+CPU tests run the same code without streams; the cuda-marked ones run it with the side
+stream and events on a GPU (skipped here)."""
+
+import pytest
+import torch
+
+from conftest import tiny_model_dir
+from kvfuse.bench.synthetic import write_synthetic_store
+from kvfuse.loader.pool import PoolCapacityError
+from kvfuse.loader.store import Store
+from kvfuse.runtime.attention import use_kvfuse_attention
+from kvfuse.runtime.fusion import assemble, fuse, greedy, recompute
+from kvfuse.runtime.layerwise import Tiers, fuse_layerwise, probe_depth
+from kvfuse.runtime.model import load_model
+
+T, P = 16, 4
+
+
+def setup(tmp_path_factory, device, dtype, n_chunks=5):
+    # 4 layers, so that a3's probe (layers 0..1) stops early
+    lm = load_model(str(tiny_model_dir(tmp_path_factory, num_hidden_layers=4)), dtype=dtype, device=device)
+    use_kvfuse_attention(lm.model)
+    root = tmp_path_factory.mktemp("lw-store")
+    prefix, ids = write_synthetic_store(root, lm.spec, n_chunks=n_chunks, chunk_tokens=T, prefix_tokens=P,
+                                        vocab=len(lm.tokenizer), shard_bytes=1 << 14)
+    return lm, Store.open(root), prefix, ids
+
+
+def tiers_for(lm, store, device, gpu_slots=8, host_slots=8, policy="lookahead"):
+    slot = lm.spec.kv_bytes_per_token() * T
+    return Tiers(store, lm.spec, host_bytes=host_slots * slot, gpu_bytes=gpu_slots * slot, device=device,
+                 chunk_tokens=T, policy=policy, workers=2)
+
+
+def plain_logits(lm, store, prefix, ids, question, selected):
+    chunks = [store.read(c) for c in ids]
+    layout, kv = assemble(lm, store.read(prefix), chunks, len(question))
+    tokens = torch.cat([c.tokens.long() for c in chunks])
+    cache, logits = recompute(lm, kv, layout, tokens, question, selected)
+    return cache, logits, layout
+
+
+def question(lm):
+    return torch.tensor(lm.tokenizer("what is the secret number ?", add_special_tokens=False)["input_ids"])
+
+
+def check_same_as_plain(lm, store, prefix, ids, tiers, atol):
+    q = question(lm)
+    gen = torch.Generator().manual_seed(0)
+    C = len(ids) * T
+    selected = torch.randperm(C, generator=gen)[: C // 4].sort().values + P
+    want_cache, want, layout = plain_logits(lm, store, prefix, ids, q, selected)
+    results = []
+    for run in range(3):  # cold, then hot (the GPU pool kept them), then warm (GPU pool cleared)
+        if run == 2:
+            tiers.gpu.clear()
+        tiers.submit(f"r{run}", [prefix, *ids])
+        res = fuse_layerwise(lm, tiers, f"r{run}", q, selected=selected, measure_stall=True)
+        assert res.layout == layout
+        torch.testing.assert_close(res.logits, want, atol=atol, rtol=0)
+        results.append(res)
+    n = len(ids) + 1
+    # run 0 found nothing pinned: the prefetch read every chunk (some may have landed before it ran)
+    assert results[0].timings["cold"] + results[0].timings["warm"] == n and tiers.prefetcher.disk_reads == n
+    assert results[1].timings["hot"] == n
+    assert results[2].timings["warm"] == n
+    # the cache continues decoding exactly like the plain path's
+    ours = greedy(lm, results[1].cache, results[1].logits, layout.total_len, max_new_tokens=5)
+    assert ours == greedy(lm, want_cache, want, layout.total_len, max_new_tokens=5)
+    assert len(tiers.queue) == 0
+    return results
+
+
+def test_layerwise_matches_plain_path_on_every_tier(tmp_path_factory):
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        check_same_as_plain(lm, store, prefix, ids, tiers, atol=1e-5)
+        assert tiers.gpu.stats.hits > 0 and tiers.host.stats.hits > 0
+        assert all(e.refs == 0 for e in tiers.gpu._entries.values())
+    finally:
+        tiers.close()
+
+
+@pytest.mark.parametrize("selector", ["a3", "epic", "prophet"])
+def test_selection_matches_plain_fuse(tmp_path_factory, selector):
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        q = question(lm)
+        want = fuse(lm, store.read(prefix), [store.read(c) for c in ids], q, selector, 0.2)
+        tiers.submit("r", [prefix, *ids])
+        got = fuse_layerwise(lm, tiers, "r", q, selector=selector, ratio=0.2)
+        assert torch.equal(got.recomputed, want.recomputed)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+    finally:
+        tiers.close()
+
+
+def test_probe_depth():
+    assert probe_depth("a3", 32) == 2 and probe_depth("a3", 1) == 1
+    assert probe_depth("prophet", 32) == 32
+    with pytest.raises(ValueError, match="unknown selector"):
+        probe_depth("nope", 32)
+
+
+def test_request_larger_than_gpu_pool_errors_cleanly(tmp_path_factory):
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    tiers = tiers_for(lm, store, "cpu", gpu_slots=3)
+    try:
+        tiers.submit("big", [prefix, *ids])
+        with pytest.raises(PoolCapacityError, match="GPU pool"):
+            fuse_layerwise(lm, tiers, "big", question(lm), selector="a3")
+        tiers.cancel("big")
+        tiers.submit("small", [prefix, *ids[:2]])
+        res = fuse_layerwise(lm, tiers, "small", question(lm), selector="a3")
+        assert res.layout.context_len == 2 * T
+    finally:
+        tiers.close()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_layerwise_matches_plain_path(tmp_path_factory):
+    lm, store, prefix, ids = setup(tmp_path_factory, "cuda", torch.bfloat16, n_chunks=6)
+    tiers = tiers_for(lm, store, "cuda")
+    try:
+        results = check_same_as_plain(lm, store, prefix, ids, tiers, atol=1e-3)
+        assert all(r.timings["stall_ms"] >= 0 and r.timings["h2d_bytes"] >= 0 for r in results)
+        assert tiers.host.arena.is_pinned()
+    finally:
+        tiers.close()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_a3_selection_matches_plain_fuse(tmp_path_factory):
+    lm, store, prefix, ids = setup(tmp_path_factory, "cuda", torch.bfloat16, n_chunks=6)
+    tiers = tiers_for(lm, store, "cuda")
+    try:
+        q = question(lm)
+        want = fuse(lm, store.read(prefix), [store.read(c) for c in ids], q, "a3", 0.15)
+        tiers.submit("r", [prefix, *ids])
+        got = fuse_layerwise(lm, tiers, "r", q, selector="a3", ratio=0.15)
+        assert torch.equal(got.recomputed, want.recomputed)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-3, rtol=0)
+    finally:
+        tiers.close()
