@@ -26,10 +26,10 @@ echo "== tests" | tee -a "$LOG"
 timeout 100 python3 -m pytest -q -p no:cacheprovider -m "cuda or not cuda" \
   tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py 2>&1 | tail -25 | tee -a "$LOG"
 echo "== bench ttft" | tee -a "$LOG"
-timeout 330 "${KV[@]}" bench ttft --shapes "$SHAPES" --store-chunks 160 --out "$OUT" 2>&1 | tee -a "$LOG"
+timeout 400 "${KV[@]}" bench ttft --shapes "$SHAPES" --reps 5 --store-chunks 160 --out "$OUT" 2>&1 | tee -a "$LOG"
 mv "$OUT"/profile_*.txt "$OUT/profile.txt" 2>/dev/null
 if [ "$SERVE" = yes ]; then
   echo "== bench serve" | tee -a "$LOG"
-  timeout 150 "${KV[@]}" bench serve --out "$OUT" 2>&1 | tee -a "$LOG"
+  timeout 130 "${KV[@]}" bench serve --out "$OUT" 2>&1 | tee -a "$LOG"
 fi
 cat "$OUT"/ttft.md "$OUT"/serve.md 2>/dev/null

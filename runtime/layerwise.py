@@ -324,7 +324,12 @@ def _selection_context(lm: LoadedModel, load: LayerwiseLoad, context_tokens: tor
         else:
             load.wait_all()
             recompute(lm, load.stored, layout, context_tokens, question_ids, selected, rec)
-        return torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)]).cpu()
+        attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])
+        if attn.device.type != "cuda":
+            return attn
+        host = attn.to("cpu", non_blocking=True)  # into pinned memory: ~10x faster than a pageable copy
+        torch.cuda.current_stream(attn.device).synchronize()
+        return host
 
     def recompute_layer(layer: int) -> torch.Tensor:
         from . import fusion
