@@ -1,0 +1,39 @@
+"""The benchmark code runs end to end on a CPU with the tiny shape (the numbers mean nothing here)."""
+
+import json
+from collections import Counter
+
+import pytest
+from click.testing import CliRunner
+
+from kvfuse.bench.serve import request_stream
+from kvfuse.pipeline.cli import main
+
+
+def test_request_stream_is_zipf_and_distinct():
+    stream = request_stream(50, 8, 300, s=1.0, seed=0)
+    assert all(len(set(r)) == 8 and all(0 <= c < 50 for c in r) for r in stream)
+    counts = Counter(c for r in stream for c in r).most_common()
+    assert counts[0][1] > 3 * counts[-1][1]           # popular chunks are asked for far more often
+    assert stream == request_stream(50, 8, 300, s=1.0, seed=0)
+    with pytest.raises(ValueError, match="corpus"):
+        request_stream(4, 8, 1, s=1.0, seed=0)
+
+
+def test_bench_commands_smoke(tmp_path):
+    common = ["--device", "cpu", "--store-root", str(tmp_path / "stores"), "--out", str(tmp_path / "out"),
+              "--host-pool-gb", "0.002", "--gpu-pool-gb", "0.001"]
+    r = CliRunner().invoke(main, ["bench", "ttft", "--shapes", "tiny", "--contexts", "1024", "--ratios", "0.15",
+                                  "--reps", "1", "--profile", "none", *common], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "out" / "ttft.json").read_text())
+    row = res["shapes"][0]["rows"][0]
+    assert row["context"] == 1024 and row["warm"]["warm"] + row["warm"]["cold"] == 3
+    assert row["hot"]["hot"] == 3 and row["cold"]["n_selected"] == round(0.15 * 1024)
+    assert "| 1024 | 0.15 |" in (tmp_path / "out" / "ttft.md").read_text()
+    r = CliRunner().invoke(main, ["bench", "serve", "--shape", "tiny", "--corpus-chunks", "12", "--context", "1024",
+                                  "--requests", "6", "--warmup", "1", *common], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    serve = json.loads((tmp_path / "out" / "serve.json").read_text())
+    assert [p["policy"] for p in serve["policies"]] == ["lru", "lookahead"]
+    assert all(p["requests"] == 6 and p["chunk_accesses"] == 18 for p in serve["policies"])
