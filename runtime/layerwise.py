@@ -33,12 +33,17 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvfuse.loader.pool import KVPool, PoolEntry
 from kvfuse.loader.prefetch import Prefetcher
 from kvfuse.loader.store import Store
 
+from . import attention
 from .attention import AttentionRecorder
 from .fusion import FusionResult, recompute
 from .kvcache import ScatterLayer
@@ -271,6 +276,61 @@ class StreamedLayer(ScatterLayer):
         return self.keys, self.values
 
 
+# ---- grouped attention for the recompute ---------------------------------------------
+#
+# The recomputed queries sit at scattered positions and see keys at positions <= their
+# own, so a query early in the context needs only a prefix of the keys. SDPA with the
+# float mask computes every (query, key) pair; splitting the queries into groups by
+# position and giving each group only the keys up to its last position skips the
+# fully masked part (with G equal groups, about (G + 1) / 2G of the work).
+# Mathematically the same attention: the skipped keys have weight exp(-inf) = 0.
+
+GROUPED = "kvfuse-grouped"
+_plan: list[tuple[int, int, int]] | None = None   # (first row, end row, keys) per query group
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """`kvfuse` attention, except inside `query_groups(...)`: one SDPA call per query group."""
+    plan = _plan
+    if (plan is None or attention._active is not None or attention_mask is None or attention_mask.dim() != 4
+            or query.shape[2] != plan[-1][1]):
+        return attention.kvfuse_attention(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)          # [1, H_q, K, D]
+    out = torch.empty_like(query)                                         # [1, H_q, S + Q, D]
+    for a, b, k in plan:
+        out[:, :, a:b] = F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, :k], value[:, :, :k], attn_mask=attention_mask[:, :, a:b, :k], scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED, grouped_attention)
+AttentionMaskInterface.register(GROUPED, sdpa_mask)
+
+
+def plan_query_groups(positions: torch.Tensor, n_keys: int, groups: int, align: int = 64) -> list[tuple[int, int, int]]:
+    """Split rows [0, len(positions)) into `groups` runs; each attends keys [0, its max position]."""
+    rows = len(positions)
+    bounds = torch.linspace(0, rows, groups + 1).round().long().tolist()
+    plan = []
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            last = int(positions[a:b].max()) + 1
+            plan.append((a, b, min(n_keys, -(-last // align) * align)))
+    return plan
+
+
+@contextmanager
+def query_groups(plan: list[tuple[int, int, int]] | None):
+    global _plan
+    previous, _plan = _plan, plan
+    try:
+        yield
+    finally:
+        _plan = previous
+
+
 class _ProbeDone(Exception):
     pass
 
@@ -344,13 +404,15 @@ def _selection_context(lm: LoadedModel, load: LayerwiseLoad, context_tokens: tor
 
 def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids: torch.Tensor,
                    selector: str = "a3", ratio: float = 0.15, selected: torch.Tensor | None = None,
-                   depth: int = 4, measure_stall: bool = False) -> FusionResult:
+                   depth: int = 4, measure_stall: bool = False, groups: int | None = None) -> FusionResult:
     """Fused prefill of a queued request ([prefix, *chunks]) with layer-wise loading.
 
     Same result as `fusion.fuse` over the same chunks (the selection may be given as
     `selected`, absolute positions, to skip the selector). Timings: open_s (tier lookup and
     disk waits), select_s, recompute_s, total_s; counts hot/warm/cold; stall_ms and copy_ms
-    with measure_stall.
+    with measure_stall. `groups`: query groups of the recompute's attention (None: one per
+    256 recomputed tokens, at most 8; 1: a single SDPA call). The model's attention becomes
+    `kvfuse-grouped`, which is `kvfuse` outside the recompute.
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
@@ -380,8 +442,14 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
                 layer.slots = slots
             return cache
 
-        cache, logits = recompute(lm, None, layout, context_tokens, question_ids, selected,
-                                  cache_factory=streamed)
+        positions = torch.cat((selected, torch.arange(layout.question_start, layout.total_len)))  # [S + Q]
+        n_groups = groups if groups is not None else min(8, max(1, len(positions) // 256))
+        plan = plan_query_groups(positions, layout.total_len, n_groups) if n_groups > 1 and len(selected) else None
+        if plan is not None and lm.model.config._attn_implementation != GROUPED:
+            lm.model.set_attn_implementation(GROUPED)
+        with query_groups(plan):
+            cache, logits = recompute(lm, None, layout, context_tokens, question_ids, selected,
+                                      cache_factory=streamed)
         if cuda:
             torch.cuda.current_stream(tiers.device).synchronize()
         t_done = time.perf_counter()

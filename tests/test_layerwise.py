@@ -12,7 +12,7 @@ from kvfuse.loader.pool import PoolCapacityError
 from kvfuse.loader.store import Store
 from kvfuse.runtime.attention import use_kvfuse_attention
 from kvfuse.runtime.fusion import assemble, fuse, greedy, recompute
-from kvfuse.runtime.layerwise import Tiers, fuse_layerwise, probe_depth
+from kvfuse.runtime.layerwise import GROUPED, Tiers, fuse_layerwise, plan_query_groups, probe_depth
 from kvfuse.runtime.model import load_model
 
 T, P = 16, 4
@@ -99,6 +99,29 @@ def test_selection_matches_plain_fuse(tmp_path_factory, selector):
         tiers.close()
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_grouped_attention_matches_plain_path(tmp_path_factory, groups):
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        q = question(lm)
+        C = len(ids) * T
+        selected = torch.randperm(C, generator=torch.Generator().manual_seed(1))[: C // 3].sort().values + P
+        _, want, _ = plain_logits(lm, store, prefix, ids, q, selected)
+        tiers.submit("r", [prefix, *ids])
+        got = fuse_layerwise(lm, tiers, "r", q, selected=selected, groups=groups)
+        torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
+        assert lm.model.config._attn_implementation == (GROUPED if groups > 1 else "kvfuse")
+    finally:
+        tiers.close()
+
+
+def test_plan_query_groups():
+    positions = torch.tensor([10, 20, 200, 300, 310, 400, 401])
+    assert plan_query_groups(positions, 402, 3) == [(0, 2, 64), (2, 5, 320), (5, 7, 402)]
+    assert plan_query_groups(positions, 402, 1) == [(0, 7, 402)]
+
+
 def test_probe_depth():
     assert probe_depth("a3", 32) == 2 and probe_depth("a3", 1) == 1
     assert probe_depth("prophet", 32) == 32
@@ -133,6 +156,10 @@ def test_cuda_layerwise_matches_plain_path(tmp_path_factory):
         results = check_same_as_plain(lm, store, prefix, ids, tiers, atol=1e-3)
         assert all(r.timings["stall_ms"] >= 0 and r.timings["h2d_bytes"] >= 0 for r in results)
         assert tiers.host.arena.is_pinned()
+        # grouped attention: the same function, other kernels (bf16 rounding differs)
+        tiers.submit("g", [prefix, *ids])
+        grouped = fuse_layerwise(lm, tiers, "g", question(lm), selected=results[0].recomputed, groups=3)
+        torch.testing.assert_close(grouped.logits, results[0].logits, atol=2e-2, rtol=0)
     finally:
         tiers.close()
 
