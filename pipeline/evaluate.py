@@ -12,10 +12,12 @@ to `out/results.jsonl` and skipped on a rerun, so an interrupted run resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -80,6 +82,14 @@ def _same_answer(a: str, b: str) -> bool:
 
 # ----------------------------------------------------------------------------- the run
 
+def selector_rev(method: str) -> str:
+    """A short hash of the selector's module source, stored with each result row."""
+    if method == REFERENCE:
+        return ""
+    module = sys.modules[get_selector(method).__module__]
+    return hashlib.sha1(Path(module.__file__).read_bytes()).hexdigest()[:10]
+
+
 class _Results:
     """results.jsonl: one line per finished (example, method, ratio); read back on resume."""
 
@@ -95,7 +105,9 @@ class _Results:
                 self.rows[(row["example"], row["method"], row["ratio"])] = row
 
     def has(self, ex: str, method: str, ratio: float) -> bool:
-        return (ex, method, ratio) in self.rows
+        """Done, by the selector code as it is now (a row from an edited selector is redone)."""
+        row = self.rows.get((ex, method, ratio))
+        return row is not None and row.get("rev", selector_rev(method)) == selector_rev(method)
 
     def add(self, row: dict) -> None:
         self.rows[(row["example"], row["method"], row["ratio"])] = row
@@ -173,7 +185,7 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
         if key not in by_selection:
             by_selection[key] = len(pending)
             pending.append((res.cache, res.logits))
-        rows.append(({"method": method, "ratio": ratio, "kl": first_token_kl(full_lp, res.logits),
+        rows.append(({"method": method, "ratio": ratio, "rev": selector_rev(method), "kl": first_token_kl(full_lp, res.logits),
                       "n_context": n_context, "n_recomputed": res.n_recomputed,
                       "ttft_s": res.timings["select_s"] + res.timings["recompute_s"],
                       "select_s": res.timings["select_s"]}, by_selection[key]))

@@ -1,0 +1,118 @@
+"""Suites, scoring and the eval harness (tiny random model; the real runs live in bench/results)."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import tiny_model_dir
+
+from kvfuse.pipeline import evaluate as ev
+from kvfuse.pipeline.cli import main
+from kvfuse.pipeline.suites import needle_recall, niah_suite, squad_em_f1, squad_suite
+from kvfuse.runtime.model import load_model
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load_model(str(tiny_model_dir(tmp_path_factory, arch="qwen2", max_position_embeddings=8192)))
+
+
+def test_needle_recall_and_squad_scores():
+    assert needle_recall("The numbers are 1234567 and 7654321.", ("1234567", "7654321")) == 1.0
+    assert needle_recall("12345678", ("1234567",)) == 0.0  # whole numbers only
+    assert needle_recall("1234567", ("1234567", "2222222")) == 0.5
+    assert squad_em_f1("The Denver Broncos.", ("Denver Broncos",)) == (1.0, 1.0)
+    em, f1 = squad_em_f1("Broncos of Denver", ("Denver Broncos", "x"))
+    assert em == 0.0 and f1 == pytest.approx(0.8)
+    assert squad_em_f1("", ("a b",)) == (0.0, 0.0)
+
+
+def test_niah_suite_is_seeded_and_hides_every_needle(lm):
+    a, b = niah_suite(lm.tokenizer, 8, seed=1), niah_suite(lm.tokenizer, 8, seed=1)
+    assert a == b
+    c = niah_suite(lm.tokenizer, 8, seed=2)
+    assert [e.answers for e in a.examples] != [e.answers for e in c.examples]
+    docs = {d.doc_id: d.text for d in a.documents}
+    assert {e.kind for e in a.examples} == {"single", "multikey", "multivalue", "multiquery"}
+    for ex in a.examples:
+        text = " ".join(docs[d] for d in ex.doc_ids)
+        assert all(v in text for v in ex.answers)
+        assert sum(len(lm.tokenizer(docs[d])["input_ids"]) for d in ex.doc_ids) >= 2000
+        assert len(set(ex.doc_ids)) == len(ex.doc_ids)
+    pool_use = [d for ex in a.examples for d in ex.doc_ids if d.startswith("pool/")]
+    assert len(pool_use) > len(set(pool_use))  # haystack pieces shared across examples: their chunks dedupe
+
+
+def _fake_squad(home):
+    arts = []
+    for t in range(9):
+        paras = [{"context": f"Paragraph {p} of article {t} says the river is {t * 10 + p} miles long.",
+                  "qas": [{"id": f"q{t}-{p}", "question": f"How long is the river in paragraph {p}?",
+                           "answers": [{"text": f"{t * 10 + p} miles", "answer_start": 0}]}]} for p in range(7)]
+        arts.append({"title": f"Article_{t}", "paragraphs": paras})
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "squad-dev-v1.1.json").write_text(json.dumps({"data": arts, "version": "1.1"}))
+
+
+def test_squad_suite_gold_among_same_article_distractors(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVFUSE_HOME", str(tmp_path))
+    _fake_squad(tmp_path)
+    s = squad_suite(12, seed=0)
+    docs = {d.doc_id: d.text for d in s.documents}
+    for ex in s.examples:
+        assert len(ex.doc_ids) == 5 and len({d.split("#")[0] for d in ex.doc_ids}) == 1
+        assert sum(ex.answers[0] in docs[d] for d in ex.doc_ids) == 1
+    assert len({ex.id for ex in s.examples}) == 12
+
+
+def test_squad_without_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVFUSE_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="scripts/setup.sh"):
+        squad_suite(2, seed=0)
+
+
+def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, monkeypatch):
+    cfg = ev.EvalConfig(suite="niah", model="tiny", methods=["reuse", "kvfuse", "prophet"], ratios=[0.2, 1.0], n=2,
+                        seed=0, out=tmp_path / "run", build={"enrich": False}, progress=False)
+    report = ev.evaluate(cfg, lm)
+    rows = {(r["method"], r["ratio"]): r for r in report["results"]}
+    assert set(rows) == {(m, r) for m in cfg.methods for r in cfg.ratios}
+    assert rows[("kvfuse", 1.0)]["kl"] < 1e-4 and rows[("kvfuse", 1.0)]["agreement"] == 1.0
+    assert rows[("reuse", 0.2)]["recomputed"] == 0
+    assert rows[("kvfuse", 0.2)]["recomputed_frac"] == pytest.approx(0.2, abs=0.01)
+    for suffix in ("json", "md", "png"):
+        assert (cfg.out / f"accuracy-niah-tiny.{suffix}").stat().st_size > 0
+    lines = (cfg.out / ev.RESULTS).read_text().splitlines()
+    assert len(lines) == 2 * (1 + 3 * 2)
+
+    ev.evaluate(cfg, lm)  # everything done: nothing recomputed
+    assert (cfg.out / ev.RESULTS).read_text().splitlines() == lines
+
+    real = ev.selector_rev
+    monkeypatch.setattr(ev, "selector_rev", lambda m: "edited" if m == "prophet" else real(m))
+    ev.evaluate(cfg, lm)  # prophet's code "changed": only its rows are redone
+    redone = [json.loads(l) for l in (cfg.out / ev.RESULTS).read_text().splitlines()[len(lines):]]
+    assert {r["method"] for r in redone} == {"prophet"} and len(redone) == 4
+
+
+def test_a_run_folder_refuses_another_suite(lm, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ev.META).write_text(json.dumps({"suite": "squad", "model": "tiny", "seed": 0, "build": {}}))
+    cfg = ev.EvalConfig(suite="niah", model="tiny", methods=["reuse"], ratios=[0.1], n=1, seed=0, out=out)
+    with pytest.raises(ValueError, match="another --out"):
+        ev.evaluate(cfg, lm)
+
+
+def test_cli_rejects_bad_methods_and_ratios_before_loading():
+    r = CliRunner().invoke(main, ["eval", "--suite", "niah", "--methods", "reuse,magic", "--out", "x"])
+    assert r.exit_code != 0 and "magic" in r.output
+    r = CliRunner().invoke(main, ["eval", "--suite", "niah", "--ratios", "0.1,lots", "--out", "x"])
+    assert r.exit_code != 0 and "comma-separated" in r.output
+
+
+def test_first_token_kl():
+    lp = torch.tensor([0.7, 0.2, 0.1]).log()
+    assert ev.first_token_kl(lp, lp.clone() * 1.0) == pytest.approx(0.0, abs=1e-6)
+    assert ev.first_token_kl(lp, torch.tensor([0.0, 0.0, 0.0])) > 0
