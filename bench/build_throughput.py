@@ -122,6 +122,8 @@ def _machine() -> dict:
 def run_cpu(args) -> dict:
     from kvfuse.runtime.model import load_model
     from kvfuse.pipeline.samples import paul_graham_essays
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     docs, total = [], 0
     for doc in paul_graham_essays():
@@ -148,7 +150,7 @@ def run_cpu(args) -> dict:
                 shutil.rmtree(tmp / f"{kind}{rnd}")
         if args.dask:
             from kvfuse.pipeline.dask_job import ClusterConfig, ModelLoader, build_on_dask, open_client
-            cluster = ClusterConfig(workers=1)
+            cluster = ClusterConfig(workers=1, torch_threads=args.threads)
             with open_client(cluster) as client:
                 build_on_dask(client, docs[:1], tmp / "warm", ModelLoader(args.model), BuildConfig(enrich=False, progress=False), cluster)
                 plain = plain_prefill(lm, chunks)
@@ -160,7 +162,7 @@ def run_cpu(args) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"model": args.model, "corpus": f"{len(docs)} Paul Graham essays, {len(chunks)} chunks of <= 512 tokens",
-            "rows": rows}
+            "torch_threads": torch.get_num_threads(), "rows": rows}
 
 
 def run_gpu(args) -> dict:
@@ -247,6 +249,8 @@ def main(argv=None) -> None:
     cpu.add_argument("--tokens", type=int, default=8192, help="corpus size (chunk tokens)")
     cpu.add_argument("--rounds", type=int, default=3)
     cpu.add_argument("--dask", action="store_true", help="also an isolated build through a 1-worker LocalCluster")
+    cpu.add_argument("--threads", type=int, default=None,
+                     help="torch threads for both plain prefill and the build (1 is steadiest on a shared machine)")
     cpu.add_argument("--out", default="bench/results/build_throughput_cpu")
     gpu = sub.add_parser("gpu")
     gpu.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))

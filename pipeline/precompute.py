@@ -14,7 +14,8 @@ then at positions P+E.. (E = neighbour tokens), which the index records as
 
 Saliency rows (`SALIENCY_SIGNALS`):
   0 attn_received: attention mass each chunk token receives from the chunk tokens
-    after it, mean over layers and heads, divided by how many queries can see it.
+    after it, mean over heads and over every k-th layer (at most 8 layers:
+    `saliency_layers`), divided by how many queries can see it.
   1 kv_deviation: how much the token's K/V moved because of the neighbours:
     mean over layers of (|K_enr - K_iso| / |K_enr| + |V_enr - V_iso| / |V_enr|) / 2,
     norms over heads and head dims, the isolated keys re-rotated to the enriched
@@ -79,7 +80,7 @@ def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour
     chunk = torch.as_tensor(chunk_ids).long()
     extra = torch.as_tensor(list(neighbour_ids), dtype=torch.long)
     P, E, T = prefix_kv.shape[3], len(extra), len(chunk)
-    recorder = AttentionRecorder(query_rows=slice(E, E + T))
+    recorder = AttentionRecorder(layers=saliency_layers(lm.spec.n_layers), query_rows=slice(E, E + T))
     cache, _ = _prefill_after_prefix(lm, prefix_kv, torch.cat((extra, chunk)), recorder)
     kv = kv_from_cache(cache, P + E, P + E + T)  # [L, 2, H_kv, T, D]
     del cache
@@ -92,6 +93,12 @@ def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour
         iso_cache, _ = _prefill_after_prefix(lm, prefix_kv, chunk)
         saliency[1] = kv_deviation(kv, kv_from_cache(iso_cache, P, P + T), E, lm.rope_inv_freq()).cpu()
     return (kv.cpu() if to_cpu else kv), saliency.to(torch.float16)
+
+
+def saliency_layers(n_layers: int, most: int = 8) -> set[int]:
+    """The layers attn_received is measured at: every k-th layer, at most `most` of them
+    (materialising attention probabilities costs ~3% of a layer's prefill on the CPU)."""
+    return set(range(0, n_layers, -(-n_layers // most)))
 
 
 def kv_deviation(kv: torch.Tensor, iso: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
