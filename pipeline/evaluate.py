@@ -96,13 +96,18 @@ class _Results:
     def __init__(self, path: Path):
         self.path = path
         self.rows: dict[tuple[str, str, float], dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: redo that one
-                    continue
-                self.rows[(row["example"], row["method"], row["ratio"])] = row
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the file: another process may share the folder (e.g. one per ratio set)."""
+        if not self.path.exists():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill: redo that one
+                continue
+            self.rows[(row["example"], row["method"], row["ratio"])] = row
 
     def has(self, ex: str, method: str, ratio: float) -> bool:
         """Done, by the selector code as it is now (a row from an edited selector is redone)."""
@@ -140,6 +145,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
 
     todo = [(m, r) for m in cfg.methods for r in cfg.ratios]
     for ex in tqdm(suite.examples, desc=f"eval {cfg.suite}", unit="ex", disable=not cfg.progress):
+        results.refresh()
         if all(results.has(ex.id, m, r) for m, r in todo) and results.has(ex.id, REFERENCE, 1.0):
             continue
         missing = [d for d in ex.doc_ids if d not in by_doc]

@@ -12,7 +12,8 @@ from kvfuse.runtime.kvcache import kv_from_cache
 from kvfuse.runtime.model import load_model
 from kvfuse.runtime.selectors import SELECTORS, get_selector
 from kvfuse.runtime.selectors.cacheblend import deviation
-from kvfuse.runtime.selectors.kvfuse import chunk_budgets, pick_spans
+from kvfuse.runtime.selectors import kvfuse
+from kvfuse.runtime.selectors.kvfuse import chunk_budgets
 
 PREFIX = [2, 10, 11, 12]
 LENS = (23, 9, 31, 17)
@@ -96,10 +97,10 @@ def test_shared_signals_are_reused_across_runs(lm, prompt):
     calls = []
     attend = prep.ctx.attend
     prep.ctx.attend = lambda sel: calls.append(sel.numel()) or attend(sel)
-    for name in ("a3", "qattn", "kvfuse"):
+    for name in ("a3", "qattn", "kvfuse", "prophet"):
         for ratio in (0.1, 0.3):
             run(prep, name, ratio)
-    assert calls == [0]  # one probe pass served six runs
+    assert calls.count(0) == 1  # one plain probe pass served every run (later stages probe their own picks)
     r = run(prep, "kvfuse", 0.1)
     assert r.timings["select_s"] >= prep.ctx.costs[("attn", ())]  # charged for the probe it used
 
@@ -123,13 +124,34 @@ def test_cacheblend_layer1_kv_equals_full_prefill(lm, prompt):
     assert deviation(prep.ctx, 1)[LENS[0]:].max() > 1e-6  # later chunks missed their predecessors
 
 
-def test_kvfuse_chunk_budget_and_spans():
+def test_kvfuse_chunk_budgets():
     assert chunk_budgets(torch.tensor([1.0, 1.0, 2.0]), [10, 10, 10], 8) == [2, 2, 4]
     assert chunk_budgets(torch.tensor([0.0, 0.0, 10.0]), [10, 10, 5], 9) == [2, 2, 5]  # capped, rest spread
     assert sum(chunk_budgets(torch.rand(7), [3, 50, 8, 20, 1, 9, 30], 40)) == 40
-    scores = torch.zeros(32)
-    scores[17] = 5.0
-    assert torch.equal(pick_spans(scores, 8, span=8).sort().values, torch.arange(16, 24))  # the whole span
+
+
+def test_kvfuse_refines_in_stages(lm, prompt):
+    prep = prepare(lm, *prompt)
+    seen = []
+    attend = prep.ctx.attend
+    prep.ctx.attend = lambda sel: seen.append(sel.clone()) or attend(sel)
+    sel = run(prep, "kvfuse", 0.3).recomputed
+    budget = round(0.3 * prep.layout.context_len)
+    # one probe per stage, each over the tokens the earlier stages chose (a growing prefix of the result)
+    assert [s.numel() for s in seen] == [round(budget * k / kvfuse.STAGES) for k in range(kvfuse.STAGES)]
+    assert all(bool(torch.isin(s, sel).all()) for s in seen)
+
+
+@pytest.mark.parametrize("option", [{"CHUNK_BUDGET": True}, {"SPAN": 4}, {"PRIOR_EXP": 1.0}])
+def test_kvfuse_options_keep_the_contract(lm, prompt, monkeypatch, option):
+    for k, v in option.items():
+        monkeypatch.setattr(kvfuse, k, v)
+    prep = prepare(lm, *prompt)
+    for ratio in (0.1, 0.4, 1.0):
+        sel = run(prep, "kvfuse", ratio).recomputed
+        assert sel.numel() == round(ratio * prep.layout.context_len)
+        assert torch.equal(sel, sel.unique())
+        assert ((sel >= prep.layout.prefix_len) & (sel < prep.layout.question_start)).all()
 
 
 def test_greedy_batch_matches_greedy(lm, prompt):

@@ -1,37 +1,43 @@
-"""`kvfuse` (ours): question relevance x the offline saliency prior, a per-chunk
-budget by chunk relevance, tokens grouped into short spans.
+"""`kvfuse` (ours): question relevance, refined in stages, x the offline saliency
+prior, with a per-chunk budget by chunk relevance and short spans.
 
-1. Relevance: the question's attention to every context token from one pass of
-   the question over the reused cache, normalised per layer and averaged over
-   layers (as prophet's first stage).
+Each of STAGES stages spends an equal share of the budget:
+
+1. Relevance: the question's attention to every context token, measured by a
+   pass of the question over the fused cache in which the tokens chosen so far
+   are already recomputed; per layer normalised to sum 1 over the context and
+   averaged over layers (so no band of layers dominates). Stage 1 is the shared
+   probe over the plain reused cache. Repairing the most relevant tokens first
+   moves the question's attention; the next stage follows it. (ProphetKV uses
+   two stages; measured on a dev split, three recover more: docs/selectors.md.)
 2. Prior: the stored saliency rows (`attn_received`, and `kv_deviation` where
-   the build filled it), each scaled to mean 1 within its chunk; the token
-   score is relevance x (PRIOR_FLOOR + prior). A token the chunk's own tokens
-   lean on (a local sink, a name, a number) and the question looks at is the one
-   whose stale K/V hurts most.
-3. Chunk budget: each chunk gets a share of the budget proportional to its
-   summed relevance (largest remainder, capped at its length), so the budget
-   concentrates on the chunks the question reads instead of spreading thin.
-4. Spans: inside a chunk, tokens are grouped into spans of SPAN consecutive
-   tokens and whole spans are taken by summed score; recomputing a phrase
-   together repairs its tokens' mutual attention, which isolated picks miss.
+   the build filled it), scaled to mean 1 per chunk, enter as prior**PRIOR_EXP.
+3. Chunk budget: a stage's share is split over chunks in proportion to the
+   chunk's summed relevance (capped at its free tokens), then the best tokens
+   of each chunk are taken.
+4. Spans: a token's score is raised by the best score within SPAN // 2 tokens
+   of it, so the picks grow into short spans (a number, a name) rather than
+   isolated subwords.
 
-Cost: one probe pass of the question (shared with a3/prophet/qattn); the prior
-is read from the store, free at serve time.
+Cost: STAGES question passes: Q, then budget/STAGES + Q, ..., then the recompute
+itself (the first is shared with a3/prophet/qattn); the prior is free at serve time.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .base import SelectionContext, clamp_budget, empty, fused_layer_attention
+from .base import SelectionContext, clamp_budget, empty, fused_layer_attention, top_positions
 
-SPAN = 8
-PRIOR_FLOOR = 0.5
+STAGES = 3
+PRIOR_EXP = 0.0     # the measured effect of the prior on the dev split was negative: off (docs/selectors.md)
+CHUNK_BUDGET = True
+SPAN = 1
 
 
 def prior(ctx: SelectionContext) -> torch.Tensor:
-    """[C] the stored saliency rows, each scaled to mean 1 per chunk, summed (ones when absent)."""
+    """[C] the stored saliency rows, each scaled to mean 1 per chunk, averaged (ones when absent)."""
     lay = ctx.layout
     if ctx.saliency is None:
         return torch.ones(lay.context_len)
@@ -53,8 +59,9 @@ def chunk_budgets(relevance: torch.Tensor, lens: list[int], budget: int) -> list
     """Split `budget` over chunks in proportion to `relevance` [K], capped at each chunk's length."""
     lens_t = torch.tensor(lens, dtype=torch.float64)
     rel = relevance.double().clamp_min(1e-12)
+    budget = min(budget, int(lens_t.sum()))
     quota = torch.zeros(len(lens), dtype=torch.float64)
-    left, open_ = float(budget), torch.ones(len(lens), dtype=torch.bool)
+    left, open_ = float(budget), lens_t > 0
     while left > 1e-9 and open_.any():                            # water-filling with caps
         share = rel * open_ / (rel * open_).sum() * left
         quota = torch.minimum(quota + share, lens_t)
@@ -68,40 +75,36 @@ def chunk_budgets(relevance: torch.Tensor, lens: list[int], budget: int) -> list
     return ints.tolist()
 
 
-def pick_spans(scores: torch.Tensor, quota: int, span: int = SPAN) -> torch.Tensor:
-    """Indices (within one chunk, [T] scores) of the best whole spans, `quota` tokens in all."""
-    if quota <= 0:
-        return empty()
-    n = scores.numel()
-    starts = torch.arange(0, n, span)
-    sums = torch.stack([scores[s:s + span].sum() for s in starts])
-    out, left = [], quota
-    for j in torch.sort(sums, descending=True, stable=True).indices.tolist():
-        s = int(starts[j])
-        idx = torch.arange(s, min(s + span, n))
-        if idx.numel() > left:  # last span: its best tokens
-            idx = idx[torch.sort(scores[idx], descending=True, stable=True).indices[:left]]
-        out.append(idx)
-        left -= idx.numel()
-        if left == 0:
-            break
-    return torch.cat(out)
+def _stage_scores(ctx: SelectionContext, relevance: torch.Tensor) -> torch.Tensor:
+    s = relevance.clone()
+    if PRIOR_EXP:
+        s = s * ctx.memo(("kvfuse-prior",), lambda: prior(ctx)).clamp_min(1e-3) ** PRIOR_EXP
+    if SPAN > 1:
+        s = s + F.max_pool1d(s[None, None], SPAN + 1 - SPAN % 2, stride=1, padding=SPAN // 2)[0, 0]
+    return s
 
 
-def token_scores(ctx: SelectionContext) -> torch.Tensor:
-    relevance = fused_layer_attention(ctx.question_attention())   # [C]
-    return relevance * (PRIOR_FLOOR + prior(ctx))                  # [C]
+def _pick(ctx: SelectionContext, scores: torch.Tensor, relevance: torch.Tensor, take: int) -> torch.Tensor:
+    lay = ctx.layout
+    if not CHUNK_BUDGET:
+        return top_positions(scores, take, lay)
+    starts = [s - lay.prefix_len for s in lay.chunk_starts]
+    chunk_rel = torch.stack([relevance[a:a + n].sum() for a, n in zip(starts, lay.chunk_lens)])
+    free = [int(torch.isfinite(scores[a:a + n]).sum()) for a, n in zip(starts, lay.chunk_lens)]
+    quotas = chunk_budgets(chunk_rel, free, take)
+    return torch.cat([top_positions(scores[a:a + n], q, lay) + a for a, n, q in zip(starts, lay.chunk_lens, quotas)])
 
 
 def select(ctx: SelectionContext, budget: int) -> torch.Tensor:
     lay = ctx.layout
     budget = clamp_budget(budget, lay.context_len)
-    if budget == 0:
-        return empty()
-    scores = ctx.memo(("kvfuse", SPAN, PRIOR_FLOOR), lambda: token_scores(ctx))
-    relevance = ctx.memo(("kvfuse-rel",), lambda: fused_layer_attention(ctx.question_attention()))
-    starts = [s - lay.prefix_len for s in lay.chunk_starts]
-    chunk_rel = torch.stack([relevance[a:a + n].sum() for a, n in zip(starts, lay.chunk_lens)])
-    picks = [pick_spans(scores[a:a + n], q) + a + lay.prefix_len
-             for a, n, q in zip(starts, lay.chunk_lens, chunk_budgets(chunk_rel, list(lay.chunk_lens), budget))]
-    return torch.cat(picks).sort().values
+    chosen = empty()
+    for stage in range(STAGES):
+        take = round(budget * (stage + 1) / STAGES) - chosen.numel()
+        if take <= 0:
+            continue
+        relevance = fused_layer_attention(ctx.question_attention(chosen))   # [C]
+        scores = _stage_scores(ctx, relevance)
+        scores[chosen - lay.prefix_len] = float("-inf")
+        chosen = torch.cat((chosen, _pick(ctx, scores, relevance, take))).sort().values
+    return chosen
