@@ -22,7 +22,7 @@ def _names(ctx, param, value: str) -> list[str]:
 
 
 @click.command("eval")
-@click.option("--suite", type=click.Choice(["niah", "squad"]), required=True)
+@click.option("--suite", type=click.Choice(["niah", "squad"]), default=None, help="Required unless --report-only.")
 @click.option("--model", default="qwen2.5-0.5b", show_default=True)
 @click.option("--methods", default="reuse,epic,cacheblend,a3,prophet,kvfuse", show_default=True, callback=_names)
 @click.option("--ratios", default="0.15", show_default=True, callback=_floats)
@@ -31,13 +31,20 @@ def _names(ctx, param, value: str) -> list[str]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (store, results.jsonl, report).")
 @click.option("--no-enrich", is_flag=True, help="Build isolated chunks (no FusionRAG neighbours).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's choice).")
-def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, threads):
+@click.option("--report-only", is_flag=True, help="Only rewrite the report of --out from its results.")
+def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, threads, report_only):
     """Build the SUITE's store, run a full prefill and every method at every ratio on the same
     token ids, and write accuracy-<suite>-<model>.{json,md,png} into --out. Rerunning with the
     same --out resumes: finished (example, method, ratio) results are kept."""
     import torch
 
-    from kvfuse.pipeline.evaluate import EvalConfig, evaluate, markdown
+    from kvfuse.pipeline.evaluate import EvalConfig, evaluate, markdown, rewrite_report
+    if report_only:
+        for path in rewrite_report(out):
+            click.echo(path)
+        return
+    if suite is None:
+        raise click.UsageError("--suite is required (niah or squad)")
     if threads:
         torch.set_num_threads(threads)
     cfg = EvalConfig(suite=suite, model=model, methods=methods, ratios=ratios, n=n, seed=seed, out=out,

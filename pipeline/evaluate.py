@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -158,7 +159,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         if ex.answer_prefix:  # the question part ends with the start of the answer
             q_ids = torch.cat((q_ids, torch.tensor(lm.tokenizer(ex.answer_prefix, add_special_tokens=False)["input_ids"])))
         _run_example(lm, suite, ex, engine.prefix, chunks, q_ids, todo, results, cfg.out / "full", stop)
-    report = summarize(cfg, suite, results.rows, build_seconds=build.seconds,
+    report = summarize(cfg, results.rows, build_seconds=build.seconds,
                        wall_seconds=time.perf_counter() - t_start)
     write_report(report, cfg.out)
     return report
@@ -239,8 +240,7 @@ def _sem(xs) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-def summarize(cfg: EvalConfig, suite: Suite, rows: dict, build_seconds: float = 0.0,
-              wall_seconds: float = 0.0) -> dict:
+def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seconds: float = 0.0) -> dict:
     """Per method x ratio over the examples that have both the method's row and the full prefill's."""
     full = {k[0]: v for k, v in rows.items() if k[1] == REFERENCE}
     table = []
@@ -261,16 +261,15 @@ def summarize(cfg: EvalConfig, suite: Suite, rows: dict, build_seconds: float = 
             "recomputed_frac": _mean(v["n_recomputed"] / v["n_context"] for v in got),
             "ttft_s": _mean(v["ttft_s"] for v in got), "full_ttft_s": _mean(r["ttft_s"] for r in ref),
         }
-        if suite.metric == "squad":
+        if cfg.suite == "squad":
             entry.update(em=_mean(v["em"] for v in got), f1=entry["score"],
                          full_em=_mean(r["em"] for r in ref), full_f1=full_score)
         table.append(entry)
     return {
         "suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "n_requested": cfg.n,
-        "metric": "needle recall" if suite.metric == "recall" else "SQuAD F1 (EM also given)",
-        "commands": json.loads((cfg.out / META).read_text())["commands"],
-        "machine": f"{platform.node()}: {platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "metric": "needle recall" if cfg.suite == "niah" else "SQuAD F1 (EM also given)",
+        "commands": json.loads((cfg.out / META).read_text()).get("commands", []),
+        "machine": machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "build": cfg.build, "build_seconds": build_seconds, "wall_seconds": wall_seconds,
         "full": {"n": len(full), "score": _mean(v["score"] for v in full.values()),
@@ -278,6 +277,25 @@ def summarize(cfg: EvalConfig, suite: Suite, rows: dict, build_seconds: float = 
                  "context_tokens": _mean(v["n_context"] for v in full.values())},
         "results": table,
     }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s) per process, "
+            f"torch {torch.__version__}, CPU only")
+
+
+def rewrite_report(out: Path) -> list[Path]:
+    """Rebuild the report of a run folder from its results.jsonl (no model needed)."""
+    out = Path(out)
+    meta = json.loads((out / META).read_text())
+    cfg = EvalConfig(suite=meta["suite"], model=meta["model"], methods=[], ratios=[0.0], n=1, seed=meta["seed"],
+                     out=out, build=meta["build"])
+    return write_report(summarize(cfg, _Results(out / RESULTS).rows), out)
 
 
 def command_line(cfg: EvalConfig) -> str:
@@ -336,8 +354,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
-    base = out / report_name(report)
-    paths = [base.with_suffix(".json"), base.with_suffix(".md"), base.with_suffix(".png")]
+    paths = [out / f"{report_name(report)}.{ext}" for ext in ("json", "md", "png")]
     paths[0].write_text(json.dumps(report, indent=1) + "\n")
     paths[1].write_text(markdown(report))
     plot(report, paths[2])
