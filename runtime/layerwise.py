@@ -54,6 +54,12 @@ from .selectors import SelectionContext, get_selector
 
 # How many layers (from 0) a selector's question probe reads (0: no probe); others probe every layer.
 PROBE_LAYERS = {"a3": 2, "epic": 0, "reuse": 0, "full": 0}
+# Selectors that score on device tensors as they are: their selection stays on the GPU, so the
+# host queues the recompute right behind the probe instead of waiting for the probe's result.
+DEVICE_SELECTORS = {"a3"}
+# Below this many recomputed rows, one attention call per layer beats query groups: a group
+# plan needs the selection on the host (a sync) and 8 calls a layer cost launch time.
+GROUP_MIN_ROWS = 3072
 
 
 class Tiers:
@@ -362,7 +368,8 @@ def probe_depth(selector: str, n_layers: int) -> int:
 
 
 def _selection_context(lm: LoadedModel, load: LayerwiseLoad, context_tokens: torch.Tensor,
-                       question_ids: torch.Tensor, saliency: torch.Tensor, n_probe: int) -> SelectionContext:
+                       question_ids: torch.Tensor, saliency: torch.Tensor, n_probe: int,
+                       on_device: bool = False) -> SelectionContext:
     """The selectors' context over a load still in flight.
 
     The plain question probe runs only `n_probe` layers deep over a read-only view
@@ -385,7 +392,7 @@ def _selection_context(lm: LoadedModel, load: LayerwiseLoad, context_tokens: tor
             load.wait_all()
             recompute(lm, load.stored, layout, context_tokens, question_ids, selected, rec)
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])
-        if attn.device.type != "cuda":
+        if attn.device.type != "cuda" or on_device:
             return attn
         host = attn.to("cpu", non_blocking=True)  # into pinned memory: ~10x faster than a pageable copy
         torch.cuda.current_stream(attn.device).synchronize()
@@ -411,8 +418,10 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
     `selected`, absolute positions, to skip the selector). Timings: open_s (tier lookup and
     disk waits), select_s, recompute_s, total_s; counts hot/warm/cold; stall_ms and copy_ms
     with measure_stall. `groups`: query groups of the recompute's attention (None: one per
-    256 recomputed tokens, at most 8; 1: a single SDPA call). The model's attention becomes
-    `kvfuse-grouped`, which is `kvfuse` outside the recompute.
+    512 recomputed rows, at most 4, from GROUP_MIN_ROWS rows on; 1: a single SDPA call). The
+    model's attention becomes `kvfuse-grouped`, which is `kvfuse` outside the recompute.
+    With a selector of DEVICE_SELECTORS and no query groups, the selection never leaves the
+    GPU: select_s is then the host's time to queue it, and the GPU time shows in recompute_s.
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
@@ -425,15 +434,18 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
     t_open = time.perf_counter()
     try:
         layout = load.layout
+        rows = (round(ratio * layout.context_len) if selected is None else len(selected)) + len(question_ids)
+        n_groups = groups if groups is not None else (min(4, rows // 512) if rows >= GROUP_MIN_ROWS else 1)
+        on_device = cuda and selected is None and selector in DEVICE_SELECTORS and n_groups == 1
         metas = [g.meta for g, _ in load.pairs[1:]]
         context_tokens = torch.cat([m["tokens"].long() for m in metas])             # [C]
         if selected is None:
             saliency = torch.cat([m["saliency"] for m in metas], dim=-1)            # [S, C]
             if n_probe == lm.spec.n_layers:
                 load.wait_all()  # an unknown selector may read any layer of ctx.kv
-            ctx = _selection_context(lm, load, context_tokens, question_ids, saliency, n_probe)
+            ctx = _selection_context(lm, load, context_tokens, question_ids, saliency, n_probe, on_device)
             selected = select(ctx, round(ratio * layout.context_len))
-        selected = selected.long().cpu()
+        selected = selected.long() if on_device else selected.long().cpu()
         t_select = time.perf_counter()
 
         def streamed(kv, slots):
@@ -442,9 +454,10 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
                 layer.slots = slots
             return cache
 
-        positions = torch.cat((selected, torch.arange(layout.question_start, layout.total_len)))  # [S + Q]
-        n_groups = groups if groups is not None else min(8, max(1, len(positions) // 256))
-        plan = plan_query_groups(positions, layout.total_len, n_groups) if n_groups > 1 and len(selected) else None
+        plan = None
+        if n_groups > 1 and len(selected):
+            positions = torch.cat((selected, torch.arange(layout.question_start, layout.total_len)))  # [S + Q]
+            plan = plan_query_groups(positions, layout.total_len, n_groups)
         if plan is not None and lm.model.config._attn_implementation != GROUPED:
             lm.model.set_attn_implementation(GROUPED)
         with query_groups(plan):
@@ -453,6 +466,7 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
         if cuda:
             torch.cuda.current_stream(tiers.device).synchronize()
         t_done = time.perf_counter()
+        selected = selected.cpu()
     finally:
         copy = load.close()
     return FusionResult(cache, logits, layout, selected, timings={
