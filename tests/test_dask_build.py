@@ -102,13 +102,13 @@ from kvfuse.pipeline.build import BuildConfig
 from kvfuse.pipeline.dask_job import ClusterConfig, build_on_dask, open_client
 from kvfuse.runtime.model import load_model
 
-class SlowLoader:  # pickled by value (defined in __main__): every forward pass takes 50 ms longer
+class SlowLoader:  # pickled by value (defined in __main__): every forward pass takes 200 ms longer
     def __init__(self, path): self.path = path
     def __call__(self, device):
         lm = load_model(self.path, device=device)
         forward = lm.model.model.forward
         def slow(*a, **k):
-            time.sleep(0.05)
+            time.sleep(0.2)
             return forward(*a, **k)
         lm.model.model.forward = slow
         return lm
