@@ -88,6 +88,10 @@ def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, m
 
     ev.evaluate(cfg, lm)  # everything done: nothing recomputed
     assert (cfg.out / ev.RESULTS).read_text().splitlines() == lines
+    ev.rewrite_report(cfg.out)  # from results.jsonl alone
+    again = json.loads((cfg.out / "accuracy-niah-tiny.json").read_text())["results"]
+    key = lambda e: (e["method"], e["ratio"], e["n"], round(e["kl"], 9))  # noqa: E731
+    assert [key(e) for e in again] == [key(e) for e in report["results"]]
 
     real = ev.selector_rev
     monkeypatch.setattr(ev, "selector_rev", lambda m: "edited" if m == "prophet" else real(m))

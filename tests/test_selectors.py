@@ -137,8 +137,12 @@ def test_kvfuse_refines_in_stages(lm, prompt):
     prep.ctx.attend = lambda sel: seen.append(sel.clone()) or attend(sel)
     sel = run(prep, "kvfuse", 0.3).recomputed
     budget = round(0.3 * prep.layout.context_len)
-    # one probe per stage, each over the tokens the earlier stages chose (a growing prefix of the result)
-    assert [s.numel() for s in seen] == [round(budget * k / kvfuse.STAGES) for k in range(kvfuse.STAGES)]
+    starts = kvfuse.chunk_starts(prep.ctx, budget)
+    assert starts.numel() > 0 and torch.isin(starts, sel).all()
+    assert starts.numel() <= budget * kvfuse.START_SHARE
+    # one probe per stage, each over the tokens chosen before it (a growing subset of the result)
+    rest = budget - starts.numel()
+    assert [s.numel() for s in seen] == [starts.numel() + round(rest * k / kvfuse.STAGES) for k in range(kvfuse.STAGES)]
     assert all(bool(torch.isin(s, sel).all()) for s in seen)
 
 

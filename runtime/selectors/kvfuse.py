@@ -1,7 +1,12 @@
 """`kvfuse` (ours): question relevance, refined in stages, x the offline saliency
 prior, with a per-chunk budget by chunk relevance and short spans.
 
-Each of STAGES stages spends an equal share of the budget:
+0. Chunk starts: the first START_TOKENS tokens of every chunk (at most
+   START_SHARE of the budget) are taken up front: prefilled right after the
+   prefix, a chunk's first tokens differ most from their in-context selves
+   (EPIC's observation), whatever the question.
+
+Each of STAGES stages then spends an equal share of the rest:
 
 1. Relevance: the question's attention to every context token, measured by a
    pass of the question over the fused cache in which the tokens chosen so far
@@ -19,8 +24,8 @@ Each of STAGES stages spends an equal share of the budget:
    of it, so the picks grow into short spans (a number, a name) rather than
    isolated subwords.
 
-Cost: STAGES question passes: Q, then budget/STAGES + Q, ..., then the recompute
-itself (the first is shared with a3/prophet/qattn); the prior is free at serve time.
+Cost: STAGES question passes (over the chunk starts, then each stage's picks)
+before the recompute itself; the prior is free at serve time.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch.nn.functional as F
 from .base import SelectionContext, clamp_budget, empty, fused_layer_attention, top_positions
 
 STAGES = 3
+START_TOKENS = 4    # first tokens of every chunk recomputed up front (EPIC's sink repair) ...
+START_SHARE = 0.25  # ... using at most this share of the budget
 PRIOR_EXP = 0.0     # the measured effect of the prior on the dev split was negative: off (docs/selectors.md)
 CHUNK_BUDGET = True
 SPAN = 1
@@ -95,12 +102,22 @@ def _pick(ctx: SelectionContext, scores: torch.Tensor, relevance: torch.Tensor, 
     return torch.cat([top_positions(scores[a:a + n], q, lay) + a for a, n, q in zip(starts, lay.chunk_lens, quotas)])
 
 
+def chunk_starts(ctx: SelectionContext, budget: int) -> torch.Tensor:
+    """The first k tokens of every chunk, k <= START_TOKENS and within START_SHARE of the budget."""
+    lay = ctx.layout
+    k = min(START_TOKENS, int(budget * START_SHARE) // max(1, len(lay.chunk_lens)))
+    if k <= 0:
+        return empty()
+    return torch.cat([torch.arange(s, s + min(k, n)) for s, n in zip(lay.chunk_starts, lay.chunk_lens)])
+
+
 def select(ctx: SelectionContext, budget: int) -> torch.Tensor:
     lay = ctx.layout
     budget = clamp_budget(budget, lay.context_len)
-    chosen = empty()
+    chosen = chunk_starts(ctx, budget)
+    first, rest = chosen.numel(), budget - chosen.numel()
     for stage in range(STAGES):
-        take = round(budget * (stage + 1) / STAGES) - chosen.numel()
+        take = first + round(rest * (stage + 1) / STAGES) - chosen.numel()
         if take <= 0:
             continue
         relevance = fused_layer_attention(ctx.question_attention(chosen))   # [C]
