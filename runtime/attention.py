@@ -45,20 +45,27 @@ def record_attention(recorder: AttentionRecorder):
         _active = previous
 
 
-def _probabilities(query, key, attention_mask, scaling) -> torch.Tensor:
-    # query [1, Hq, q, D]; key [1, Hkv, K, D] -> probs [q, K] mean over heads
+def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None)) -> torch.Tensor:
+    # query [1, Hq, q, D]; key [1, Hkv, K, D] -> probs [r, K] of the query rows `rows`, mean over heads.
+    # Only the recorded rows are scored: a probe of S recomputed + Q question tokens records the
+    # Q rows, and scoring all S + Q would cost S/Q times more memory and time.
+    q_all, k = query.shape[2], key.shape[2]
+    row_pos = torch.arange(q_all, device=query.device)[rows]            # [r] row index in the input
+    query = query[:, :, rows]
     key = repeat_kv(key, query.shape[1] // key.shape[1])
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling  # [1, Hq, q, K]
-    q, k = scores.shape[-2:]
-    if attention_mask is None:  # plain causal, the queries being the last q positions
-        rows = torch.arange(q, device=scores.device)[:, None] + (k - q)
-        allowed = torch.arange(k, device=scores.device)[None, :] <= rows
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling  # [1, Hq, r, K]
+    if attention_mask is None:  # plain causal, the input being the last q_all positions
+        allowed = torch.arange(k, device=scores.device)[None, :] <= (row_pos + (k - q_all))[:, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :k], float("-inf"))
     else:
-        scores = scores + attention_mask[..., :k].float()
-    return scores.softmax(-1).mean(1)[0]  # [q, K]
+        mask = attention_mask[..., :k]
+        if mask.shape[-2] == q_all:
+            mask = mask[..., rows, :]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    return scores.softmax(-1).mean(1)[0]  # [r, K]
 
 
 def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -66,7 +73,7 @@ def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     rec = _active
     if rec is not None and rec.wants(module.layer_idx):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        rec.maps[module.layer_idx] = _probabilities(query, key, attention_mask, scale)[rec.query_rows]
+        rec.maps[module.layer_idx] = _probabilities(query, key, attention_mask, scale, rec.query_rows)
     return out
 
 
