@@ -34,7 +34,7 @@ def _names(ctx, param, value: str) -> list[str]:
 @click.option("--report-only", is_flag=True, help="Only rewrite the report of --out from its results.")
 def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, threads, report_only):
     """Build the SUITE's store, run a full prefill and every method at every ratio on the same
-    token ids, and write accuracy-<suite>-<model>.{json,md,png} into --out. Rerunning with the
+    token ids, and write accuracy-<suite>-<model>-<store>.{json,md,png} into --out. Rerunning with the
     same --out resumes: finished (example, method, ratio) results are kept."""
     import torch
 

@@ -308,14 +308,16 @@ def command_line(cfg: EvalConfig) -> str:
 
 def report_name(report: dict) -> str:
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(report["model"]).name)
-    return f"accuracy-{report['suite']}-{model}"
+    store = "isolated" if report["build"].get("enrich") is False else "enriched"
+    return f"accuracy-{report['suite']}-{model}-{store}"
 
 
 def markdown(report: dict) -> str:
     squad = report["suite"] == "squad"
     head = ["method", "ratio", "n", "F1" if squad else "recall"] + (["EM"] if squad else []) + \
         ["retention", "KL(full‖m)", "agree", "recomputed", "TTFT s"]
-    lines = [f"# Accuracy: {report['suite']} on {report['model']}", "",
+    store = "isolated chunks (--no-enrich)" if report["build"].get("enrich") is False else "enriched chunks (FusionRAG neighbours)"
+    lines = [f"# Accuracy: {report['suite']} on {report['model']}, store of {store}", "",
              *[f"- command: `{c}`" for c in report["commands"]], f"- machine: {report['machine']}", f"- date: {report['date']}",
              f"- full prefill: {report['metric']} {report['full']['score']:.3f} over {report['full']['n']} examples, "
              f"mean context {report['full']['context_tokens']:.0f} tokens, TTFT {report['full']['ttft_s']:.2f} s",

@@ -82,14 +82,14 @@ def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, m
     assert rows[("reuse", 0.2)]["recomputed"] == 0
     assert rows[("kvfuse", 0.2)]["recomputed_frac"] == pytest.approx(0.2, abs=0.01)
     for suffix in ("json", "md", "png"):
-        assert (cfg.out / f"accuracy-niah-tiny.{suffix}").stat().st_size > 0
+        assert (cfg.out / f"accuracy-niah-tiny-isolated.{suffix}").stat().st_size > 0
     lines = (cfg.out / ev.RESULTS).read_text().splitlines()
     assert len(lines) == 2 * (1 + 3 * 2)
 
     ev.evaluate(cfg, lm)  # everything done: nothing recomputed
     assert (cfg.out / ev.RESULTS).read_text().splitlines() == lines
     ev.rewrite_report(cfg.out)  # from results.jsonl alone
-    again = json.loads((cfg.out / "accuracy-niah-tiny.json").read_text())["results"]
+    again = json.loads((cfg.out / "accuracy-niah-tiny-isolated.json").read_text())["results"]
     key = lambda e: (e["method"], e["ratio"], e["n"], round(e["kl"], 9))  # noqa: E731
     assert [key(e) for e in again] == [key(e) for e in report["results"]]
 
