@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -256,6 +257,7 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
             "full_score": full_score,
             "retention": _mean(v["score"] for v in got) / full_score if full_score else float("nan"),
             "kl": _mean(v["kl"] for v in got), "kl_sem": _sem(v["kl"] for v in got),
+            "kl_median": statistics.median(v["kl"] for v in got),
             "agreement": _mean(float(v["agree"]) for v in got),
             "recomputed": _mean(v["n_recomputed"] for v in got),
             "recomputed_frac": _mean(v["n_recomputed"] / v["n_context"] for v in got),
@@ -315,7 +317,7 @@ def report_name(report: dict) -> str:
 def markdown(report: dict) -> str:
     squad = report["suite"] == "squad"
     head = ["method", "ratio", "n", "F1" if squad else "recall"] + (["EM"] if squad else []) + \
-        ["retention", "KL(full‖m)", "agree", "recomputed", "TTFT s"]
+        ["retention", "KL(full‖m)", "KL median", "agree", "recomputed", "TTFT s"]
     store = "isolated chunks (--no-enrich)" if report["build"].get("enrich") is False else "enriched chunks (FusionRAG neighbours)"
     lines = [f"# Accuracy: {report['suite']} on {report['model']}, store of {store}", "",
              *[f"- command: `{c}`" for c in report["commands"]], f"- machine: {report['machine']}", f"- date: {report['date']}",
@@ -327,7 +329,7 @@ def markdown(report: dict) -> str:
         cells = [e["method"], f"{e['ratio']:.2f}", str(e["n"]), f"{e['score']:.3f} ± {e['score_sem']:.3f}"]
         if squad:
             cells.append(f"{e['em']:.3f}")
-        cells += [f"{e['retention'] * 100:.1f}%", f"{e['kl']:.3f} ± {e['kl_sem']:.3f}", f"{e['agreement'] * 100:.0f}%",
+        cells += [f"{e['retention'] * 100:.1f}%", f"{e['kl']:.3f} ± {e['kl_sem']:.3f}", f"{e['kl_median']:.3f}", f"{e['agreement'] * 100:.0f}%",
                   f"{e['recomputed']:.0f} ({e['recomputed_frac'] * 100:.1f}%)", f"{e['ttft_s']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "± is one standard error of the mean. Retention = score / full-prefill score on the same examples; "
