@@ -32,50 +32,27 @@ import torch
 
 from kvfuse.pipeline.build import BuildConfig, BuildReport, build_cache, chunk_docs
 from kvfuse.pipeline.corpus import Document
-
-# Real model shapes (DESIGN §6 uses Llama-3-8B); weights are random: timing does not depend on them.
-SHAPES = {
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, head_dim=128, vocab_size=152064,
-                       max_position_embeddings=32768, rms_norm_eps=1e-6,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # dry runs on a CPU
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=4096),
-}
-
+from kvfuse.bench.shapes import SHAPES
 
 @dataclass(frozen=True)
 class RandomModelLoader:
-    """A worker-side loader (kvfuse.pipeline.dask_job): a real model shape with random bf16 weights,
-    made on the device, and the tests' small WordLevel tokenizer (ids < any vocab)."""
+    """A worker-side loader (kvfuse.pipeline.dask_job): a real model shape with random bf16 weights
+    (`kvfuse.bench.shapes`), made on the device, and the tests' small WordLevel tokenizer (ids < any vocab)."""
 
     shape: str = "llama3-8b"
     dtype: str = "bfloat16"
     seed: int = 0
 
     def __call__(self, device: str):
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from kvfuse.runtime.model import LoadedModel, ModelSpec, check_rope_additive
+        from kvfuse.bench.shapes import build_random_model
+        from kvfuse.runtime.model import check_rope_additive
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from conftest import make_tiny_tokenizer
 
-        params = dict(SHAPES[self.shape])
-        config = AutoConfig.for_model(params.pop("model_type"), **params)
-        check_rope_additive(config)
-        dtype = getattr(torch, self.dtype)
-        torch.manual_seed(self.seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-        model.eval().requires_grad_(False)
-        spec = ModelSpec.from_config(f"random-{self.shape}", model.config, dtype,
-                                     fingerprint=f"random-{self.shape}-{self.dtype}-seed{self.seed}")
-        return LoadedModel(model, make_tiny_tokenizer(), spec)
+        lm = build_random_model(self.shape, device=device, dtype=getattr(torch, self.dtype), seed=self.seed)
+        check_rope_additive(lm.model.config)
+        lm.tokenizer = make_tiny_tokenizer()
+        return lm
 
 
 def random_docs(n_docs: int, words: int, seed: int = 0) -> list[Document]:
