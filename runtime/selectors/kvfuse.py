@@ -96,9 +96,10 @@ def _pick(ctx: SelectionContext, scores: torch.Tensor, relevance: torch.Tensor, 
     if not CHUNK_BUDGET:
         return top_positions(scores, take, lay)
     starts = [s - lay.prefix_len for s in lay.chunk_starts]
-    chunk_rel = torch.stack([relevance[a:a + n].sum() for a, n in zip(starts, lay.chunk_lens)])
-    free = [int(torch.isfinite(scores[a:a + n]).sum()) for a, n in zip(starts, lay.chunk_lens)]
-    quotas = chunk_budgets(chunk_rel, free, take)
+    owner = lay.chunk_index().to(relevance.device)                                   # [C] chunk of each token
+    chunk_rel = torch.zeros(len(starts), dtype=relevance.dtype, device=relevance.device).index_add_(0, owner, relevance)
+    free = torch.zeros(len(starts), device=scores.device).index_add_(0, owner, torch.isfinite(scores).float())
+    quotas = chunk_budgets(chunk_rel.cpu(), free.long().tolist(), take)          # one host sync, not 2 per chunk
     return torch.cat([top_positions(scores[a:a + n], q, lay) + a for a, n, q in zip(starts, lay.chunk_lens, quotas)])
 
 
