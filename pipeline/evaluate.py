@@ -39,6 +39,7 @@ from .suites import Example, Suite, make_suite, needle_recall, squad_em_f1
 RESULTS = "results.jsonl"
 META = "meta.json"
 REFERENCE = "full-prefill"  # the method name of the reference rows
+OURS = "kvfuse"              # the method the paired table compares every other one with
 
 
 @dataclass
@@ -269,6 +270,7 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
         table.append(entry)
     return {
         "suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "n_requested": cfg.n,
+        "paired": paired(rows),
         "metric": "needle recall" if cfg.suite == "niah" else "SQuAD F1 (EM also given)",
         "commands": json.loads((cfg.out / META).read_text()).get("commands", []),
         "machine": machine(),
@@ -279,6 +281,34 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
                  "context_tokens": _mean(v["n_context"] for v in full.values())},
         "results": table,
     }
+
+
+def paired(rows: dict, ours: str = OURS) -> list[dict]:
+    """`ours` against every other method at each ratio, on the examples both ran.
+
+    Per-example differences cancel the example-to-example spread that dominates
+    each method's own SEM, so this is the comparison that can tell a real lead
+    from a tie. kl_gain = mean(KL_other - KL_ours) (> 0: ours is closer to the
+    full prefill); score_gain = mean(score_ours - score_other); wins/losses count
+    the examples where ours has the lower / higher KL.
+    """
+    by_key: dict[tuple[str, float], dict[str, dict]] = {}
+    for (ex, method, ratio), row in rows.items():
+        by_key.setdefault((ex, ratio), {})[method] = row
+    out = []
+    for ratio in sorted({r for _, r in by_key}):
+        others = sorted({m for (_, r), d in by_key.items() if r == ratio for m in d} - {ours, REFERENCE})
+        for other in others:
+            pairs = [(d[ours], d[other]) for (_, r), d in by_key.items() if r == ratio and ours in d and other in d]
+            if not pairs:
+                continue
+            kl_gain = [o["kl"] - u["kl"] for u, o in pairs]
+            score_gain = [u["score"] - o["score"] for u, o in pairs]
+            out.append({"ratio": ratio, "ours": ours, "other": other, "n": len(pairs),
+                        "kl_gain": _mean(kl_gain), "kl_gain_sem": _sem(kl_gain),
+                        "score_gain": _mean(score_gain), "score_gain_sem": _sem(score_gain),
+                        "kl_wins": sum(g > 0 for g in kl_gain), "kl_losses": sum(g < 0 for g in kl_gain)})
+    return out
 
 
 def machine() -> str:
@@ -332,10 +362,25 @@ def markdown(report: dict) -> str:
         cells += [f"{e['retention'] * 100:.1f}%", f"{e['kl']:.3f} ± {e['kl_sem']:.3f}", f"{e['kl_median']:.3f}", f"{e['agreement'] * 100:.0f}%",
                   f"{e['recomputed']:.0f} ({e['recomputed_frac'] * 100:.1f}%)", f"{e['ttft_s']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _paired_markdown(report)
     lines += ["", "± is one standard error of the mean. Retention = score / full-prefill score on the same examples; "
               "KL is the first generated token's KL(full ‖ method) in nats; agree = greedy answer identical to "
               "the full prefill's; TTFT = selection (including any probe pass) + recompute, without loading."]
     return "\n".join(lines) + "\n"
+
+
+def _paired_markdown(report: dict) -> list[str]:
+    pairs = report.get("paired") or []
+    if not pairs:
+        return []
+    ours = pairs[0]["ours"]
+    lines = ["", f"{ours} against each method on the same examples (paired): KL gain = mean(KL_method − KL_{ours}), "
+             f"> 0 means {ours} is closer to the full prefill; a gain more than 2 SEM from 0 is a real lead or lag.", "",
+             "| ratio | versus | n | KL gain | score gain | lower KL on |", "|---|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['ratio']:.2f} | {p['other']} | {p['n']} | {p['kl_gain']:+.3f} ± {p['kl_gain_sem']:.3f} | "
+                     f"{p['score_gain']:+.3f} ± {p['score_gain_sem']:.3f} | {p['kl_wins']}/{p['n']} (worse on {p['kl_losses']}) |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

@@ -120,3 +120,17 @@ def test_first_token_kl():
     lp = torch.tensor([0.7, 0.2, 0.1]).log()
     assert ev.first_token_kl(lp, lp.clone() * 1.0) == pytest.approx(0.0, abs=1e-6)
     assert ev.first_token_kl(lp, torch.tensor([0.0, 0.0, 0.0])) > 0
+
+
+def test_paired_compares_kvfuse_with_each_method_on_shared_examples():
+    row = lambda ex, m, r, kl, score: ((ex, m, r), {"example": ex, "method": m, "ratio": r, "kl": kl, "score": score})  # noqa: E731
+    rows = dict([row("a", "kvfuse", 0.1, 0.1, 1.0), row("a", "prophet", 0.1, 0.3, 0.5),
+                 row("b", "kvfuse", 0.1, 0.2, 1.0), row("b", "prophet", 0.1, 0.1, 1.0),
+                 row("c", "prophet", 0.1, 9.0, 0.0),                      # kvfuse did not run c: not paired
+                 row("a", ev.REFERENCE, 1.0, 0.0, 1.0)])
+    (p,) = ev.paired(rows)
+    assert (p["other"], p["ratio"], p["n"]) == ("prophet", 0.1, 2)
+    assert p["kl_gain"] == pytest.approx(((0.3 - 0.1) + (0.1 - 0.2)) / 2)
+    assert p["score_gain"] == pytest.approx(0.25)
+    assert (p["kl_wins"], p["kl_losses"]) == (1, 1)
+    assert ev.paired({k: v for k, v in rows.items() if k[1] != "kvfuse"}) == []
