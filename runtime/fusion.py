@@ -198,7 +198,8 @@ def recompute_context_layer(lm: LoadedModel, kv: torch.Tensor, layout: FusedLayo
         pass
     finally:
         hook.remove()
-    return kv_from_cache(cache, layout.prefix_len, layout.question_start)[layer].cpu()  # [2, H_kv, C, D]
+    # on the stored cache's device, so selectors can compare the two (cacheblend's deviation)
+    return kv_from_cache(cache, layout.prefix_len, layout.question_start)[layer].to(kv.device)  # [2, H_kv, C, D]
 
 
 @torch.inference_mode()

@@ -84,7 +84,7 @@ def test_layerwise_matches_plain_path_on_every_tier(tmp_path_factory):
         tiers.close()
 
 
-@pytest.mark.parametrize("selector", ["a3", "epic", "prophet"])
+@pytest.mark.parametrize("selector", ["a3", "epic", "cacheblend", "prophet", "kvfuse"])
 def test_selection_matches_plain_fuse(tmp_path_factory, selector):
     lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
     tiers = tiers_for(lm, store, "cpu")
@@ -166,14 +166,15 @@ def test_cuda_layerwise_matches_plain_path(tmp_path_factory):
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_a3_selection_matches_plain_fuse(tmp_path_factory):
+@pytest.mark.parametrize("selector", ["a3", "epic", "cacheblend", "prophet", "kvfuse"])
+def test_cuda_selection_matches_plain_fuse(tmp_path_factory, selector):
     lm, store, prefix, ids = setup(tmp_path_factory, "cuda", torch.bfloat16, n_chunks=6)
     tiers = tiers_for(lm, store, "cuda")
     try:
         q = question(lm)
-        want = fuse(lm, store.read(prefix), [store.read(c) for c in ids], q, "a3", 0.15)
+        want = fuse(lm, store.read(prefix), [store.read(c) for c in ids], q, selector, 0.15)
         tiers.submit("r", [prefix, *ids])
-        got = fuse_layerwise(lm, tiers, "r", q, selector="a3", ratio=0.15)
+        got = fuse_layerwise(lm, tiers, "r", q, selector=selector, ratio=0.15)
         assert torch.equal(got.recomputed, want.recomputed)
         torch.testing.assert_close(got.logits, want.logits, atol=1e-3, rtol=0)
     finally:
