@@ -30,9 +30,12 @@ def _names(ctx, param, value: str) -> list[str]:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (store, results.jsonl, report).")
 @click.option("--no-enrich", is_flag=True, help="Build isolated chunks (no FusionRAG neighbours).")
+@click.option("--corpus-examples", default=50, show_default=True, type=click.IntRange(1),
+              help="The store holds the documents of max(n, this many) examples, so runs with different --n "
+                   "share one store (enrichment neighbours depend on the corpus).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's choice).")
 @click.option("--report-only", is_flag=True, help="Only rewrite the report of --out from its results.")
-def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, threads, report_only):
+def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_examples, threads, report_only):
     """Build the SUITE's store, run a full prefill and every method at every ratio on the same
     token ids, and write accuracy-<suite>-<model>-<store>.{json,md,png} into --out. Rerunning with the
     same --out resumes: finished (example, method, ratio) results are kept."""
@@ -48,5 +51,5 @@ def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, threads, re
     if threads:
         torch.set_num_threads(threads)
     cfg = EvalConfig(suite=suite, model=model, methods=methods, ratios=ratios, n=n, seed=seed, out=out,
-                     build={"enrich": False} if no_enrich else {})
+                     build={"enrich": False} if no_enrich else {}, corpus_examples=corpus_examples)
     click.echo(markdown(evaluate(cfg)))

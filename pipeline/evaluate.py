@@ -40,6 +40,10 @@ RESULTS = "results.jsonl"
 META = "meta.json"
 REFERENCE = "full-prefill"  # the method name of the reference rows
 OURS = "kvfuse"              # the method the paired table compares every other one with
+# The store is built from the documents of the first max(n, CORPUS_EXAMPLES) examples, so that
+# runs with different n (e.g. 50 at one ratio, 20 for a sweep) read the same enriched KV: a
+# chunk's FusionRAG neighbours are chosen from the whole corpus, which would otherwise depend on n.
+CORPUS_EXAMPLES = 50
 
 
 @dataclass
@@ -52,6 +56,7 @@ class EvalConfig:
     seed: int
     out: Path
     build: dict = field(default_factory=dict)   # extra BuildConfig fields (e.g. {"enrich": False})
+    corpus_examples: int = CORPUS_EXAMPLES       # the store holds the documents of max(n, this) examples
     progress: bool = True
 
     def __post_init__(self):
@@ -112,10 +117,13 @@ class _Results:
                 continue
             self.rows[(row["example"], row["method"], row["ratio"])] = row
 
-    def has(self, ex: str, method: str, ratio: float) -> bool:
-        """Done, by the selector code as it is now (a row from an edited selector is redone)."""
+    def has(self, ex: str, method: str, ratio: float, chunks: str | None = None) -> bool:
+        """Done, by the selector code as it is now (a row from an edited selector is redone), and,
+        given `chunks`, on the same stored chunks (a row from another build's KV is redone)."""
         row = self.rows.get((ex, method, ratio))
-        return row is not None and row.get("rev", selector_rev(method)) == selector_rev(method)
+        if row is None or row.get("rev", selector_rev(method)) != selector_rev(method):
+            return False
+        return chunks is None or method == REFERENCE or row.get("chunks") == chunks
 
     def add(self, row: dict) -> None:
         self.rows[(row["example"], row["method"], row["ratio"])] = row
@@ -134,9 +142,10 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     t_start = time.perf_counter()
     lm = lm or load_model(cfg.model)
     suite = make_suite(cfg.suite, lm.tokenizer, cfg.n, cfg.seed)
+    corpus = make_suite(cfg.suite, lm.tokenizer, max(cfg.n, cfg.corpus_examples), cfg.seed).documents
     cfg.out.mkdir(parents=True, exist_ok=True)
     _check_meta(cfg)
-    build = build_cache(suite.documents, cfg.out / "store", lm,
+    build = build_cache(corpus, cfg.out / "store", lm,
                         BuildConfig(chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build))
     engine = FusionEngine(cfg.out / "store", lm, verify=False)
     by_doc: dict[str, list] = {}
@@ -149,26 +158,33 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     todo = [(m, r) for m in cfg.methods for r in cfg.ratios]
     for ex in tqdm(suite.examples, desc=f"eval {cfg.suite}", unit="ex", disable=not cfg.progress):
         results.refresh()
-        if all(results.has(ex.id, m, r) for m, r in todo) and results.has(ex.id, REFERENCE, 1.0):
-            continue
         missing = [d for d in ex.doc_ids if d not in by_doc]
         if missing:
             raise RuntimeError(f"{ex.id}: documents {missing} are not in the built store {cfg.out / 'store'}; "
                                "delete the store folder and rerun")
         chunk_ids = [r.chunk_id for d in ex.doc_ids for r in sorted(by_doc[d], key=lambda r: r.chunk_no)]
+        chunks_rev = chunks_digest(chunk_ids)
+        if all(results.has(ex.id, m, r, chunks_rev) for m, r in todo) and results.has(ex.id, REFERENCE, 1.0):
+            continue
         chunks = [engine.store.read(c, verify=False) for c in chunk_ids]
         q_ids = engine.question_ids(ex.question)
         if ex.answer_prefix:  # the question part ends with the start of the answer
             q_ids = torch.cat((q_ids, torch.tensor(lm.tokenizer(ex.answer_prefix, add_special_tokens=False)["input_ids"])))
-        _run_example(lm, suite, ex, engine.prefix, chunks, q_ids, todo, results, cfg.out / "full", stop)
+        _run_example(lm, suite, ex, engine.prefix, chunks, q_ids, todo, results, cfg.out / "full", stop, chunks_rev)
     report = summarize(cfg, results.rows, build_seconds=build.seconds,
                        wall_seconds=time.perf_counter() - t_start)
     write_report(report, cfg.out)
     return report
 
 
+def chunks_digest(chunk_ids: list[str]) -> str:
+    """Identifies the stored KV an example read: chunk ids hash tokens and enrichment neighbours."""
+    return hashlib.sha1(",".join(chunk_ids).encode()).hexdigest()[:10]
+
+
 def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_ids: torch.Tensor,
-                 todo: list[tuple[str, float]], results: _Results, full_dir: Path, stop: set[int]) -> None:
+                 todo: list[tuple[str, float]], results: _Results, full_dir: Path, stop: set[int],
+                 chunks_rev: str | None = None) -> None:
     """The full prefill (once) and every missing method x ratio of one example; all their
     answers are decoded together in one batch (identical selections decode once)."""
     all_ids = torch.cat([prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])
@@ -187,14 +203,14 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
     by_selection: dict[tuple, int] = {}
     rows = []                         # (row, index of its answer in pending)
     for method, ratio in todo:
-        if results.has(ex.id, method, ratio):
+        if results.has(ex.id, method, ratio, chunks_rev):
             continue
         res = run(prep, method, ratio)
         key = tuple(res.recomputed.tolist())
         if key not in by_selection:
             by_selection[key] = len(pending)
             pending.append((res.cache, res.logits))
-        rows.append(({"method": method, "ratio": ratio, "rev": selector_rev(method), "kl": first_token_kl(full_lp, res.logits),
+        rows.append(({"method": method, "ratio": ratio, "rev": selector_rev(method), "chunks": chunks_rev, "kl": first_token_kl(full_lp, res.logits),
                       "n_context": n_context, "n_recomputed": res.n_recomputed,
                       "ttft_s": res.timings["select_s"] + res.timings["recompute_s"],
                       "select_s": res.timings["select_s"]}, by_selection[key]))
@@ -214,7 +230,8 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
 
 def _check_meta(cfg: EvalConfig) -> None:
     """One output folder holds one suite x model x seed x build: refuse to mix results."""
-    meta = {"suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "build": cfg.build}
+    meta = {"suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "build": cfg.build,
+            "corpus_examples": cfg.corpus_examples}
     path = cfg.out / META
     if path.exists():
         old = json.loads(path.read_text())
@@ -326,7 +343,7 @@ def rewrite_report(out: Path) -> list[Path]:
     out = Path(out)
     meta = json.loads((out / META).read_text())
     cfg = EvalConfig(suite=meta["suite"], model=meta["model"], methods=[], ratios=[0.0], n=1, seed=meta["seed"],
-                     out=out, build=meta["build"])
+                     out=out, build=meta["build"], corpus_examples=meta.get("corpus_examples", CORPUS_EXAMPLES))
     return write_report(summarize(cfg, _Results(out / RESULTS).rows), out)
 
 
@@ -335,6 +352,8 @@ def command_line(cfg: EvalConfig) -> str:
            f"--ratios {','.join(str(r) for r in cfg.ratios)} --n {cfg.n} --seed {cfg.seed} --out {cfg.out}")
     if cfg.build.get("enrich") is False:
         cmd += " --no-enrich"
+    if cfg.corpus_examples != CORPUS_EXAMPLES:
+        cmd += f" --corpus-examples {cfg.corpus_examples}"
     return cmd
 
 

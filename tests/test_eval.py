@@ -1,5 +1,6 @@
 """Suites, scoring and the eval harness (tiny random model; the real runs live in bench/results)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import tiny_model_dir
 from kvfuse.pipeline import evaluate as ev
 from kvfuse.pipeline.cli import main
 from kvfuse.pipeline.suites import needle_recall, niah_suite, squad_em_f1, squad_suite
+from kvfuse.runtime.engine import FusionEngine
 from kvfuse.runtime.model import load_model
 
 
@@ -74,7 +76,7 @@ def test_squad_without_data_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, monkeypatch):
     cfg = ev.EvalConfig(suite="niah", model="tiny", methods=["reuse", "kvfuse", "prophet"], ratios=[0.2, 1.0], n=2,
-                        seed=0, out=tmp_path / "run", build={"enrich": False}, progress=False)
+                        seed=0, out=tmp_path / "run", build={"enrich": False}, progress=False, corpus_examples=3)
     report = ev.evaluate(cfg, lm)
     rows = {(r["method"], r["ratio"]): r for r in report["results"]}
     assert set(rows) == {(m, r) for m in cfg.methods for r in cfg.ratios}
@@ -99,12 +101,26 @@ def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, m
     redone = [json.loads(l) for l in (cfg.out / ev.RESULTS).read_text().splitlines()[len(lines):]]
     assert {r["method"] for r in redone} == {"prophet"} and len(redone) == 4
 
+    # the store holds the documents of 3 examples whatever n is, so n = 1 reuses it as it is
+    store_docs = {r.doc_id for r in FusionEngine(cfg.out / "store", lm, verify=False).records}
+    assert store_docs >= set(ev.make_suite("niah", lm.tokenizer, 3, 0).examples[2].doc_ids)
+    done = len((cfg.out / ev.RESULTS).read_text().splitlines())
+    ev.evaluate(dataclasses.replace(cfg, n=1), lm)
+    assert len((cfg.out / ev.RESULTS).read_text().splitlines()) == done
+    # rows read other stored chunks (another build's KV): method rows redone, the full prefill kept
+    monkeypatch.setattr(ev, "chunks_digest", lambda ids: "other-build")
+    ev.evaluate(dataclasses.replace(cfg, n=1), lm)
+    redone = [json.loads(l) for l in (cfg.out / ev.RESULTS).read_text().splitlines()[done:]]
+    assert len(redone) == 6 and ev.REFERENCE not in {r["method"] for r in redone}
+    assert {r["chunks"] for r in redone} == {"other-build"}
+
 
 def test_a_run_folder_refuses_another_suite(lm, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / ev.META).write_text(json.dumps({"suite": "squad", "model": "tiny", "seed": 0, "build": {}}))
-    cfg = ev.EvalConfig(suite="niah", model="tiny", methods=["reuse"], ratios=[0.1], n=1, seed=0, out=out)
+    cfg = ev.EvalConfig(suite="niah", model="tiny", methods=["reuse"], ratios=[0.1], n=1, seed=0, out=out,
+                        corpus_examples=1)
     with pytest.raises(ValueError, match="another --out"):
         ev.evaluate(cfg, lm)
 
