@@ -241,6 +241,7 @@ def _check_meta(cfg: EvalConfig) -> None:
     else:
         commands = []
     meta["commands"] = list(dict.fromkeys(commands + [command_line(cfg)]))
+    meta["machine"] = machine()  # of the run (a later --report-only keeps it)
     path.write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -290,7 +291,7 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
         "paired": paired(rows),
         "metric": "needle recall" if cfg.suite == "niah" else "SQuAD F1 (EM also given)",
         "commands": json.loads((cfg.out / META).read_text()).get("commands", []),
-        "machine": machine(),
+        "machine": json.loads((cfg.out / META).read_text()).get("machine") or machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "build": cfg.build, "build_seconds": build_seconds, "wall_seconds": wall_seconds,
         "full": {"n": len(full), "score": _mean(v["score"] for v in full.values()),
