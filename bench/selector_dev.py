@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kvfuse.pipeline.evaluate import first_token_kl
+from kvfuse.pipeline.evaluate import ExampleInputs, first_token_kl
 from kvfuse.pipeline.suites import make_suite
 from kvfuse.runtime.engine import FusionEngine
 from kvfuse.runtime.fusion import prepare, run
@@ -42,25 +42,17 @@ def main() -> None:
     methods, ratios = args.methods.split(","), [float(r) for r in args.ratios.split(",")]
     meta = json.loads((args.run_dir / "meta.json").read_text())
     lm = load_model(meta["model"])
-    engine = FusionEngine(args.run_dir / "store", lm, verify=False)
-    by_doc: dict[str, list] = {}
-    for rec in engine.records:
-        by_doc.setdefault(rec.doc_id, []).append(rec)
+    inputs = ExampleInputs(FusionEngine(args.run_dir / "store", lm, verify=False))
     kl: dict[tuple[str, float], list[float]] = {(m, r): [] for m in methods for r in ratios}
     done = 0
     n_run = len(list((args.run_dir / "full").glob("*.pt")))  # suites are prefix-stable in n
     for ex in make_suite(meta["suite"], lm.tokenizer, n_run, meta["seed"]).examples:
         full_path = args.run_dir / "full" / f"{ex.id}.pt"
-        if done >= args.n or not full_path.exists() or any(d not in by_doc for d in ex.doc_ids):
+        if done >= args.n or not full_path.exists():
             continue
         done += 1
         full_lp = torch.load(full_path)
-        chunks = [engine.store.read(r.chunk_id, verify=False)
-                  for d in ex.doc_ids for r in sorted(by_doc[d], key=lambda r: r.chunk_no)]
-        q_ids = engine.question_ids(ex.question)
-        if ex.answer_prefix:
-            q_ids = torch.cat((q_ids, torch.tensor(lm.tokenizer(ex.answer_prefix, add_special_tokens=False)["input_ids"])))
-        prep = prepare(lm, engine.prefix, chunks, q_ids)
+        prep = prepare(lm, inputs.engine.prefix, inputs.chunks(inputs.chunk_ids(ex)), inputs.question_ids(ex))
         cells = []
         for (m, r), values in kl.items():
             values.append(first_token_kl(full_lp, run(prep, m, r).logits))

@@ -12,6 +12,7 @@ to `out/results.jsonl` and skipped on a rerun, so an interrupted run resumes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -90,6 +91,7 @@ def _same_answer(a: str, b: str) -> bool:
 
 # ----------------------------------------------------------------------------- the run
 
+@functools.lru_cache(maxsize=None)
 def selector_rev(method: str) -> str:
     """A short hash of the selector's module source, stored with each result row."""
     if method == REFERENCE:
@@ -141,40 +143,57 @@ def _stop_ids(lm: LoadedModel, suite: Suite) -> set[int]:
 def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     t_start = time.perf_counter()
     lm = lm or load_model(cfg.model)
-    suite = make_suite(cfg.suite, lm.tokenizer, cfg.n, cfg.seed)
-    corpus = make_suite(cfg.suite, lm.tokenizer, max(cfg.n, cfg.corpus_examples), cfg.seed).documents
+    suite = make_suite(cfg.suite, lm.tokenizer, max(cfg.n, cfg.corpus_examples), cfg.seed)  # the store's corpus
     cfg.out.mkdir(parents=True, exist_ok=True)
     _check_meta(cfg)
-    build = build_cache(corpus, cfg.out / "store", lm,
+    build = build_cache(suite.documents, cfg.out / "store", lm,
                         BuildConfig(chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build))
-    engine = FusionEngine(cfg.out / "store", lm, verify=False)
-    by_doc: dict[str, list] = {}
-    for rec in engine.records:
-        by_doc.setdefault(rec.doc_id, []).append(rec)
+    inputs = ExampleInputs(FusionEngine(cfg.out / "store", lm, verify=False))
     results = _Results(cfg.out / RESULTS)
     (cfg.out / "full").mkdir(exist_ok=True)
     stop = _stop_ids(lm, suite)
 
     todo = [(m, r) for m in cfg.methods for r in cfg.ratios]
-    for ex in tqdm(suite.examples, desc=f"eval {cfg.suite}", unit="ex", disable=not cfg.progress):
-        results.refresh()
-        missing = [d for d in ex.doc_ids if d not in by_doc]
-        if missing:
-            raise RuntimeError(f"{ex.id}: documents {missing} are not in the built store {cfg.out / 'store'}; "
-                               "delete the store folder and rerun")
-        chunk_ids = [r.chunk_id for d in ex.doc_ids for r in sorted(by_doc[d], key=lambda r: r.chunk_no)]
+    for ex in tqdm(suite.examples[:cfg.n], desc=f"eval {cfg.suite}", unit="ex", disable=not cfg.progress):
+        results.refresh()  # suites are prefix-stable in n: the first n of the corpus's examples
+        chunk_ids = inputs.chunk_ids(ex)
         chunks_rev = chunks_digest(chunk_ids)
         if all(results.has(ex.id, m, r, chunks_rev) for m, r in todo) and results.has(ex.id, REFERENCE, 1.0):
             continue
-        chunks = [engine.store.read(c, verify=False) for c in chunk_ids]
-        q_ids = engine.question_ids(ex.question)
-        if ex.answer_prefix:  # the question part ends with the start of the answer
-            q_ids = torch.cat((q_ids, torch.tensor(lm.tokenizer(ex.answer_prefix, add_special_tokens=False)["input_ids"])))
-        _run_example(lm, suite, ex, engine.prefix, chunks, q_ids, todo, results, cfg.out / "full", stop, chunks_rev)
+        _run_example(lm, suite, ex, inputs.engine.prefix, inputs.chunks(chunk_ids), inputs.question_ids(ex),
+                     todo, results, cfg.out / "full", stop, chunks_rev)
     report = summarize(cfg, results.rows, build_seconds=build.seconds,
                        wall_seconds=time.perf_counter() - t_start)
     write_report(report, cfg.out)
     return report
+
+
+class ExampleInputs:
+    """What one example feeds the model from a built store: its chunks in retrieval order and
+    its question ids as `FusionEngine.ask` formats them (plus the answer prefix, if any)."""
+
+    def __init__(self, engine: FusionEngine):
+        self.engine = engine
+        self.by_doc: dict[str, list] = {}
+        for rec in engine.records:
+            self.by_doc.setdefault(rec.doc_id, []).append(rec)
+
+    def chunk_ids(self, ex: Example) -> list[str]:
+        missing = [d for d in ex.doc_ids if d not in self.by_doc]
+        if missing:
+            raise RuntimeError(f"{ex.id}: documents {missing} are not in the built store {self.engine.store.cache_dir}; "
+                               "delete the store folder and rerun")
+        return [r.chunk_id for d in ex.doc_ids for r in sorted(self.by_doc[d], key=lambda r: r.chunk_no)]
+
+    def chunks(self, chunk_ids: list[str]) -> list:
+        return [self.engine.store.read(c, verify=False) for c in chunk_ids]
+
+    def question_ids(self, ex: Example) -> torch.Tensor:
+        q_ids = self.engine.question_ids(ex.question)
+        if ex.answer_prefix:  # the question part ends with the start of the answer
+            prefix = self.engine.lm.tokenizer(ex.answer_prefix, add_special_tokens=False)["input_ids"]
+            q_ids = torch.cat((q_ids, torch.tensor(prefix)))
+        return q_ids
 
 
 def chunks_digest(chunk_ids: list[str]) -> str:
@@ -262,6 +281,7 @@ def _sem(xs) -> float:
 
 def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seconds: float = 0.0) -> dict:
     """Per method x ratio over the examples that have both the method's row and the full prefill's."""
+    meta = json.loads((cfg.out / META).read_text())
     full = {k[0]: v for k, v in rows.items() if k[1] == REFERENCE}
     table = []
     for method, ratio in sorted({k[1:] for k in rows if k[1] != REFERENCE}, key=lambda k: (k[1], k[0])):
@@ -290,8 +310,8 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
         "suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "n_requested": cfg.n,
         "paired": paired(rows),
         "metric": "needle recall" if cfg.suite == "niah" else "SQuAD F1 (EM also given)",
-        "commands": json.loads((cfg.out / META).read_text()).get("commands", []),
-        "machine": json.loads((cfg.out / META).read_text()).get("machine") or machine(),
+        "commands": meta.get("commands", []),
+        "machine": meta.get("machine") or machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "build": cfg.build, "build_seconds": build_seconds, "wall_seconds": wall_seconds,
         "full": {"n": len(full), "score": _mean(v["score"] for v in full.values()),
