@@ -21,7 +21,7 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
   export PYTHONPATH=/tmp/shim${PYTHONPATH:+:$PYTHONPATH}
   echo "using the PYTHONPATH shim" >>"$LOG"
 fi
-KV=(python3 -c "from kvfuse.pipeline.cli import run; run()")
+KV=(python3 -c "from kvfuse.cli.main import run; run()")
 echo "== tests" | tee -a "$LOG"
 timeout 100 python3 -m pytest -q -p no:cacheprovider -m "cuda or not cuda" \
   tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py 2>&1 | tail -25 | tee -a "$LOG"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from kvfuse.pipeline.evaluate import ExampleInputs, first_token_kl
-from kvfuse.pipeline.suites import make_suite
+from kvfuse.bench.evaluate import ExampleInputs, first_token_kl
+from kvfuse.bench.suites import make_suite
 from kvfuse.runtime.engine import FusionEngine
 from kvfuse.runtime.fusion import prepare, run
 from kvfuse.runtime.model import load_model

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvfuse.bench.serve import request_stream
-from kvfuse.pipeline.cli import main
+from kvfuse.cli.main import main
 
 
 def test_request_stream_is_zipf_and_distinct():

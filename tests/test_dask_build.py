@@ -145,7 +145,7 @@ def test_driver_killed_mid_job_then_rerun_gives_the_uninterrupted_release(tmp_pa
 
 def test_cli_build_cache_on_the_scheduler_named_by_the_env_var(tmp_path, client, model_dir, reference, monkeypatch):
     from click.testing import CliRunner
-    from kvfuse.pipeline.cli import main
+    from kvfuse.cli.main import main
     corpus, want, _ = reference
     monkeypatch.setenv("KVFUSE_SCHEDULER", client.scheduler.address)
     out = CliRunner().invoke(main, ["build-cache", str(corpus), "--cache", str(tmp_path / "cache"), "--model",

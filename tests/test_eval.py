@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 from conftest import tiny_model_dir
 
-from kvfuse.pipeline import evaluate as ev
-from kvfuse.pipeline.cli import main
-from kvfuse.pipeline.suites import needle_recall, niah_suite, squad_em_f1, squad_suite
+from kvfuse.bench import evaluate as ev
+from kvfuse.cli.main import main
+from kvfuse.bench.suites import needle_recall, niah_suite, squad_em_f1, squad_suite
 from kvfuse.runtime.engine import FusionEngine
 from kvfuse.runtime.model import load_model
 

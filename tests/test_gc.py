@@ -13,7 +13,7 @@ from kvfuse.loader.gc import collect
 from kvfuse.loader.store import Store, list_releases
 from kvfuse.loader.writer import ShardWriter
 from kvfuse.pipeline.build import BuildConfig, build_cache
-from kvfuse.pipeline.cli import main
+from kvfuse.cli.main import main
 from kvfuse.runtime.model import load_model
 
 

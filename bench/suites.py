@@ -32,9 +32,9 @@ from pathlib import Path
 
 from kvfuse.runtime.model import default_cache_dir
 
-from .chunker import chunk_document
-from .corpus import Document
-from .samples import paul_graham_essays
+from kvfuse.pipeline.chunker import chunk_document
+from kvfuse.pipeline.corpus import Document
+from kvfuse.pipeline.samples import paul_graham_essays
 
 SUITES = ("niah", "squad")
 

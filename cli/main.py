@@ -137,7 +137,7 @@ def run():  # pragma: no cover
 def demo(ctx, workdir, model, question):
     """Sample corpus + default model -> cache -> an answered question, compared with a full prefill."""
     from pathlib import Path
-    from kvfuse.pipeline.demo import DEMO_QUESTION, demo_corpus
+    from kvfuse.cli.demo import DEMO_QUESTION, demo_corpus
     corpus = demo_corpus(Path(workdir) / "corpus.jsonl")
     click.echo(f"corpus: {corpus}")
     ctx.invoke(build_cache_cmd, corpus=str(corpus), cache_dir=str(Path(workdir) / "cache"), model=model,
@@ -147,7 +147,7 @@ def demo(ctx, workdir, model, question):
                dtype=None, top_k=4, selector="kvfuse", ratio=0.15, max_new_tokens=48, compare=True)
 
 
-from kvfuse.pipeline.cli_eval import eval_cmd  # noqa: E402
+from kvfuse.cli.eval import eval_cmd  # noqa: E402
 main.add_command(eval_cmd)
-from kvfuse.pipeline.cli_bench import bench  # noqa: E402
+from kvfuse.cli.bench import bench  # noqa: E402
 main.add_command(bench)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .samples import wiki_paragraphs, write_jsonl
+from kvfuse.pipeline.samples import wiki_paragraphs, write_jsonl
 
 DEMO_TOPIC = "Arts"
 DEMO_DOCS = 120

@@ -41,7 +41,7 @@ def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_exam
     same --out resumes: finished (example, method, ratio) results are kept."""
     import torch
 
-    from kvfuse.pipeline.evaluate import EvalConfig, evaluate, markdown, rewrite_report
+    from kvfuse.bench.evaluate import EvalConfig, evaluate, markdown, rewrite_report
     if report_only:
         for path in rewrite_report(out):
             click.echo(path)

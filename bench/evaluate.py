@@ -34,7 +34,7 @@ from kvfuse.runtime.fusion import full_prefill, greedy_batch, prepare, run
 from kvfuse.runtime.model import LoadedModel, load_model
 from kvfuse.runtime.selectors import get_selector
 
-from .build import BuildConfig, build_cache
+from kvfuse.pipeline.build import BuildConfig, build_cache
 from .suites import Example, Suite, make_suite, needle_recall, squad_em_f1
 
 RESULTS = "results.jsonl"
