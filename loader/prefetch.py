@@ -190,6 +190,15 @@ class Prefetcher:
         self.disk_reads = 0
         self.disk_bytes = 0
 
+    def use_store(self, store: Store) -> None:
+        """Read chunks submitted from now on from `store` (a newer release of the same cache).
+
+        Chunk ids are content hashes, so a chunk already pooled from the older release is the
+        same bytes; shard files are immutable, so open handles stay valid."""
+        if store is not self.store:
+            with self._lock:
+                self.store = self.reader.store = store
+
     # ---- the queue -----------------------------------------------------------------
     def submit(self, request_id: str, chunk_ids) -> None:
         """Enqueue a request and start reading its chunks that aren't pinned yet."""
