@@ -109,9 +109,9 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     engine = FusionEngine(cache_dir, _load(model, dtype))
     a = engine.ask(question, top_k=top_k, selector=selector, ratio=ratio, max_new_tokens=max_new_tokens,
                    compare=compare)
-    docs = [engine.store.record(c).doc_id for c in a.chunk_ids]
-    click.echo(f"retrieved:  {', '.join(docs)}")
-    click.echo(f"answer:     {a.text}")
+    engine.close()
+    click.echo(f"retrieved:  {', '.join(a.doc_ids)}")
+    click.echo(f"answer:     {a.text.strip()}")
     click.echo(f"tokens:     {a.n_reused} reused, {a.n_recomputed} context recomputed "
                f"({selector}, ratio {ratio}), {a.n_question} question")
     click.echo(f"TTFT:       {a.ttft_s * 1000:.0f} ms fused")

@@ -19,6 +19,9 @@ _EXPORTS = {
     "FusionEngine": "kvfuse.runtime",
     "FusionRequest": "kvfuse.runtime",
     "Answer": "kvfuse.runtime",
+    "EngineConfig": "kvfuse.runtime",
+    "RequestError": "kvfuse.runtime",
+    "RequestHandle": "kvfuse.runtime",
     "load_model": "kvfuse.runtime",
     "Store": "kvfuse.loader",
 }

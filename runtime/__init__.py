@@ -4,7 +4,10 @@ recompute, and `FusionEngine`, the API a host server embeds.
     from kvfuse.runtime import FusionEngine, load_model
 """
 
-from .engine import Answer, FusionEngine
+from .engine import EngineConfig, FusionEngine
+from .layout import FusedLayout
 from .model import LoadedModel, load_model
+from .requests import Answer, FusionRequest, RequestError, RequestHandle
 
-__all__ = ["Answer", "FusionEngine", "LoadedModel", "load_model"]
+__all__ = ["Answer", "EngineConfig", "FusedLayout", "FusionEngine", "FusionRequest", "LoadedModel",
+           "RequestError", "RequestHandle", "load_model"]

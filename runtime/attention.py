@@ -9,6 +9,7 @@ it for the saliency prior. Nothing is recorded (and nothing is paid) otherwise.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -32,17 +33,22 @@ class AttentionRecorder:
         return self.layers is None or layer_idx in self.layers
 
 
-_active: AttentionRecorder | None = None
+# Per thread: engines (or an engine and a build) in other threads may share one model.
+_local = threading.local()
+
+
+def active_recorder() -> AttentionRecorder | None:
+    """The recorder of the calling thread's `record_attention` block, if any."""
+    return getattr(_local, "recorder", None)
 
 
 @contextmanager
 def record_attention(recorder: AttentionRecorder):
-    global _active
-    previous, _active = _active, recorder
+    previous, _local.recorder = active_recorder(), recorder
     try:
         yield recorder
     finally:
-        _active = previous
+        _local.recorder = previous
 
 
 def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None)) -> torch.Tensor:
@@ -74,7 +80,7 @@ def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None
 
 def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    rec = _active
+    rec = active_recorder()
     if rec is not None and rec.wants(module.layer_idx):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         rec.maps[module.layer_idx] = _probabilities(query, key, attention_mask, scale, rec.query_rows)

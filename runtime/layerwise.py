@@ -298,7 +298,7 @@ _plan: list[tuple[int, int, int]] | None = None   # (first row, end row, keys) p
 def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """`kvfuse` attention, except inside `query_groups(...)`: one SDPA call per query group."""
     plan = _plan
-    if (plan is None or attention._active is not None or attention_mask is None or attention_mask.dim() != 4
+    if (plan is None or attention.active_recorder() is not None or attention_mask is None or attention_mask.dim() != 4
             or query.shape[2] != plan[-1][1]):
         return attention.kvfuse_attention(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
