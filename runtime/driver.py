@@ -133,10 +133,14 @@ class TieredSource:
         self.tiers.close()
 
 
-def make_source(store: Store, lm: LoadedModel, verify: bool = True, host_bytes: int | None = None,
-                gpu_bytes: int | None = None):
-    """TieredSource when the model runs on CUDA, else HostSource."""
-    if lm.model.device.type == "cuda":
+def make_source(store: Store, lm: LoadedModel, kind: str = "auto", verify: bool = True,
+                host_bytes: int | None = None, gpu_bytes: int | None = None):
+    """kind "auto": TieredSource when the model runs on CUDA, else HostSource; or "host" / "tiered"."""
+    if kind not in ("auto", "host", "tiered"):
+        raise ValueError(f"unknown KV source {kind!r}: choose auto, host or tiered")
+    if kind == "tiered" and lm.model.device.type != "cuda":
+        raise ValueError("the tiered KV source needs the model on a CUDA device")
+    if kind == "tiered" or (kind == "auto" and lm.model.device.type == "cuda"):
         kw = {k: v for k, v in (("host_bytes", host_bytes), ("gpu_bytes", gpu_bytes)) if v}
         return TieredSource(store, lm, **kw)
     return HostSource(verify=verify)

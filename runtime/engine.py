@@ -54,6 +54,7 @@ class EngineConfig:
     max_batch: int = 16                  # running requests decoded together
     max_new_tokens_limit: int = 2048     # a request may not ask for more
     reload_interval_s: float = 0.5       # how often submit() looks at CURRENT (0: every submit)
+    source: str = "auto"                 # KV source: "auto" (tiered on CUDA, host on CPU), "host", "tiered"
     host_pool_bytes: int | None = None   # pinned host pool (CUDA), default 8 GiB
     gpu_pool_bytes: int | None = None    # GPU pool (CUDA), default 4 GiB
 
@@ -112,7 +113,7 @@ class FusionEngine:
         self._view = ReleaseView(Store.open(cache_dir, release), lm, self.config.verify)
         self._views = [self._view]
         self._checked = time.monotonic()
-        self.source = make_source(self._view.store, lm, verify=self.config.verify,
+        self.source = make_source(self._view.store, lm, kind=self.config.source, verify=self.config.verify,
                                   host_bytes=self.config.host_pool_bytes, gpu_bytes=self.config.gpu_pool_bytes)
         self._eos = _eos_ids(lm)
         self._lock = threading.RLock()
