@@ -11,8 +11,10 @@ from kvfuse.bench.synthetic import write_synthetic_store
 from kvfuse.loader.pool import PoolCapacityError
 from kvfuse.loader.store import Store
 from kvfuse.runtime.attention import use_kvfuse_attention
-from kvfuse.runtime.fusion import assemble, fuse, greedy, recompute
-from kvfuse.runtime.layerwise import GROUPED, Tiers, fuse_layerwise, plan_query_groups, probe_depth
+from kvfuse.runtime.fusion import assemble, fuse, greedy, probe_depth, recompute
+from kvfuse.runtime.layerwise import fuse_layerwise
+from kvfuse.runtime.layerwise import tiers_for as model_tiers
+from kvfuse.runtime.recompute_attention import plan_query_groups
 from kvfuse.runtime.model import load_model
 
 T, P = 16, 4
@@ -30,8 +32,8 @@ def setup(tmp_path_factory, device, dtype, n_chunks=5):
 
 def tiers_for(lm, store, device, gpu_slots=8, host_slots=8, policy="lookahead"):
     slot = lm.spec.kv_bytes_per_token() * T
-    return Tiers(store, lm.spec, host_bytes=host_slots * slot, gpu_bytes=gpu_slots * slot, device=device,
-                 chunk_tokens=T, policy=policy, workers=2)
+    return model_tiers(store, lm.spec, host_bytes=host_slots * slot, gpu_bytes=gpu_slots * slot, device=device,
+                       chunk_tokens=T, policy=policy, workers=2)
 
 
 def plain_logits(lm, store, prefix, ids, question, selected):
@@ -111,7 +113,7 @@ def test_grouped_attention_matches_plain_path(tmp_path_factory, groups):
         tiers.submit("r", [prefix, *ids])
         got = fuse_layerwise(lm, tiers, "r", q, selected=selected, groups=groups)
         torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
-        assert lm.model.config._attn_implementation == (GROUPED if groups > 1 else "kvfuse")
+        assert lm.model.config._attn_implementation == "kvfuse"  # grouped is a backend of the kvfuse attention
     finally:
         tiers.close()
 
