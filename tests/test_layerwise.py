@@ -181,3 +181,21 @@ def test_cuda_selection_matches_plain_fuse(tmp_path_factory, selector):
         torch.testing.assert_close(got.logits, want.logits, atol=1e-3, rtol=0)
     finally:
         tiers.close()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("selector", ["a3", "epic", "cacheblend", "prophet", "kvfuse"])
+def test_cuda_fast_attention_equals_dense_path(tmp_path_factory, selector, monkeypatch):
+    """The CUDA default (FlexAttention, block mask, GQA without repeat_kv) against the dense-mask
+    SDPA path: same selections, logits within bf16 tolerance."""
+    from kvfuse.runtime import recompute_attention
+    lm, store, prefix, ids = setup(tmp_path_factory, "cuda", torch.bfloat16, n_chunks=6)
+    q = question(lm)
+    chunks = [store.read(c) for c in ids]
+    fast = fuse(lm, store.read(prefix), chunks, q, selector, 0.15)
+    monkeypatch.setenv("KVFUSE_RECOMPUTE_ATTENTION", "dense")
+    plain = fuse(lm, store.read(prefix), chunks, q, selector, 0.15)
+    assert recompute_attention._flex_failed is None, recompute_attention._flex_failed
+    assert torch.equal(fast.recomputed, plain.recomputed)
+    torch.testing.assert_close(fast.logits, plain.logits, atol=2e-2, rtol=0)
