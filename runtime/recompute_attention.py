@@ -22,12 +22,14 @@ float mask, and the `kvfuse` mask function returns no mask at all. Backends:
   prefix it can see (`plan_query_groups`); needs the positions on the host.
 
 `KVFUSE_RECOMPUTE_ATTENTION=<backend>` overrides the default (for measurements).
-If FlexAttention fails on first use (an old torch, no compiler), the pass falls
-back to `sdpa` with a warning, once.
+If FlexAttention fails (an old torch, no compiler), the process falls back to
+`dense` on CUDA (`sdpa` elsewhere) with a warning, once.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -53,7 +55,7 @@ def default_backend(device: torch.device | str) -> str:
             raise ValueError(f"KVFUSE_RECOMPUTE_ATTENTION={name!r}: choose one of {', '.join(BACKENDS)}")
         return name
     if torch.device(device).type == "cuda":
-        return "sdpa" if CUDA_BACKEND == "flex" and _flex_failed is not None else CUDA_BACKEND
+        return "dense" if CUDA_BACKEND == "flex" and _flex_failed is not None else CUDA_BACKEND
     return "sdpa"
 
 
@@ -96,8 +98,15 @@ def flex_block_mask(positions: torch.Tensor, n_keys: int, block: int = FLEX_BLOC
 
     kv_num, kv_idx = blocks(partial)
     full_num, full_idx = blocks(full)
+    extra = {"compute_q_blocks": False} if "compute_q_blocks" in _from_kv_blocks_params() else {}  # no backward
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(R, n_keys))
+                                    seq_lengths=(R, n_keys), **extra)
+
+
+@functools.cache
+def _from_kv_blocks_params() -> frozenset:
+    from torch.nn.attention.flex_attention import BlockMask
+    return frozenset(inspect.signature(BlockMask.from_kv_blocks).parameters)
 
 
 def _flex_attention(device: torch.device):
@@ -158,8 +167,9 @@ class ScatteredQueries:
                 return out.transpose(1, 2).contiguous()
             except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel
                 _flex_failed = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"FlexAttention failed ({_flex_failed}); the recompute falls back to SDPA", stacklevel=2)
-                self.backend = "sdpa"
+                self.backend = "dense" if query.device.type == "cuda" else "sdpa"
+                warnings.warn(f"FlexAttention failed ({_flex_failed}); the recompute falls back to {self.backend}",
+                              stacklevel=2)
         if self.backend == "sdpa":
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.allowed(), scale=scaling,
                                                  enable_gqa=query.shape[1] != key.shape[1])
