@@ -247,7 +247,12 @@ def markdown(result: dict) -> str:
              f"Versions: torch {env['torch']}, transformers {env['transformers']}, CUDA {env.get('cuda')}, "
              f"python {env['python']}  ",
              f"Selector `{cfg['selector']}`, {cfg['chunk_tokens']}-token chunks, prefix {cfg['prefix_tokens']} + "
-             f"question {cfg['question_tokens']} tokens, median of {cfg['reps']} runs (cold: 1 run).", ""]
+             f"question {cfg['question_tokens']} tokens, median of {cfg['reps']} runs (cold: 1 run).  "]
+    att = result.get("recompute_attention")
+    if att:
+        lines.append(f"Recompute attention: `{att['backend']}`"
+                     + (f" (FlexAttention failed: {att['flex_failed']})" if att.get("flex_failed") else ""))
+    lines.append("")
     for s in result["shapes"]:
         c = s["ceiling"]
         lines += [f"## {s['shape']} (bf16, random weights)", "",
@@ -294,6 +299,9 @@ def run_ttft(cfg: TTFTConfig, command: str = "kvfuse bench ttft") -> dict:
         result["shapes"].append(run_shape(cfg, shape, out_dir))
         (out_dir / "ttft.json").write_text(json.dumps(result, indent=1))  # keep what finished
     result["targets"] = check_targets(result["shapes"])
+    from kvfuse.runtime import recompute_attention
+    result["recompute_attention"] = {"backend": recompute_attention.default_backend(cfg.device),
+                                     "flex_failed": recompute_attention._flex_failed}
     (out_dir / "ttft.json").write_text(json.dumps(result, indent=1))
     (out_dir / "ttft.md").write_text(markdown(result))
     return result

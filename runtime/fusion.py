@@ -184,9 +184,10 @@ def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Te
     else:
         cache = kv.cache(slots, peek=peek)
     # Nothing stale to skip over: the model's own causal mask is exact (and bit-identical
-    # to prefix caching). Otherwise the scattered queries need key_pos <= query_pos.
-    scattered, mask = (nullcontext(), None) if slots is None else _scattered(lm, positions, layout.total_len,
-                                                                              attention, groups)
+    # to prefix caching). Otherwise the scattered queries need key_pos <= query_pos; probes
+    # take that path too (the same function, without a dense mask or repeat_kv).
+    scattered, mask = (nullcontext(), None) if slots is None and not peek else _scattered(
+        lm, positions, layout.total_len, attention, groups)
     with scattered, record_attention(recorder) if recorder else nullcontext():
         out = lm.model(input_ids=input_ids[None].long(), position_ids=positions[None], past_key_values=cache,
                        attention_mask=mask, use_cache=True, logits_to_keep=1)
