@@ -13,6 +13,7 @@ function attends the pass's scattered queries with the block-sparse kernels of
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -38,17 +39,20 @@ class AttentionRecorder:
         return self.layers is None or layer_idx in self.layers
 
 
-_active: AttentionRecorder | None = None
+_local = threading.local()   # per thread: an engine may run passes on several threads
+
+
+def active_recorder() -> AttentionRecorder | None:
+    return getattr(_local, "recorder", None)
 
 
 @contextmanager
 def record_attention(recorder: AttentionRecorder):
-    global _active
-    previous, _active = _active, recorder
+    previous, _local.recorder = active_recorder(), recorder
     try:
         yield recorder
     finally:
-        _active = previous
+        _local.recorder = previous
 
 
 def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None)) -> torch.Tensor:
@@ -87,7 +91,7 @@ def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)
         scattered = None
-    rec = _active
+    rec = active_recorder()
     if rec is not None and rec.wants(module.layer_idx):
         if scattered is not None:
             attention_mask = scattered.row_mask(rec.query_rows)  # [1, 1, r, K]: only the recorded rows

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 
@@ -192,12 +193,12 @@ class ScatteredQueries:
         return out.transpose(1, 2).contiguous()
 
 
-_active: ScatteredQueries | None = None
+_local = threading.local()   # per thread: an engine may run passes on several threads
 
 
 def current() -> ScatteredQueries | None:
-    """The pass in progress, if any (read by the `kvfuse` attention and mask functions)."""
-    return _active
+    """This thread's pass in progress, if any (read by the `kvfuse` attention and mask functions)."""
+    return getattr(_local, "active", None)
 
 
 @contextmanager
@@ -205,12 +206,11 @@ def scattered_queries(positions: torch.Tensor, n_keys: int, backend: str | None 
     """Run the model's `kvfuse` attention over scattered queries at `positions` [R] (ascending)
     for the forward inside. groups: query groups of the `grouped` backend (default: one per 512
     rows, at most 4)."""
-    global _active
     sq = ScatteredQueries(positions, n_keys, backend)
     if sq.backend == "grouped" and groups is not None:
         sq.plan = plan_query_groups(positions.cpu(), n_keys, groups)
-    previous, _active = _active, sq
+    previous, _local.active = current(), sq
     try:
         yield sq
     finally:
-        _active = previous
+        _local.active = previous

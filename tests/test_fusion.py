@@ -135,3 +135,21 @@ def test_flex_block_mask_matches_positions():
     # q block 0 (positions 5, 10) reaches key block 5 (keys 10, 11); q block 2 (302, pad) key block 151
     assert blocks[0].nonzero().max() == 5 and blocks[0, :6].all()
     assert blocks[2].nonzero().max() == 151 and blocks[2, :152].all()
+
+
+def test_concurrent_fusions_on_threads_match_sequential(lm):
+    """The attention's pass state is per thread: an engine may fuse on several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    g = torch.Generator().manual_seed(5)
+    prompts = []
+    for n in (2, 3, 4):
+        prefix, chunks = make_chunks(lm, [2, 10], [torch.randint(5, 100, (20 + 3 * n,), generator=g).tolist()
+                                                   for _ in range(n)])
+        prompts.append((prefix, chunks, torch.randint(5, 100, (3 + n,), generator=g)))
+    want = [fuse(lm, *p, "prophet", 0.3) for p in prompts]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda p: fuse(lm, *p, "prophet", 0.3), prompts))
+            for w, r in zip(want, got):
+                assert torch.equal(w.recomputed, r.recomputed)
+                torch.testing.assert_close(r.logits, w.logits, atol=1e-5, rtol=0)
