@@ -16,6 +16,7 @@ from kvfuse.runtime.layerwise import fuse_layerwise
 from kvfuse.runtime.layerwise import tiers_for as model_tiers
 from kvfuse.runtime.recompute_attention import plan_query_groups
 from kvfuse.runtime.model import load_model
+from kvfuse.runtime.selectors import SELECTORS
 
 T, P = 16, 4
 
@@ -185,7 +186,7 @@ def test_cuda_selection_matches_plain_fuse(tmp_path_factory, selector):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("selector", ["a3", "epic", "cacheblend", "prophet", "kvfuse"])
+@pytest.mark.parametrize("selector", sorted(SELECTORS))
 def test_cuda_fast_attention_equals_dense_path(tmp_path_factory, selector, monkeypatch):
     """The CUDA default (FlexAttention, block mask, GQA without repeat_kv) against the dense-mask
     SDPA path: same selections, logits within bf16 tolerance."""
