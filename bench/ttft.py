@@ -21,7 +21,8 @@ import torch
 
 from kvfuse.loader.store import Store
 from kvfuse.runtime.fusion import full_prefill
-from kvfuse.runtime.layerwise import Tiers, fuse_layerwise
+from kvfuse.loader.tiers import Tiers
+from kvfuse.runtime.layerwise import fuse_layerwise, open_load, tiers_for
 
 from .shapes import build_random_model
 from .synthetic import write_synthetic_store
@@ -74,9 +75,9 @@ def ensure_store(root: Path, lm, n_chunks: int, chunk_tokens: int, prefix_tokens
 
 
 def make_tiers(store, lm, cfg, policy="lookahead", drop_page_cache=False) -> Tiers:
-    return Tiers(store, lm.spec, host_bytes=int(cfg.host_pool_gb * 2**30), gpu_bytes=int(cfg.gpu_pool_gb * 2**30),
-                 device=cfg.device, chunk_tokens=cfg.chunk_tokens, policy=policy, workers=cfg.workers,
-                 drop_page_cache=drop_page_cache)
+    return tiers_for(store, lm.spec, host_bytes=int(cfg.host_pool_gb * 2**30), gpu_bytes=int(cfg.gpu_pool_gb * 2**30),
+                     device=cfg.device, chunk_tokens=cfg.chunk_tokens, policy=policy, workers=cfg.workers,
+                     drop_page_cache=drop_page_cache)
 
 
 class Runner:
@@ -111,7 +112,7 @@ class Runner:
         rid = f"b{self.n}"
         t.submit(rid, request)
         t0 = time.perf_counter()
-        load = t.open(rid, len(self.question), self.lm.rope_inv_freq(), depth=0, measure_stall=True)
+        load = open_load(t, rid, len(self.question), self.lm.rope_inv_freq(), depth=0, measure_stall=True)
         load.issue_all()
         info = load.close()
         ms = info.get("copy_ms", (time.perf_counter() - t0) * 1e3)  # GPU: side-stream events
@@ -246,7 +247,12 @@ def markdown(result: dict) -> str:
              f"Versions: torch {env['torch']}, transformers {env['transformers']}, CUDA {env.get('cuda')}, "
              f"python {env['python']}  ",
              f"Selector `{cfg['selector']}`, {cfg['chunk_tokens']}-token chunks, prefix {cfg['prefix_tokens']} + "
-             f"question {cfg['question_tokens']} tokens, median of {cfg['reps']} runs (cold: 1 run).", ""]
+             f"question {cfg['question_tokens']} tokens, median of {cfg['reps']} runs (cold: 1 run).  "]
+    att = result.get("recompute_attention")
+    if att:
+        lines.append(f"Recompute attention: `{att['backend']}`"
+                     + (f" (FlexAttention failed: {att['flex_failed']})" if att.get("flex_failed") else ""))
+    lines.append("")
     for s in result["shapes"]:
         c = s["ceiling"]
         lines += [f"## {s['shape']} (bf16, random weights)", "",
@@ -293,6 +299,9 @@ def run_ttft(cfg: TTFTConfig, command: str = "kvfuse bench ttft") -> dict:
         result["shapes"].append(run_shape(cfg, shape, out_dir))
         (out_dir / "ttft.json").write_text(json.dumps(result, indent=1))  # keep what finished
     result["targets"] = check_targets(result["shapes"])
+    from kvfuse.runtime import recompute_attention
+    result["recompute_attention"] = {"backend": recompute_attention.default_backend(cfg.device),
+                                     "flex_failed": recompute_attention._flex_failed}
     (out_dir / "ttft.json").write_text(json.dumps(result, indent=1))
     (out_dir / "ttft.md").write_text(markdown(result))
     return result

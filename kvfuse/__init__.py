@@ -12,6 +12,14 @@ Names here are loaded lazily, so `import kvfuse.loader` does not pull in torch m
 from __future__ import annotations
 
 import importlib
+import os
+
+# The subpackages live in the repository's top-level folders (pyproject's package-dir). From a
+# checkout that is not the installed one, find them beside this folder rather than through the
+# installed copy's import hook.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_root, "loader", "format.py")) and not os.path.isdir(os.path.join(__path__[0], "loader")):
+    __path__.append(_root)
 
 __version__ = "0.1.0"
 

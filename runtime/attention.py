@@ -5,6 +5,10 @@ output with SDPA exactly as "sdpa" does, and, only while an `AttentionRecorder`
 is active, also records softmax(q k^T) averaged over heads for the layers asked
 for. Selectors use it to measure question-to-context attention; the build uses
 it for the saliency prior. Nothing is recorded (and nothing is paid) otherwise.
+
+Inside `recompute_attention.scattered_queries(...)` (the recompute pass) the same
+function attends the pass's scattered queries with the block-sparse kernels of
+`recompute_attention` and the mask function builds no dense mask.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import recompute_attention
 
 IMPLEMENTATION = "kvfuse"
 
@@ -33,12 +39,10 @@ class AttentionRecorder:
         return self.layers is None or layer_idx in self.layers
 
 
-# Per thread: engines (or an engine and a build) in other threads may share one model.
-_local = threading.local()
+_local = threading.local()   # per thread: an engine may run passes on several threads
 
 
 def active_recorder() -> AttentionRecorder | None:
-    """The recorder of the calling thread's `record_attention` block, if any."""
     return getattr(_local, "recorder", None)
 
 
@@ -79,16 +83,31 @@ def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None
 
 
 def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scattered = recompute_attention.current()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if scattered is not None and query.shape[2] == scattered.rows:
+        out = (scattered.attend(module, query, key, value, scale), None)
+    else:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+        scattered = None
     rec = active_recorder()
     if rec is not None and rec.wants(module.layer_idx):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if scattered is not None:
+            attention_mask = scattered.row_mask(rec.query_rows)  # [1, 1, r, K]: only the recorded rows
         rec.maps[module.layer_idx] = _probabilities(query, key, attention_mask, scale, rec.query_rows)
     return out
 
 
+def kvfuse_mask(*args, **kwargs):
+    """SDPA's mask, except in a scattered recompute pass, whose attention needs none."""
+    if recompute_attention.current() is not None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(IMPLEMENTATION, kvfuse_attention)
-AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(IMPLEMENTATION, kvfuse_mask)
 
 
 def use_kvfuse_attention(model) -> None:

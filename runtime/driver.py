@@ -8,10 +8,14 @@
 Every path that fuses (the engine, `kvfuse ask`, `kvfuse eval`, `kvfuse bench ttft|serve`) goes
 through a source's `fuse`, so the benchmarks measure what a host server runs.
 
-- `HostSource`: chunks memory-mapped from the store and copied to the model's device, then
-  `fusion.fuse` (the CPU path).
+Both hand their KV to the one fusion driver (`fusion.prepare_from` + `fusion.run`: select,
+recompute, Cache); they differ only in how the KV arrives:
+
+- `HostSource`: chunks memory-mapped from the store and copied to the model's device, all at
+  once (`fusion.HostKV`; the CPU path).
 - `TieredSource`: store -> pinned host pool -> GPU pool with queue-driven prefetch and look-ahead
-  eviction, layer-wise copies overlapped with the recompute (`layerwise.fuse_layerwise`).
+  eviction (`loader.tiers.Tiers`), layer-wise copies on CUDA side streams overlapped with the
+  recompute (`layerwise.LayerwiseLoad`).
 
 A request names the store (release) it reads, so after a hot reload in-flight requests finish on
 the release they started with while new ones read the new one; chunk ids are content hashes, so a
@@ -92,11 +96,11 @@ class TieredSource:
 
     def __init__(self, store: Store, lm: LoadedModel, host_bytes: int = 8 << 30, gpu_bytes: int = 4 << 30,
                  chunk_tokens: int | None = None, policy: str = "lookahead", verify: bool = False):
-        from .layerwise import Tiers
+        from .layerwise import tiers_for
 
         chunk_tokens = chunk_tokens or max(r.n_tokens for r in store.records(include_prefix=True))
-        self.tiers = Tiers(store, lm.spec, host_bytes, gpu_bytes, device=lm.model.device,
-                           chunk_tokens=chunk_tokens, policy=policy, verify=verify)
+        self.tiers = tiers_for(store, lm.spec, host_bytes, gpu_bytes, device=lm.model.device,
+                               chunk_tokens=chunk_tokens, policy=policy, verify=verify)
         self.stats = SourceStats()
 
     def submit(self, request_id: str, store: Store, chunk_ids) -> None:

@@ -1,4 +1,4 @@
-"""Fusing stored chunk KV into one prompt cache, with selective recompute (DESIGN §4).
+"""The fusion driver: stored chunk KV + selective recompute -> one prompt cache (DESIGN §4).
 
     layout, kv = assemble(lm, prefix, chunks, n_question)        # re-rotated, [L, 2, H_kv, N, D]
     result = fuse(lm, prefix, chunks, question_ids, "kvfuse", 0.15)
@@ -6,29 +6,50 @@
     result = run(prep, "prophet", 0.1)
     tokens = greedy(lm, result.cache, result.logits, result.layout.total_len)
 
+One driver for every source of KV: `prepare_from(lm, fused_kv, question_ids)`
+wires the selectors' signals over a `FusedKV` and `run` selects and recomputes.
+Two sources implement `FusedKV`:
+
+* `HostKV` (here): every chunk present at once, assembled on the model's device
+  (`prepare` / `fuse`, the CPU path and the eval harness);
+* `layerwise.LayerwiseLoad`: the tiers' GPU slots, arriving layer by layer on
+  CUDA side streams (`layerwise.fuse_layerwise`); its caches make the compute
+  stream wait for each layer, and the probe reads only the layers it needs.
+
 The recompute feeds the selected context tokens S and the question Q as new
 input at their true positions over the fused cache; `ScatterLayer` writes the
-fresh K/V of S into their own slots at every layer, and the mask lets each new
-token attend to every key at a position <= its own. At ratio 1 this is a full
-prefill (up to float rounding); at ratio 0 it is prefix caching.
+fresh K/V of S into their own slots at every layer, and the attention lets each
+new token attend to every key at a position <= its own (`recompute_attention`:
+FlexAttention with a block mask on CUDA, SDPA with one boolean mask elsewhere;
+no dense float mask, no `repeat_kv`). At ratio 1 this is a full prefill (up to
+float rounding); at ratio 0 it is prefix caching.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from kvfuse.loader.store import ChunkData
 
-from .attention import AttentionRecorder, record_attention
-from .kvcache import cache_from_kv, kv_from_cache
+from . import recompute_attention
+from .attention import IMPLEMENTATION, AttentionRecorder, record_attention
+from .kvcache import PeekLayer, cache_from_kv, kv_from_cache
 from .layout import FusedLayout
 from .model import LoadedModel
 from .rope import rerotate_keys
 from .selectors import SelectionContext, get_selector
+
+# How many layers (from 0) a selector's question probe reads (0: no probe); others probe every
+# layer. A request that runs one selector (`fuse`, the tiered path) probes only that deep.
+PROBE_LAYERS = {"a3": 2, "epic": 0, "reuse": 0, "full": 0}
+# Selectors that score on device tensors as they are: on CUDA their selection stays on the GPU,
+# so the host queues the recompute right behind the probe instead of waiting for its result.
+DEVICE_SELECTORS = {"a3"}
 
 
 @dataclass
@@ -46,6 +67,13 @@ class FusionResult:
     @property
     def n_reused(self) -> int:
         return self.layout.prefix_len + self.layout.context_len - self.n_recomputed
+
+
+def probe_depth(selector: str, n_layers: int) -> int:
+    """Layers 0..d-1 a selector's plain question probe reads (n_layers: all). ValueError if unknown."""
+    fn = get_selector(selector)
+    depth = PROBE_LAYERS[selector] if selector in PROBE_LAYERS else getattr(fn, "probe_layers", None)
+    return n_layers if depth is None else min(n_layers, depth)
 
 
 def assemble(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], n_question: int):
@@ -66,36 +94,128 @@ def assemble(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], n_ques
     return layout, torch.cat(parts, dim=3)                       # [L, 2, H_kv, N, D]
 
 
+class FusedKV(Protocol):
+    """Where the driver reads a prompt's fused, re-rotated stored KV from."""
+
+    layout: FusedLayout
+    context_tokens: torch.Tensor     # [C] int64
+    saliency: torch.Tensor | None    # [S_sig, C] offline prior
+    timings: dict                    # what getting here cost ("assemble_s" or "open_s", seconds)
+
+    @property
+    def stored(self) -> torch.Tensor: ...          # [L, 2, H_kv, N, D]; read it after wait_all()
+
+    def cache(self, slots: torch.Tensor | None, peek: bool = False): ...  # the recompute's / probe's cache
+
+    def wait_all(self) -> None: ...                # the compute stream may read every layer from now on
+
+    def close(self) -> dict: ...                   # release; returns the load's counters
+
+
+class HostKV:
+    """Every chunk's KV present at once: assembled on the model's device, re-rotated.
+
+    Caches are copies (the recompute writes into its cache), so one HostKV serves any
+    number of runs (the eval harness's selectors and ratios on one prompt)."""
+
+    def __init__(self, lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], n_question: int):
+        t0 = time.perf_counter()
+        self.layout, self.kv = assemble(lm, prefix, chunks, n_question)          # [L, 2, H_kv, N, D]
+        self.context_tokens = (torch.cat([c.tokens.long() for c in chunks]) if chunks
+                               else torch.zeros(0, dtype=torch.long))             # [C]
+        self.saliency = torch.cat([c.saliency for c in chunks], dim=1) if chunks else None  # [S_sig, C]
+        self.timings = {"assemble_s": time.perf_counter() - t0}
+
+    @property
+    def stored(self) -> torch.Tensor:
+        return self.kv
+
+    def cache(self, slots: torch.Tensor | None, peek: bool = False):
+        if peek and slots is None:
+            return PeekLayer.cache(self.kv)
+        return cache_from_kv(self.kv, slots=slots)
+
+    def wait_all(self) -> None:
+        pass
+
+    def close(self) -> dict:
+        return {}
+
+
 def _recompute_mask(positions: torch.Tensor, n_keys: int, dtype) -> torch.Tensor:
     """[1, 1, S+Q, n_keys] additive mask: query at position p sees keys at positions <= p.
 
     Float 0 / min, not bool: eager attention adds the mask, so a bool would mask nothing.
-    """
+    Only for models not on the `kvfuse` attention (which needs no mask: `recompute_attention`)."""
     allowed = torch.arange(n_keys, device=positions.device)[None, :] <= positions[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def _scattered(lm: LoadedModel, positions: torch.Tensor, n_keys: int, attention: str | None, groups: int | None):
+    """(context for the forward, attention_mask) of a pass of queries at `positions` [R]."""
+    if lm.model.config._attn_implementation == IMPLEMENTATION:
+        backend = "grouped" if groups is not None and groups > 1 else attention
+        return recompute_attention.scattered_queries(positions, n_keys, backend, groups), None
+    return nullcontext(), _recompute_mask(positions, n_keys, lm.spec.dtype)
+
+
 @torch.inference_mode()
-def recompute(lm: LoadedModel, kv: torch.Tensor, layout: FusedLayout, context_tokens: torch.Tensor,
+def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Tensor,
               question_ids: torch.Tensor, selected: torch.Tensor, recorder: AttentionRecorder | None = None,
-              cache_factory=cache_from_kv):
+              cache_factory=None, attention: str | None = None, groups: int | None = None, peek: bool = False):
     """Run S + Q through the model over the fused cache; returns (cache, first-token logits [V]).
 
-    cache_factory(kv, slots=...) builds the cache (the layer-wise loader passes its own)."""
+    kv: the stored KV [L, 2, H_kv, N, D] or a `FusedKV` (whose `cache` is used).
+    cache_factory(kv, slots=...) builds the cache instead (default: a copy of kv).
+    attention: the recompute's attention backend (`recompute_attention.BACKENDS`; default
+    per device); groups > 1: the `grouped` backend with that many query groups.
+    peek (with no selection): a read-only cache, for probes."""
     device = lm.model.device
-    selected = selected.to(device)
+    selected = selected.to(device).sort().values                                   # ascending, no host sync
     q_pos = torch.arange(layout.question_start, layout.total_len, device=device)
     positions = torch.cat((selected, q_pos))                                        # [S+Q]
     input_ids = torch.cat((context_tokens.to(device)[selected - layout.prefix_len], question_ids.to(device)))
-    cache = cache_factory(kv, slots=selected if selected.numel() else None)
+    slots = selected if selected.numel() else None
+    if cache_factory is not None:
+        cache = cache_factory(kv, slots=slots)
+    elif isinstance(kv, torch.Tensor):
+        cache = cache_from_kv(kv, slots=slots)
+    else:
+        cache = kv.cache(slots, peek=peek)
     # Nothing stale to skip over: the model's own causal mask is exact (and bit-identical
-    # to prefix caching). Otherwise the scattered queries need key_pos <= query_pos.
-    mask = None if selected.numel() == 0 else _recompute_mask(positions, layout.total_len, lm.spec.dtype)
-    with record_attention(recorder) if recorder else nullcontext():
+    # to prefix caching). Otherwise the scattered queries need key_pos <= query_pos; probes
+    # take that path too (the same function, without a dense mask or repeat_kv).
+    scattered, mask = (nullcontext(), None) if slots is None and not peek else _scattered(
+        lm, positions, layout.total_len, attention, groups)
+    with scattered, record_attention(recorder) if recorder else nullcontext():
         out = lm.model(input_ids=input_ids[None].long(), position_ids=positions[None], past_key_values=cache,
                        attention_mask=mask, use_cache=True, logits_to_keep=1)
     return cache, out.logits[0, -1].float()
+
+
+class _ProbeDone(Exception):
+    pass
+
+
+@contextmanager
+def stop_after_layer(model, n_layers: int):
+    """Run a forward only through decoder layers 0..n_layers-1 (raises _ProbeDone after them)."""
+    layers = model.model.layers
+    if n_layers >= len(layers):
+        yield
+        return
+
+    def stop(*_):
+        raise _ProbeDone
+
+    handle = layers[n_layers - 1].register_forward_hook(stop)
+    try:
+        yield
+    except _ProbeDone:
+        pass
+    finally:
+        handle.remove()
 
 
 def _eos_ids(lm: LoadedModel) -> set[int]:
@@ -106,61 +226,125 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
 
 @dataclass
 class Prepared:
-    """A fused prompt ready for selection: the assembled cache and one `SelectionContext`
-    whose lazily computed signals (question attention, layer-1 K/V) every selector and
-    ratio run on this prompt shares."""
+    """A fused prompt ready for selection: its `FusedKV` and one `SelectionContext` whose
+    lazily computed signals (question attention, layer-1 K/V) every selector and ratio run
+    on this prompt shares. per_request: the prompt runs one selector (probes only as deep
+    as it reads, device-side selection on CUDA); otherwise probes run every layer, so one
+    probe serves every selector."""
     lm: LoadedModel
-    layout: FusedLayout
-    kv: torch.Tensor                 # [L, 2, H_kv, N, D] re-rotated, N = question_start
-    context_tokens: torch.Tensor     # [C]
+    source: FusedKV
     question_ids: torch.Tensor       # [Q]
     ctx: SelectionContext
-    assemble_s: float
+    per_request: bool = False
+    on_device: bool = False          # this run's question attention stays on the GPU
+
+    @property
+    def layout(self) -> FusedLayout:
+        return self.source.layout
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """[L, 2, H_kv, N, D] re-rotated, N = question_start."""
+        return self.source.stored
+
+    @property
+    def context_tokens(self) -> torch.Tensor:
+        return self.source.context_tokens
+
+    @property
+    def assemble_s(self) -> float:
+        return sum(self.source.timings.values())
 
 
-def prepare(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], question_ids: torch.Tensor) -> Prepared:
+def prepare(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], question_ids: torch.Tensor,
+            per_request: bool = False) -> Prepared:
     """Assemble [prefix][chunks] for `question_ids` and wire the selectors' lazy signals."""
-    t0 = time.perf_counter()
     question_ids = torch.as_tensor(question_ids).long()
-    layout, kv = assemble(lm, prefix, chunks, len(question_ids))
-    context_tokens = torch.cat([c.tokens.long() for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
-    saliency = torch.cat([c.saliency for c in chunks], dim=1) if chunks else None  # [S, C]
+    return prepare_from(lm, HostKV(lm, prefix, chunks, len(question_ids)), question_ids, per_request)
+
+
+def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, per_request: bool = False) -> Prepared:
+    """Wire the selectors' lazy signals over any `FusedKV` (host-assembled or arriving layer-wise).
+
+    The plain question probe runs only `ctx.probe_layers` deep (all when None) over a
+    read-only view, waiting for those layers alone; every other signal first makes the
+    compute stream wait for the whole load."""
+    question_ids = torch.as_tensor(question_ids).long()
+    layout = source.layout
+    ctx_cols = slice(layout.prefix_len, layout.question_start)
+    n_layers = lm.spec.n_layers
 
     def attend(selected: torch.Tensor) -> torch.Tensor:
-        """Question-to-context attention [L, Q, C] from one pass of `selected` + Q over the fused cache."""
-        rec = AttentionRecorder(query_rows=slice(selected.numel(), None))
-        recompute(lm, kv, layout, context_tokens, question_ids, selected, rec)
-        ctx_cols = slice(layout.prefix_len, layout.question_start)
-        return torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)]).cpu()
+        """Question-to-context attention [probe_layers or L, Q, C] from one pass of
+        `selected` + Q over the fused cache."""
+        depth = ctx.probe_layers
+        shallow = selected.numel() == 0 and depth is not None and 0 < depth < n_layers
+        rec = AttentionRecorder(layers=set(range(depth)) if shallow else None,
+                                query_rows=slice(selected.numel(), None))
+        if not shallow:
+            source.wait_all()
+        with stop_after_layer(lm.model, depth) if shallow else nullcontext():
+            recompute(lm, source, layout, source.context_tokens, question_ids, selected, rec, peek=True)
+        attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L', Q, C]
+        if attn.device.type != "cuda" or prep.on_device:
+            return attn
+        host = attn.to("cpu", non_blocking=True)  # into pinned memory: ~10x faster than a pageable copy
+        torch.cuda.current_stream(attn.device).synchronize()
+        return host
 
     def recompute_layer(layer: int) -> torch.Tensor:
-        return recompute_context_layer(lm, kv, layout, context_tokens, layer)
+        source.wait_all()
+        return recompute_context_layer(lm, source.stored, layout, source.context_tokens, layer)
 
-    ctx = SelectionContext(layout=layout, kv=kv, attend=attend, recompute_layer=recompute_layer, saliency=saliency)
-    return Prepared(lm, layout, kv, context_tokens, question_ids, ctx, time.perf_counter() - t0)
+    ctx = SelectionContext(layout=layout, kv=source.stored, attend=attend, recompute_layer=recompute_layer,
+                           saliency=source.saliency)
+    prep = Prepared(lm, source, question_ids, ctx, per_request)
+    return prep
 
 
-def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15) -> FusionResult:
-    """Select `ratio` of the context tokens of a prepared prompt and recompute them with the question."""
+def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected: torch.Tensor | None = None,
+        attention: str | None = None, groups: int | None = None) -> FusionResult:
+    """Select `ratio` of the context tokens of a prepared prompt and recompute them with the question.
+
+    selected: absolute positions to recompute instead of asking the selector. attention /
+    groups: the recompute's attention backend (see `recompute`). Timings (seconds):
+    assemble_s or open_s (getting the KV), select_s (with the signals it read, whoever paid
+    for them), recompute_s, total_s. On CUDA, with a selector of DEVICE_SELECTORS the
+    selection never leaves the GPU: select_s is then the host's time to queue it, and the
+    GPU time shows in recompute_s."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     select = get_selector(selector)
-    ctx = prep.ctx
+    ctx, lm, source = prep.ctx, prep.lm, prep.source
+    cuda = lm.model.device.type == "cuda"
+    on_device = (prep.per_request and cuda and selected is None and selector in DEVICE_SELECTORS
+                 and not (groups is not None and groups > 1) and attention != "grouped")
+    prep.on_device = on_device
     ctx.used.clear()
     paid_before = sum(ctx.costs.values())
     t0 = time.perf_counter()
-    budget = round(ratio * prep.layout.context_len)
-    selected = select(ctx, budget).long().cpu()
+    if selected is None:
+        depth = probe_depth(selector, lm.spec.n_layers)
+        ctx.probe_layers = depth if prep.per_request else None
+        if depth == lm.spec.n_layers:
+            source.wait_all()  # an unknown selector may read any layer of ctx.kv
+        budget = round(ratio * prep.layout.context_len)
+        selected = select(ctx, budget)
+    selected = selected.long() if on_device else selected.long().cpu()
     t_select = time.perf_counter()
-    cache, logits = recompute(prep.lm, prep.kv, prep.layout, prep.context_tokens, prep.question_ids, selected)
+    cache, logits = recompute(lm, source, prep.layout, source.context_tokens, prep.question_ids, selected,
+                              attention=attention, groups=groups)
+    if cuda:
+        torch.cuda.current_stream(lm.model.device).synchronize()
     t_done = time.perf_counter()
     # Signals are shared between runs on one prompt: charge each run what its signals cost,
     # whether it computed them now or found them cached, so timings compare fairly.
     own_select = (t_select - t0) - (sum(ctx.costs.values()) - paid_before)
     select_s = own_select + ctx.signal_seconds()
-    return FusionResult(cache, logits, prep.layout, selected, timings={
-        "assemble_s": prep.assemble_s, "select_s": select_s,
-        "recompute_s": t_done - t_select, "total_s": prep.assemble_s + select_s + t_done - t_select,
+    got = dict(source.timings)
+    return FusionResult(cache, logits, prep.layout, selected.cpu(), timings={
+        **got, "select_s": select_s, "recompute_s": t_done - t_select,
+        "total_s": sum(got.values()) + select_s + t_done - t_select,
     })
 
 
@@ -170,11 +354,7 @@ def fuse(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], question_i
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     get_selector(selector)  # fail before any work
-    return run(prepare(lm, prefix, chunks, question_ids), selector, ratio)
-
-
-class _StopAfterLayer(Exception):
-    pass
+    return run(prepare(lm, prefix, chunks, question_ids, per_request=True), selector, ratio)
 
 
 @torch.inference_mode()
@@ -185,19 +365,10 @@ def recompute_context_layer(lm: LoadedModel, kv: torch.Tensor, layout: FusedLayo
     device = lm.model.device
     positions = layout.context_positions().to(device)                                 # [C]
     cache = cache_from_kv(kv[:layer + 1].to(device), slots=positions)
-    mask = _recompute_mask(positions, layout.question_start, lm.spec.dtype)
-
-    def stop(*_):
-        raise _StopAfterLayer
-
-    hook = lm.model.model.layers[layer].register_forward_hook(stop)
-    try:
+    scattered, mask = _scattered(lm, positions, layout.question_start, None, None)
+    with scattered, stop_after_layer(lm.model, layer + 1):
         lm.model.model(input_ids=context_tokens.to(device)[None], position_ids=positions[None],
                        past_key_values=cache, attention_mask=mask, use_cache=True)
-    except _StopAfterLayer:
-        pass
-    finally:
-        hook.remove()
     # on the stored cache's device, so selectors can compare the two (cacheblend's deviation)
     return kv_from_cache(cache, layout.prefix_len, layout.question_start)[layer].to(kv.device)  # [2, H_kv, C, D]
 

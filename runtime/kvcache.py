@@ -5,6 +5,10 @@ unmodified transformers model: during the recompute pass, the fresh K/V of the
 selected context tokens are written *into their own slots* of the fused cache
 (index_copy), and only the question's K/V are appended. After the pass it
 behaves as an ordinary `DynamicLayer`, so `generate` continues from it.
+
+`StreamedLayer` is the same over a buffer that is still arriving layer by layer
+(`layerwise.LayerwiseLoad`): its update makes the compute stream wait for its
+layer's copy first, and writes the question's K/V into the buffer's tail.
 """
 
 from __future__ import annotations
@@ -31,6 +35,60 @@ class ScatterLayer(DynamicLayer):
         self.values.index_copy_(2, self.slots, value_states[:, :, :s])
         self.slots = None  # one pass only; later updates (the question, decoding) append
         return super().update(key_states[:, :, s:], value_states[:, :, s:], *args, **kwargs)
+
+
+class PeekLayer(DynamicLayer):
+    """A read-only layer over stored K/V [1, H_kv, N, D]: an update attends over the stored
+    K/V plus the new tokens and keeps nothing (the question probe; no copy of the cache)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat((self.keys, key_states), -2), torch.cat((self.values, value_states), -2)
+
+    @staticmethod
+    def cache(kv: torch.Tensor) -> DynamicCache:
+        """A probe's cache over kv [L, 2, H_kv, N, D] (views, nothing copied)."""
+        cache = DynamicCache()
+        cache.layers = [PeekLayer(kv[l, 0][None], kv[l, 1][None]) for l in range(kv.shape[0])]
+        return cache
+
+
+class StreamedLayer(ScatterLayer):
+    """A cache layer over fused[l] that makes the compute stream wait for layer l's copy.
+
+    `load` is a `layerwise.LayerwiseLoad` (anything with `fused` [L, 2, H_kv, N + Q, D],
+    `layout` and `wait(layer, ahead)`). The recompute pass writes the selected tokens'
+    fresh K/V into their slots and the question's into the fused buffer's tail (no
+    concatenation); later updates append. peek: the probe's read-only view."""
+
+    def __init__(self, load, idx: int, peek: bool):
+        n = load.layout.question_start
+        self.tail = (load.fused[idx, 0][None], load.fused[idx, 1][None])         # [1, H_kv, N + Q, D]
+        super().__init__(self.tail[0][:, :, :n], self.tail[1][:, :, :n])         # [1, H_kv, N, D] views
+        self.load, self.idx, self.peek = load, idx, peek
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.load is not None:
+            self.load.wait(self.idx, ahead=0 if self.peek else None)
+        if self.peek:  # the probe: attend over the stored K/V plus the question, keep nothing
+            return torch.cat((self.keys, key_states), -2), torch.cat((self.values, value_states), -2)
+        self.load = None  # landed; later updates (decoding) append as usual
+        s = 0 if self.slots is None else self.slots.numel()
+        n = self.keys.shape[-2]
+        full_k, full_v = self.tail
+        if self.tail[0] is None or n + key_states.shape[-2] - s != full_k.shape[-2]:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if s:  # key_states: [1, H_kv, S + Q, D]; the first S are the selected context tokens
+            self.keys.index_copy_(2, self.slots, key_states[:, :, :s])
+            self.values.index_copy_(2, self.slots, value_states[:, :, :s])
+        full_k[:, :, n:] = key_states[:, :, s:]
+        full_v[:, :, n:] = value_states[:, :, s:]
+        self.keys, self.values, self.slots, self.tail = full_k, full_v, None, (None, None)
+        return self.keys, self.values
 
 
 def cache_from_kv(kv: torch.Tensor, slots: torch.Tensor | None = None) -> DynamicCache:

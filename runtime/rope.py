@@ -19,6 +19,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotation_table(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [T, D] float32, of rotating token t by delta[t] positions ([T] tensor).
+
+    Made once per request, so the per-layer re-rotation (`rotate_keys_`) computes no angles."""
+    freqs = delta.float()[:, None] * inv_freq.to(delta.device, torch.float32)[None, :]  # [T, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)                                         # [T, D]
+    return angles.cos(), angles.sin()
+
+
+def rotate_keys_(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate keys [..., T, D] in place by the table of `rotation_table` (float32 inside)."""
+    k = keys.float()
+    keys.copy_(k * cos + rotate_half(k) * sin)
+    return keys
+
+
 def rerotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate keys [..., T, D] by `delta` positions (an int, or [T] per token).
 

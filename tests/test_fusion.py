@@ -96,3 +96,60 @@ def test_budget_respected_and_question_always_recomputed(lm):
         assert res.cache.get_seq_length() == res.layout.total_len
         again = fuse(lm, prefix, chunks, question, name, 0.2)
         assert torch.equal(again.recomputed, res.recomputed)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "grouped"])
+def test_recompute_attention_backends_equal_dense_mask(lm, backend):
+    """Every backend of the scattered-query attention computes the dense-mask path's function."""
+    from kvfuse.runtime.fusion import prepare, run
+    g = torch.Generator().manual_seed(3)
+    chunk_lists = [torch.randint(5, 100, (n,), generator=g).tolist() for n in (40, 25, 33)]
+    prefix, chunks = make_chunks(lm, [2, 10, 11], chunk_lists)
+    prep = prepare(lm, prefix, chunks, torch.tensor([60, 61, 62, 63]))
+    C = prep.layout.context_len
+    selected = torch.randperm(C, generator=g)[: C // 3].sort().values + prep.layout.prefix_len
+    want = run(prep, "full", 0.3, selected=selected, attention="dense")
+    got = run(prep, "full", 0.3, selected=selected, attention=backend, groups=3 if backend == "grouped" else None)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(kv_from_cache(got.cache), kv_from_cache(want.cache), atol=1e-4, rtol=0)
+
+
+def test_recompute_builds_no_dense_float_mask(lm, monkeypatch):
+    """The kvfuse attention attends scattered queries without the [S+Q, K] float mask (issue 11)."""
+    from kvfuse.runtime import fusion, recompute_attention
+    g = torch.Generator().manual_seed(4)
+    prefix, chunks = make_chunks(lm, [2, 10], [torch.randint(5, 100, (30,), generator=g).tolist() for _ in range(2)])
+    made = []
+    real = recompute_attention.ScatteredQueries.float_mask
+    monkeypatch.setattr(recompute_attention.ScatteredQueries, "float_mask", lambda *a: made.append(1) or real(*a))
+    monkeypatch.setattr(fusion, "_recompute_mask", lambda *a: pytest.fail("dense mask built"))
+    for name in ("a3", "prophet", "kvfuse", "cacheblend"):
+        fuse(lm, prefix, chunks, torch.tensor([60, 61, 62]), name, 0.3)
+    assert not made
+
+
+def test_flex_block_mask_matches_positions():
+    from kvfuse.runtime.recompute_attention import flex_block_mask
+    positions = torch.tensor([5, 10, 300, 301, 302])
+    blocks = flex_block_mask(positions, 400, block=2).to_dense()[0, 0]       # [q blocks, kv blocks]
+    # q block 0 (positions 5, 10) reaches key block 5 (keys 10, 11); q block 2 (302, pad) key block 151
+    assert blocks[0].nonzero().max() == 5 and blocks[0, :6].all()
+    assert blocks[2].nonzero().max() == 151 and blocks[2, :152].all()
+
+
+def test_concurrent_fusions_on_threads_match_sequential(lm):
+    """The attention's pass state is per thread: an engine may fuse on several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    g = torch.Generator().manual_seed(5)
+    prompts = []
+    for n in (2, 3, 4):
+        prefix, chunks = make_chunks(lm, [2, 10], [torch.randint(5, 100, (20 + 3 * n,), generator=g).tolist()
+                                                   for _ in range(n)])
+        prompts.append((prefix, chunks, torch.randint(5, 100, (3 + n,), generator=g)))
+    want = [fuse(lm, *p, "prophet", 0.3) for p in prompts]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda p: fuse(lm, *p, "prophet", 0.3), prompts))
+            for w, r in zip(want, got):
+                assert torch.equal(w.recomputed, r.recomputed)
+                torch.testing.assert_close(r.logits, w.logits, atol=1e-5, rtol=0)

@@ -11,9 +11,12 @@ from kvfuse.bench.synthetic import write_synthetic_store
 from kvfuse.loader.pool import PoolCapacityError
 from kvfuse.loader.store import Store
 from kvfuse.runtime.attention import use_kvfuse_attention
-from kvfuse.runtime.fusion import assemble, fuse, greedy, recompute
-from kvfuse.runtime.layerwise import GROUPED, Tiers, fuse_layerwise, plan_query_groups, probe_depth
+from kvfuse.runtime.fusion import assemble, fuse, greedy, probe_depth, recompute
+from kvfuse.runtime.layerwise import fuse_layerwise
+from kvfuse.runtime.layerwise import tiers_for as model_tiers
+from kvfuse.runtime.recompute_attention import plan_query_groups
 from kvfuse.runtime.model import load_model
+from kvfuse.runtime.selectors import SELECTORS
 
 T, P = 16, 4
 
@@ -30,8 +33,8 @@ def setup(tmp_path_factory, device, dtype, n_chunks=5):
 
 def tiers_for(lm, store, device, gpu_slots=8, host_slots=8, policy="lookahead"):
     slot = lm.spec.kv_bytes_per_token() * T
-    return Tiers(store, lm.spec, host_bytes=host_slots * slot, gpu_bytes=gpu_slots * slot, device=device,
-                 chunk_tokens=T, policy=policy, workers=2)
+    return model_tiers(store, lm.spec, host_bytes=host_slots * slot, gpu_bytes=gpu_slots * slot, device=device,
+                       chunk_tokens=T, policy=policy, workers=2)
 
 
 def plain_logits(lm, store, prefix, ids, question, selected):
@@ -111,7 +114,7 @@ def test_grouped_attention_matches_plain_path(tmp_path_factory, groups):
         tiers.submit("r", [prefix, *ids])
         got = fuse_layerwise(lm, tiers, "r", q, selected=selected, groups=groups)
         torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
-        assert lm.model.config._attn_implementation == (GROUPED if groups > 1 else "kvfuse")
+        assert lm.model.config._attn_implementation == "kvfuse"  # grouped is a backend of the kvfuse attention
     finally:
         tiers.close()
 
@@ -179,3 +182,21 @@ def test_cuda_selection_matches_plain_fuse(tmp_path_factory, selector):
         torch.testing.assert_close(got.logits, want.logits, atol=1e-3, rtol=0)
     finally:
         tiers.close()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("selector", sorted(SELECTORS))
+def test_cuda_fast_attention_equals_dense_path(tmp_path_factory, selector, monkeypatch):
+    """The CUDA default (FlexAttention, block mask, GQA without repeat_kv) against the dense-mask
+    SDPA path: same selections, logits within bf16 tolerance."""
+    from kvfuse.runtime import recompute_attention
+    lm, store, prefix, ids = setup(tmp_path_factory, "cuda", torch.bfloat16, n_chunks=6)
+    q = question(lm)
+    chunks = [store.read(c) for c in ids]
+    fast = fuse(lm, store.read(prefix), chunks, q, selector, 0.15)
+    monkeypatch.setenv("KVFUSE_RECOMPUTE_ATTENTION", "dense")
+    plain = fuse(lm, store.read(prefix), chunks, q, selector, 0.15)
+    assert recompute_attention._flex_failed is None, recompute_attention._flex_failed
+    assert torch.equal(fast.recomputed, plain.recomputed)
+    torch.testing.assert_close(fast.logits, plain.logits, atol=2e-2, rtol=0)

@@ -36,6 +36,7 @@ class SelectionContext:
     attend: Callable[[torch.Tensor], torch.Tensor]         # selected [S] -> question attention [L, Q, C]
     recompute_layer: Callable[[int], torch.Tensor]         # layer -> fresh K/V [2, H_kv, C, D]
     saliency: torch.Tensor | None = None                   # [S_sig, C] offline prior, chunk order
+    probe_layers: int | None = None                        # the plain probe reads layers 0..probe_layers-1 (None: all)
     cached: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)              # signal key -> seconds it took to compute
     used: set = field(default_factory=set)                 # signal keys read since the last `used.clear()`
@@ -53,9 +54,17 @@ class SelectionContext:
         return sum(self.costs[k] for k in self.used)
 
     def question_attention(self, selected: torch.Tensor | None = None) -> torch.Tensor:
-        """[L, Q, C]; with `selected`, measured after recomputing those context tokens."""
+        """[L, Q, C]; with `selected`, measured after recomputing those context tokens.
+
+        With `probe_layers` set (a request that runs one selector), the plain probe
+        (no `selected`) covers layers 0..probe_layers-1 only: [probe_layers, Q, C]; an
+        all-layer probe already made serves it too."""
         selected = torch.zeros(0, dtype=torch.long) if selected is None else selected.long().cpu()
-        return self._signal(("attn", tuple(selected.tolist())), lambda: self.attend(selected).float())
+        key = ("attn", tuple(selected.tolist()))
+        depth = self.probe_layers if not key[1] else None
+        if depth is not None and key not in self.cached:
+            key = (*key, depth)
+        return self._signal(key, lambda: self.attend(selected).float())
 
     def layer_kv(self, layer: int) -> torch.Tensor:
         return self._signal(("layer_kv", layer), lambda: self.recompute_layer(layer))
