@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from kvfuse.runtime.layerwise import fuse_layerwise
+from kvfuse.runtime.requests import FusionRequest
 
 from .shapes import build_random_model
 from .timing import environment, median, percentile
-from .ttft import ensure_store, make_tiers
+from .ttft import ensure_store, make_engine
 
 
 @dataclass
@@ -62,18 +62,23 @@ def request_stream(n_chunks: int, per_request: int, n_requests: int, s: float, s
 
 
 def run_policy(lm, store, prefix, ids, stream, question, cfg: ServeConfig, policy: str) -> dict:
-    tiers = make_tiers(store, lm, cfg, policy=policy, drop_page_cache=True)
+    engine = make_engine(store, lm, cfg, policy=policy, drop_page_cache=True)
+    tiers = engine.source.tiers
     tiers.prefetcher.reader.drop_cached_pages()
     try:
-        def submit(i):
-            tiers.submit(f"q{i}", [prefix, *[ids[j] for j in stream[i]]])
+        handles = {}
+
+        def submit(i):  # through the engine: its queue is what prefetch and look-ahead eviction see
+            handles[i] = engine.submit_prefill(FusionRequest(
+                question_ids=question.tolist(), chunk_ids=[ids[j] for j in stream[i]], selector=cfg.selector,
+                ratio=cfg.ratio, request_id=f"q{i}"))
 
         for i in range(min(cfg.lookahead + 1, len(stream))):
             submit(i)
         runs = []
         t_start = time.perf_counter()
         for i in range(len(stream)):
-            res = fuse_layerwise(lm, tiers, f"q{i}", question, selector=cfg.selector, ratio=cfg.ratio)
+            res = handles.pop(i).result()
             if i + cfg.lookahead + 1 < len(stream):
                 submit(i + cfg.lookahead + 1)
             runs.append({"ttft_ms": res.timings["total_s"] * 1e3, "open_ms": res.timings["open_s"] * 1e3,
@@ -92,7 +97,7 @@ def run_policy(lm, store, prefix, ids, stream, question, cfg: ServeConfig, polic
             "ttft_ms": [round(x, 2) for x in ttft],
         }
     finally:
-        tiers.close()
+        engine.close()
 
 
 def markdown(result: dict) -> str:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from kvfuse.loader.store import Store
+from kvfuse.runtime.engine import EngineConfig, FusionEngine
 from kvfuse.runtime.fusion import full_prefill
-from kvfuse.loader.tiers import Tiers
-from kvfuse.runtime.layerwise import fuse_layerwise, open_load, tiers_for
+from kvfuse.runtime.layerwise import open_load
+from kvfuse.runtime.requests import FusionRequest
 
 from .shapes import build_random_model
 from .synthetic import write_synthetic_store
@@ -74,17 +75,20 @@ def ensure_store(root: Path, lm, n_chunks: int, chunk_tokens: int, prefix_tokens
     return store, store.prefix_id, [r.chunk_id for r in store.records()]
 
 
-def make_tiers(store, lm, cfg, policy="lookahead", drop_page_cache=False) -> Tiers:
-    return tiers_for(store, lm.spec, host_bytes=int(cfg.host_pool_gb * 2**30), gpu_bytes=int(cfg.gpu_pool_gb * 2**30),
-                     device=cfg.device, chunk_tokens=cfg.chunk_tokens, policy=policy, workers=cfg.workers,
-                     drop_page_cache=drop_page_cache)
+def make_engine(store, lm, cfg, policy="lookahead", drop_page_cache=False) -> FusionEngine:
+    """The product engine over the bench store, with the tiered loader (store -> pinned -> GPU pool)."""
+    return FusionEngine(store.cache_dir, lm, release=store.release, config=EngineConfig(
+        verify=False, source="tiered", host_pool_bytes=int(cfg.host_pool_gb * 2**30),
+        gpu_pool_bytes=int(cfg.gpu_pool_gb * 2**30), pool_policy=policy, chunk_tokens=cfg.chunk_tokens,
+        drop_page_cache=drop_page_cache, measure_stall=True))
 
 
 class Runner:
-    """Runs one request through the tiers in a given state (cold / warm / hot)."""
+    """Runs one request through the engine with its tiers in a given state (cold / warm / hot)."""
 
-    def __init__(self, lm, tiers: Tiers, question: torch.Tensor, selector: str):
-        self.lm, self.tiers, self.question, self.selector = lm, tiers, question, selector
+    def __init__(self, engine: FusionEngine, question: torch.Tensor, selector: str):
+        self.engine, self.lm, self.question, self.selector = engine, engine.lm, question, selector
+        self.tiers = engine.source.tiers
         self.n = 0
 
     def fused(self, request: list[str], ratio: float, state: str) -> dict:
@@ -99,8 +103,8 @@ class Runner:
         rid = f"b{self.n}"
         sync(t.device)
         t0 = time.perf_counter()
-        t.submit(rid, request)
-        res = fuse_layerwise(self.lm, t, rid, self.question, selector=self.selector, ratio=ratio, measure_stall=True)
+        res = self.engine.fused_prefill(FusionRequest(question_ids=self.question.tolist(), chunk_ids=list(request[1:]),
+                                                      selector=self.selector, ratio=ratio, request_id=rid))
         ms = (time.perf_counter() - t0) * 1e3
         return {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()}}
 
@@ -160,10 +164,11 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
     ceiling = host_to_gpu_gbps(device=cfg.device)
     print(f"  host->GPU: pinned {ceiling['pinned_gbps']:.1f} GB/s, pageable {ceiling['pageable_gbps']:.1f} GB/s",
           flush=True)
-    tiers = make_tiers(store, lm, cfg)
+    engine = make_engine(store, lm, cfg)
+    tiers = engine.source.tiers
     gen = torch.Generator().manual_seed(1)
     question = torch.randint(0, lm.model.config.vocab_size, (cfg.question_tokens,), generator=gen)
-    runner = Runner(lm, tiers, question, cfg.selector)
+    runner = Runner(engine, question, cfg.selector)
     prefix_tokens = store.read(prefix, verify=False).tokens
     rows = []
     try:
@@ -200,7 +205,7 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
                 if shape == TARGETS["shape"] and ratio == TARGETS["ratio"] and ctx in TARGETS["speedup"]:
                     row["selectors"] = {}
                     for name in cfg.compare_selectors:   # what the token selection costs, warm
-                        other = Runner(lm, tiers, question, name)
+                        other = Runner(engine, question, name)
                         other.n = runner.n = runner.n + 1000
                         other.fused(request, ratio, "warm")
                         runs = [other.fused(request, ratio, "warm") for _ in range(cfg.reps)]
@@ -211,8 +216,8 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
         return {"shape": shape, "build_s": build_s, "ceiling": ceiling, "rows": rows,
                 "pools": {"host": tiers.host.stats.as_dict(), "gpu": tiers.gpu.stats.as_dict()}}
     finally:
-        tiers.close()
-        del lm, tiers, runner
+        engine.close()
+        del lm, tiers, runner, engine
         gc.collect()
         if cfg.device.startswith("cuda"):
             torch.cuda.empty_cache()

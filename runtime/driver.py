@@ -95,12 +95,15 @@ class TieredSource:
     """store -> pinned host pool -> GPU pool, with layer-wise loading (CUDA only)."""
 
     def __init__(self, store: Store, lm: LoadedModel, host_bytes: int = 8 << 30, gpu_bytes: int = 4 << 30,
-                 chunk_tokens: int | None = None, policy: str = "lookahead", verify: bool = False):
+                 chunk_tokens: int | None = None, policy: str = "lookahead", verify: bool = False,
+                 drop_page_cache: bool = False, measure_stall: bool = False):
         from .layerwise import tiers_for
 
         chunk_tokens = chunk_tokens or max(r.n_tokens for r in store.records(include_prefix=True))
         self.tiers = tiers_for(store, lm.spec, host_bytes, gpu_bytes, device=lm.model.device,
-                               chunk_tokens=chunk_tokens, policy=policy, verify=verify)
+                               chunk_tokens=chunk_tokens, policy=policy, verify=verify,
+                               drop_page_cache=drop_page_cache)
+        self.measure_stall = measure_stall   # time the compute stream's waits on copies (benchmarks)
         self.stats = SourceStats()
 
     def submit(self, request_id: str, store: Store, chunk_ids) -> None:
@@ -118,7 +121,8 @@ class TieredSource:
              ratio: float = 0.15) -> FusionResult:
         from .layerwise import fuse_layerwise
 
-        result = fuse_layerwise(lm, self.tiers, request_id, question_ids, selector=selector, ratio=ratio)
+        result = fuse_layerwise(lm, self.tiers, request_id, question_ids, selector=selector, ratio=ratio,
+                                measure_stall=self.measure_stall)
         t = result.timings
         self.stats.requests += 1
         for tier in ("hot", "warm", "cold"):
@@ -138,13 +142,12 @@ class TieredSource:
 
 
 def make_source(store: Store, lm: LoadedModel, kind: str = "auto", verify: bool = True,
-                host_bytes: int | None = None, gpu_bytes: int | None = None):
-    """kind "auto": TieredSource when the model runs on CUDA, else HostSource; or "host" / "tiered"."""
+                host_bytes: int | None = None, gpu_bytes: int | None = None, **tiered):
+    """kind "auto": TieredSource when the model runs on CUDA, else HostSource; or "host" / "tiered".
+    tiered: TieredSource's options (policy, chunk_tokens, drop_page_cache, measure_stall)."""
     if kind not in ("auto", "host", "tiered"):
         raise ValueError(f"unknown KV source {kind!r}: choose auto, host or tiered")
-    if kind == "tiered" and lm.model.device.type != "cuda":
-        raise ValueError("the tiered KV source needs the model on a CUDA device")
     if kind == "tiered" or (kind == "auto" and lm.model.device.type == "cuda"):
         kw = {k: v for k, v in (("host_bytes", host_bytes), ("gpu_bytes", gpu_bytes)) if v}
-        return TieredSource(store, lm, **kw)
+        return TieredSource(store, lm, **kw, **tiered)
     return HostSource(verify=verify)

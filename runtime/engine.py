@@ -36,7 +36,7 @@ from kvfuse.loader.store import Store, read_current
 from .attention import use_kvfuse_attention
 from .decode import DecodeBatch, DecodeRow, sample
 from .driver import make_source
-from .fusion import _eos_ids, full_prefill, greedy
+from .fusion import FusionResult, _eos_ids, full_prefill, greedy
 from .layout import FusedLayout
 from .model import LoadedModel
 from .requests import Answer, FusionRequest, RequestError, RequestHandle
@@ -57,6 +57,10 @@ class EngineConfig:
     source: str = "auto"                 # KV source: "auto" (tiered on CUDA, host on CPU), "host", "tiered"
     host_pool_bytes: int | None = None   # pinned host pool (CUDA), default 8 GiB
     gpu_pool_bytes: int | None = None    # GPU pool (CUDA), default 4 GiB
+    pool_policy: str = "lookahead"       # eviction: "lookahead" (queue-aware) or "lru"
+    chunk_tokens: int | None = None      # pool slot size in tokens (default: the store's longest chunk)
+    drop_page_cache: bool = False        # read shards past the page cache (cold-start benchmarks)
+    measure_stall: bool = False          # time the compute stream's waits on layer copies (benchmarks)
 
 
 class ReleaseView:
@@ -70,8 +74,15 @@ class ReleaseView:
         self.prefix_id = store.prefix_id
         self.prefix_len = store.record(self.prefix_id).n_tokens
         self.records = store.records()
-        self.retriever = BM25Retriever([r.text for r in self.records])
+        self._retriever: BM25Retriever | None = None
         self.live = 0
+
+    @property
+    def retriever(self) -> BM25Retriever:
+        """BM25 over the chunk texts, built on first use (a host that names chunk ids never pays for it)."""
+        if self._retriever is None:
+            self._retriever = BM25Retriever([r.text for r in self.records])
+        return self._retriever
 
     def chunk_ids(self) -> set[str]:
         return {self.prefix_id, *(r.chunk_id for r in self.records)}
@@ -113,8 +124,10 @@ class FusionEngine:
         self._view = ReleaseView(Store.open(cache_dir, release), lm, self.config.verify)
         self._views = [self._view]
         self._checked = time.monotonic()
-        self.source = make_source(self._view.store, lm, kind=self.config.source, verify=self.config.verify,
-                                  host_bytes=self.config.host_pool_bytes, gpu_bytes=self.config.gpu_pool_bytes)
+        c = self.config
+        self.source = make_source(self._view.store, lm, kind=c.source, verify=c.verify, host_bytes=c.host_pool_bytes,
+                                  gpu_bytes=c.gpu_pool_bytes, policy=c.pool_policy, chunk_tokens=c.chunk_tokens,
+                                  drop_page_cache=c.drop_page_cache, measure_stall=c.measure_stall)
         self._eos = _eos_ids(lm)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -162,9 +175,12 @@ class FusionEngine:
 
     def submit(self, request: FusionRequest, *, compare: bool = False) -> RequestHandle:
         """Validate and enqueue a request; its chunks start loading now. Raises RequestError."""
-        work = self._admit(request, compare=compare)
+        return self._enqueue(self._admit(request, compare=compare))
+
+    def _enqueue(self, work: "_Work") -> RequestHandle:
         with self._lock:
             if self._closing:
+                self.source.cancel(work.request.request_id)
                 raise RuntimeError("the engine is closing; no new requests")
             work.view.live += 1
             self._pending.append(work)
@@ -184,13 +200,20 @@ class FusionEngine:
 
         Returns (transformers Cache of the whole prompt, first-token logits [V] float32, layout);
         generation continues at position `layout.total_len`."""
+        result = self.fused_prefill(question, **kw)
+        return result.cache, result.logits, result.layout
+
+    def fused_prefill(self, question: str | FusionRequest, **kw) -> FusionResult:
+        """`prefill` with the driver's whole result: also the recomputed positions and the timings
+        (open_s / select_s / recompute_s / total_s, tier counts, copy and stall times with
+        `EngineConfig.measure_stall`). The benchmarks time this."""
         req = question if isinstance(question, FusionRequest) else FusionRequest(question=question, **kw)
-        work = self._admit(req, prefill_only=True)
-        with self._lock:
-            work.view.live += 1
-            self._pending.append(work)
-            self._wake.notify()
-        return work.handle.result()
+        return self.submit_prefill(req).result()
+
+    def submit_prefill(self, request: FusionRequest) -> RequestHandle:
+        """Enqueue a prefill-only request (its chunks start loading now); the handle's result is
+        the driver's `FusionResult`."""
+        return self._enqueue(self._admit(request, prefill_only=True))
 
     def stats(self) -> dict:
         """Counters for metrics: requests, tokens reused / recomputed / generated, queue depth,
@@ -244,7 +267,14 @@ class FusionEngine:
             self.source.retain(set().union(*(v.chunk_ids() for v in live)))
 
     def _admit(self, req: FusionRequest, compare: bool = False, prefill_only: bool = False) -> _Work:
-        question = req.question_text()
+        if req.question_ids is not None:
+            if req.chunk_ids is None:
+                raise RequestError("chunk_ids", "give chunk_ids with question_ids: retrieval needs the question's text")
+            if not len(req.question_ids) or not all(isinstance(t, int) and t >= 0 for t in req.question_ids):
+                raise RequestError("question_ids", "must be a non-empty list of token ids")
+            question = None
+        else:
+            question = req.question_text()
         if req.selector not in SELECTORS:
             raise RequestError("selector", f"unknown selector {req.selector!r}; choose from {', '.join(SELECTORS)}")
         if not isinstance(req.ratio, (int, float)) or not 0.0 <= req.ratio <= 1.0:
@@ -268,7 +298,7 @@ class FusionEngine:
                 raise RequestError("chunk_ids", f"unknown chunk id(s) {unknown[:3]} in release {view.release} "
                                    "(`kvfuse inspect` lists a cache's chunks)")
             chunk_ids = list(req.chunk_ids)
-        question_ids = self.question_ids(question, view)
+        question_ids = (torch.tensor(req.question_ids) if question is None else self.question_ids(question, view))
         n_prompt = view.prefix_len + sum(view.store.record(c).n_tokens for c in chunk_ids) + len(question_ids)
         limit = self.lm.spec.max_positions
         if n_prompt + (0 if prefill_only else req.max_new_tokens) > limit:
@@ -317,13 +347,13 @@ class FusionEngine:
             now = time.perf_counter()
             work.t_first = now
             if work.prefill_only:
-                self._retire(work, None, value=(result.cache, logits, result.layout))
+                self._retire(work, None, value=result)
                 return
             work.answer = Answer(text="", chunk_ids=work.chunk_ids, n_reused=result.n_reused,
                                  n_recomputed=result.n_recomputed, n_question=len(work.question_ids),
                                  ttft_s=now - work.submitted, release=work.view.release,
                                  doc_ids=[work.view.store.record(c).doc_id for c in work.chunk_ids],
-                                 prefill_s=now - t0, fused=req.selector != "full")
+                                 prefill_s=now - t0, fused=req.selector != "full", timings=dict(result.timings))
             self.counters["tokens_reused"] += result.n_reused
             self.counters["tokens_recomputed"] += result.n_recomputed + len(work.question_ids)
             if work.compare:

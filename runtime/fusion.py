@@ -221,7 +221,8 @@ def stop_after_layer(model, n_layers: int):
 def _eos_ids(lm: LoadedModel) -> set[int]:
     ids = lm.model.generation_config.eos_token_id
     ids = ids if isinstance(ids, list) else [ids]
-    return {i for i in (lm.tokenizer.eos_token_id, *ids) if i is not None}
+    tok_eos = lm.tokenizer.eos_token_id if lm.tokenizer is not None else None   # random bench models: none
+    return {i for i in (tok_eos, *ids) if i is not None}
 
 
 @dataclass

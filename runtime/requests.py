@@ -35,10 +35,11 @@ class RequestError(ValueError):
 class FusionRequest:
     """One question over retrieved (or given) chunks.
 
-    question / messages: the question text, or OpenAI-style chat messages
+    question / messages / question_ids: the question text, or OpenAI-style chat messages
         (`[{"role": "user", "content": "..."}]`): the last user message is the question, earlier
         turns and system messages are put before it as plain text (the chat template's head is
-        the store's precomputed prefix, shared by every request).
+        the store's precomputed prefix, shared by every request); or the question's token ids
+        as they follow the chunks (the template's question part and suffix included).
     chunk_ids: the chunks to read, in prompt order; None: retrieve `top_k` by the question.
     selector, ratio: which context tokens to recompute; ratio = fraction of context tokens in [0, 1].
     max_new_tokens, temperature, top_p, stop, seed: generation (temperature 0 = greedy).
@@ -46,6 +47,7 @@ class FusionRequest:
 
     question: str | None = None
     messages: list[dict] | None = None
+    question_ids: list[int] | None = None   # pre-tokenized question, template applied (needs chunk_ids)
     chunk_ids: list[str] | None = None
     top_k: int = 4
     selector: str = "kvfuse"
@@ -102,6 +104,7 @@ class Answer:
     prefill_s: float | None = None     # the fused prefill alone (load + select + recompute)
     total_s: float | None = None       # submit -> last token
     fused: bool = True                 # False: the engine ran a plain prefill (cost model or selector "full")
+    timings: dict = field(default_factory=dict)   # the driver's: select_s, recompute_s, hot/warm/cold chunks, ...
     full_text: str | None = None       # with compare: the full prefill's answer
     full_ttft_s: float | None = None
     first_token_kl: float | None = None
