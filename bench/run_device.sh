@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 LOG="$OUT/run.log"
 export PYTHONUNBUFFERED=1
 {
-  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2
+  date -u; nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv; nproc; free -g | head -2
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   git log -1 --format='commit %H %s' 2>/dev/null
 } >"$LOG" 2>&1
