@@ -281,7 +281,7 @@ def write_md(res: dict, path: Path) -> None:
         f"- date: {s['date']}",
         f"- model {s['config']['model']}, {s['config']['docs']} Wikipedia paragraphs, `--no-enrich` cache; "
         f"{s['config']['clients']} concurrent streaming chat clients x {s['config']['requests_per_client']} "
-        f"requests; `max_tokens` {s['config']['max_tokens']} (kept small so the run fits 2 shared cores), "
+        f"requests; `max_tokens` {s['config']['max_tokens']} (kept small so the run fits 2 shared cores in 15 minutes), "
         f"top_k {s['config']['top_k']}, selector {s['config']['selector']}, ratio {s['config']['ratio']}, greedy"
         + (" — STOPPED BY THE TIME GUARD before all requests were sent" if s["stopped_by_time_guard"] else ""),
         "",
@@ -317,12 +317,12 @@ def main(argv=None) -> int:
     p.add_argument("--docs", type=int, default=20)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=50, help="per client")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--selector", default="reuse", help="kvfuse selector of every request (reuse: the "
                    "cheapest on 2 CPU cores; kvfuse's three question passes cost ~3 s a request there)")
     p.add_argument("--ratio", type=float, default=0.15)
-    p.add_argument("--max-minutes", type=float, default=12.5, help="stop sending new requests after this long")
+    p.add_argument("--max-minutes", type=float, default=13.0, help="stop sending new requests after this long")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the builds")
     args = p.parse_args(argv)
     res = run(args)
