@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     p.add_argument("--selector", default="reuse", help="kvfuse selector of every request (reuse: the "
                    "cheapest on 2 CPU cores; kvfuse's three question passes cost ~3 s a request there)")
     p.add_argument("--ratio", type=float, default=0.15)
-    p.add_argument("--max-minutes", type=float, default=13.0, help="stop sending new requests after this long")
+    p.add_argument("--max-minutes", type=float, default=12.5, help="stop sending new requests after this long")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the builds")
     args = p.parse_args(argv)
     res = run(args)
