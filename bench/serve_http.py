@@ -245,7 +245,8 @@ def run(args) -> dict:
     return {
         "command": " ".join([os.path.basename(sys.executable), "-m", "kvfuse.bench.serve_http", *sys.argv[1:]]),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads,
-                    "platform": platform.platform(), "python": platform.python_version()},
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_1m_at_end": os.getloadavg()[0]},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {"model": args.model, "docs": args.docs, "clients": args.clients, "requests_per_client":
                    args.requests, "max_tokens": args.max_tokens, "top_k": args.top_k, "selector": args.selector,
@@ -291,7 +292,12 @@ def write_md(res: dict, path: Path) -> None:
         f"{s['generated_tokens_per_s']:.1f} | {s['ttft_s']['p50'] * 1e3:.0f} ms | {s['ttft_s']['p99'] * 1e3:.0f} ms | "
         f"{s['e2e_s']['p50']:.2f} s | {s['e2e_s']['p99']:.2f} s |", "",
         "TTFT: client side, from sending the request to the first SSE chunk with text (queueing in the "
-        "engine included: 16 clients share one scheduler on 2 cores).", "",
+        "engine included: all clients share one scheduler, which alternates one prefill with one batched "
+        "decode step, so a request waits for the prefills queued before it). On 2 shared CPU cores this "
+        "measures the server (concurrency, streaming, errors, hot reload), not kvfuse's speed-up: "
+        f"selector {s['config']['selector']} keeps the run inside 15 minutes (the kvfuse selector's "
+        "question passes cost ~3 s a request on this machine); GPU TTFTs are in bench/results/ttft.md. "
+        "`kvfuse_tokens_recomputed_total` counts question tokens too.", "",
         "## Release published mid-test", "",
         f"- {rs['old']} -> {rs['new']}: document {rs['changed_doc']!r} got a marker sentence; rebuilt by "
         f"`kvfuse build-cache --no-enrich --in-process` in {rs['rebuild_s']:.0f} s while the clients ran",

@@ -107,7 +107,9 @@ def parse(model: type[BaseModel], data: Any) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("str", "list["))]
+        # drop pydantic's union-member tags ("str", "list[str]") from the location
+        loc = [str(p) for p in err["loc"] if str(p) not in ("str", "int", "float", "bool")
+               and not str(p).startswith("list[")]
         param = ".".join(loc) if loc else None
         return_msg = f"{param}: {err['msg']}" if param else err["msg"]
         raise APIError(400, return_msg, param=param, code="invalid_value") from None
