@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import click
 
 
@@ -41,7 +43,12 @@ def serve_cmd(cache_dir, model, dtype, host, port, api_key, max_body_kb, default
     app = create_app(engine, config=config)
     click.echo(f"serving {engine.model_name} release {engine.release} on http://{host}:{port}/v1", err=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    # uvicorn handles SIGINT/SIGTERM while it runs (stop accepting, let open connections finish) and
+    # raises the signal again once done; these no-ops receive that, so the engine closes and we exit 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()       # returns after SIGINT/SIGTERM once open connections have finished
     finally:
         engine.close()     # queued and running requests finish, then the loader is released
+    click.echo("stopped", err=True)

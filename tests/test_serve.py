@@ -331,3 +331,49 @@ def test_hot_reload_is_visible_through_the_server(tmp_path, lm):
     finally:
         live.stop()
         engine.close()
+
+
+def test_kvfuse_serve_cli_finishes_in_flight_requests_on_sigterm(cache, lm, tmp_path):
+    """`kvfuse serve` as a process: loopback, api key; SIGTERM (as SIGINT: the same path) lets an open
+    stream finish, then the process closes the engine and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model_dir = lm.model.config._name_or_path or lm.spec.name
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "KVFUSE_API_KEY": KEY}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "kvfuse.cli", "serve", str(cache), "--model", str(model_dir),
+                             "--port", str(port), "--log-level", "warning"], env=env, stdout=log, stderr=log,
+                            cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert httpx.get(url + "/healthz", timeout=2).status_code == 200
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.2)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.post(url + "/v1/completions", json={"prompt": "who"}).status_code == 401
+        body = {"prompt": "what is the city of the country", "max_tokens": 60, "stream": True, "kvfuse": {"top_k": 1}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)                # in flight: the stream must still finish
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest and rest[-1] == "[DONE]", (first, rest[-3:])
+        assert len(rest) > 10                               # it was mid-answer when the signal came
+        last = json.loads(rest[-2])
+        assert last["choices"][0]["finish_reason"] in ("stop", "length") and "kvfuse" in last
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
