@@ -234,13 +234,14 @@ def router(engine, api_key: str | None = None, config: ServeConfig | None = None
         body = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
         return await complete(body, request, chat=False)
 
+    # plain `def`: FastAPI runs these in a worker thread, as `engine.release` may reopen the store (hot reload)
     @r.get("/v1/models", dependencies=auth)
-    async def models():
+    def models():
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
                                             "owned_by": "kvfuse", "kvfuse": {"release": engine.release}}]}
 
     @r.get("/healthz")
-    async def healthz():
+    def healthz():
         return {"status": "ok", "model": engine.model_name, "release": engine.release}
 
     @r.get("/metrics")

@@ -12,7 +12,7 @@ import openai
 import pytest
 import uvicorn
 from conftest import tiny_model_dir
-from test_engine import write_corpus
+from test_engine import reference_tokens, write_corpus
 
 from kvfuse.pipeline.build import BuildConfig, build_cache
 from kvfuse.runtime import EngineConfig, FusionEngine, FusionRequest
@@ -105,6 +105,8 @@ def test_chat_completion_equals_engine_submit(engine, http):
     out = r.json()
     ref = engine.submit(FusionRequest(question="what is the capital", chunk_ids=ids, ratio=0.2,
                                       max_new_tokens=6)).result()
+    single = reference_tokens(engine, engine.lm, "what is the capital", ids, 6, ratio=0.2)   # fuse + greedy
+    assert ref.token_ids == [t for t in single if t != engine.lm.tokenizer.eos_token_id]
     assert out["object"] == "chat.completion" and out["model"] == engine.model_name
     assert out["choices"][0]["message"] == {"role": "assistant", "content": ref.text}
     assert out["choices"][0]["finish_reason"] == ref.finish_reason
