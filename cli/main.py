@@ -151,3 +151,5 @@ from kvfuse.cli.eval import eval_cmd  # noqa: E402
 main.add_command(eval_cmd)
 from kvfuse.cli.bench import bench  # noqa: E402
 main.add_command(bench)
+from kvfuse.cli.serve import serve_cmd  # noqa: E402
+main.add_command(serve_cmd)
