@@ -1,4 +1,4 @@
 """The `kvfuse` command line (click): build-cache, gc, inspect, ask, serve, eval, bench, demo.
 
-The top of the import stack: cli -> bench -> pipeline -> runtime -> loader.
+The top of the import stack: cli -> bench -> serve -> pipeline -> runtime -> loader.
 """

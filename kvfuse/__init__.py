@@ -4,8 +4,8 @@
     engine = FusionEngine("cache/", load_model("smollm2-135m"))
     print(engine.ask("Who painted La Grande Jatte?").text)
 
-The subpackages, top of the import stack first: `kvfuse.cli` -> `kvfuse.bench` ->
-`kvfuse.pipeline` (offline build) -> `kvfuse.runtime` (serve time) -> `kvfuse.loader` (the store).
+The subpackages, top of the import stack first: `kvfuse.cli` -> `kvfuse.bench` -> `kvfuse.serve`
+(HTTP server) -> `kvfuse.pipeline` (offline build) -> `kvfuse.runtime` (serve time) -> `kvfuse.loader` (the store).
 Names here are loaded lazily, so `import kvfuse.loader` does not pull in torch models.
 """
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 class RequestError(ValueError):
     """A request the engine can't serve as given. `field` names the offending field
     (`question`, `messages`, `chunk_ids`, `selector`, `ratio`, ...); `status` is the HTTP
-    status a server should answer with (400 bad value, 404 unknown chunk, 413 too long)."""
+    status a server should answer with (400: every error the engine raises today)."""
 
     def __init__(self, field: str, message: str, status: int = 400):
         super().__init__(f"{field}: {message}")
