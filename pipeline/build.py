@@ -22,6 +22,16 @@ old shard; nothing is copied), embeddings are cached by content id, and
 
 from __future__ import annotations
 
+import os
+
+# Intel MKL (PyTorch's CPU BLAS) splits GEMM reductions by thread count, so the same
+# prefill gives different KV bytes with 1 thread (a Dask worker sharing the cores) and
+# with 2 (this process): chunk checksums then differ between builds of one corpus.
+# Strict conditional numerical reproducibility makes GEMM results independent of the
+# thread count (~5% slower GEMM on the CPU; CUDA is unaffected). MKL reads this on its
+# first call, so it is set at import, before any model runs; a value the user set wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import json
 import time
 from collections import deque
