@@ -227,6 +227,10 @@ class Store:
             raise UnsafePathError(f"shard {shard} is a link to {path}, outside the shards folder {folder}; refusing it.")
         where = f"shard {path.name} in {folder}" + (f" (holding chunk {chunk_id})" if chunk_id else "")
         if not path.exists():
+            if not (self.cache_dir / fmt.RELEASES_DIR / f"{self.release}.json").exists():
+                raise NoReleaseError(
+                    f"release {self.release} was collected by `kvfuse gc` while this reader held it (shard "
+                    f"{path.name} is gone); reopen the store to read the current release.")
             note_damage(self.cache_dir, shard)
             raise CorruptShardError(f"{where} is missing; the cache is damaged. {_repair_advice(self.cache_dir)}")
         want = self.manifest.get("shards", {}).get(shard)

@@ -391,7 +391,8 @@ class _Reuse:
         store = reuse._base_store(cache_dir, fingerprint, dtype)
         if store is None:
             return reuse
-        checksums = verify or (cache_dir / DAMAGE_FILE).exists() or "shards" not in store.manifest
+        fallback = any(n.startswith("falling back") for n in reuse.notes)
+        checksums = verify or fallback or (cache_dir / DAMAGE_FILE).exists() or "shards" not in store.manifest
         report = verify_release(cache_dir, store=store, checksums=checksums)
         reuse.base, reuse.bad = store.release, report.bad_chunks
         for problem in report.problems:
