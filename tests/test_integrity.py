@@ -300,3 +300,48 @@ def test_shard_sums_file_holds_the_writers_checksums(tmp_path):
     assert sums["chunks"] == {cid: fmt.checksum(*t) for cid, t in chunks.items()}
     assert sums["bytes"] == (cache / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}").stat().st_size
     assert torch.equal(Store.open(cache).read(sorted(chunks)[0]).kv, chunks[sorted(chunks)[0]][0])
+
+
+# ---- SIGKILL around the CURRENT swap ------------------------------------------------------------------
+
+KILL_AT_SWAP = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from pathlib import Path
+import kvfuse.loader.writer as writer
+from test_store import some_chunks, write_release
+
+def stuck(cache_dir, release):  # the manifest is written; CURRENT is about to be replaced
+    Path(sys.argv[2]).write_text(release)
+    time.sleep(120)
+
+writer.write_current = stuck
+write_release(Path(sys.argv[1]), some_chunks(2, seed0=50, prefix="k"))
+"""
+
+
+def test_sigkill_just_before_the_current_swap_keeps_the_previous_release_and_gc_collects_the_orphan(tmp_path):
+    import signal
+    import sys
+    import time
+
+    cache, marker = tmp_path / "cache", tmp_path / "marker"
+    r1, _ = write_release(cache, some_chunks(2, prefix="a"))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_AT_SWAP, str(cache), str(marker),
+                             str(Path(__file__).parent)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the publish never reached the swap"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    orphan = marker.read_text()
+    assert Store.open(cache).release == r1 and verify_release(cache).ok
+    assert verify_release(cache, orphan).ok  # whole, but never current
+    r3, _ = write_release(cache, some_chunks(2, seed0=60, prefix="b"))  # the rerun
+    report = collect(cache, keep=2, grace_s=0)
+    assert orphan in report.releases and {r1, r3} <= set(report.kept)
