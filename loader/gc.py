@@ -7,9 +7,10 @@ by which files happen to exist:
   - CURRENT's release and the N releases most recently current;
   - every release current (or, if never current, created) less than `grace_s` ago,
     so a reader that opened it just before a publish keeps reading (default 6 h);
-  - every release a live reader registered (a fresh lease under `leases/`, see
-    `Store.open`); stale leases (not refreshed for LEASE_TTL_S, or of a dead
-    process on this host) are deleted.
+  - every release a live reader registered (a lease under `leases/`, see
+    `Store.open`): on this host while the reader's process lives, from another
+    host while the lease was refreshed in the last LEASE_TTL_S; stale leases are
+    deleted.
 A release a killed build left un-published (never current) is collected once
 past the grace period. Deleted: the manifests (and digest files) and indexes of
 the other releases, every shard (and its sums file) and embedding file no kept
@@ -64,9 +65,10 @@ def live_leases(cache_dir: Path, now: float, remove_stale: bool) -> dict[str, in
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
         try:
             lease = json.loads(path.read_text())
-            fresh = now - path.stat().st_mtime < LEASE_TTL_S
-            if lease.get("host") == socket.gethostname():
-                fresh = fresh and _alive(int(lease["pid"]))
+            if lease.get("host") == socket.gethostname():  # this host: live while its process is
+                fresh = _alive(int(lease["pid"]))
+            else:  # another host: live while refreshed
+                fresh = now - path.stat().st_mtime < LEASE_TTL_S
             release = str(lease["release"])
         except (OSError, ValueError, KeyError, TypeError):
             fresh, release = False, ""

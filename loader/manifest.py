@@ -177,21 +177,21 @@ def read_index(path: Path, expect: Digest | None) -> list[ChunkRecord]:
     if missing:
         raise StoreError(f"index {path} has no column {missing[0]!r} (columns: {table.column_names}). {advice}")
     cols = table.to_pydict()
-    return [
-        ChunkRecord(
-            chunk_id=cols["chunk_id"][i], doc_id=cols["doc_id"][i], chunk_no=cols["chunk_no"][i],
-            n_tokens=cols["n_tokens"][i], shard=cols["shard"][i], pos_base=cols["pos_base"][i],
-            neighbours=tuple(cols["neighbours"][i] or ()), checksum=cols["checksum"][i],
-            char_start=cols["char_start"][i], char_end=cols["char_end"][i], text=cols["text"][i],
-        )
-        for i in range(table.num_rows)
-    ]
+    cols["neighbours"] = [tuple(n or ()) for n in cols["neighbours"]]
+    return [ChunkRecord(**{name: cols[name][i] for name in fmt.INDEX_COLUMNS}) for i in range(table.num_rows)]
 
 
 def record_row(rec: ChunkRecord) -> dict:
     """An index row (dict of INDEX_SCHEMA) from a record."""
     return {name: (list(getattr(rec, name)) if name == "neighbours" else getattr(rec, name))
             for name in fmt.INDEX_COLUMNS}
+
+
+def index_row(**fields) -> dict:
+    """An index row from its fields, checked against INDEX_SCHEMA's columns (ValueError if not)."""
+    if set(fields) != set(fmt.INDEX_COLUMNS):
+        raise ValueError(f"index row fields {sorted(fields)} != columns {list(fmt.INDEX_COLUMNS)}")
+    return {name: fields[name] for name in fmt.INDEX_COLUMNS}
 
 
 # ---------------------------------------------------------------- shard headers and sums

@@ -389,7 +389,7 @@ class _Lease:
     """<cache>/leases/<host>-<pid>-<id>.json naming the release a live reader holds.
 
     Refreshed (mtime) at most every TTL/4 while the reader reads; gc keeps the release while
-    the lease is fresh (and, on this host, its process is alive)."""
+    the reader's process lives (same host) or the lease is fresh (another host)."""
 
     path: Path
     touched: float

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from kvfuse.loader import format as fmt
 from kvfuse.loader.errors import NoReleaseError, StoreError
-from kvfuse.loader.manifest import list_releases, read_current, read_history
+from kvfuse.loader.manifest import index_row, list_releases, read_current, read_history
 from kvfuse.loader.store import DAMAGE_FILE, Store, verify_release
 from kvfuse.loader.writer import (
     ShardWriter, WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
@@ -457,6 +457,6 @@ class _Reuse:
 
 def _row(cid, doc_id, chunk_no, n_tokens, stored: tuple[str, str], pos_base, neighbours, start, end, text) -> dict:
     shard, checksum = stored
-    return {"chunk_id": cid, "doc_id": doc_id, "chunk_no": chunk_no, "n_tokens": n_tokens, "shard": shard,
-            "pos_base": pos_base, "neighbours": neighbours, "checksum": checksum, "char_start": start,
-            "char_end": end, "text": text}
+    return index_row(chunk_id=cid, doc_id=doc_id, chunk_no=chunk_no, n_tokens=n_tokens, shard=shard,
+                     pos_base=pos_base, neighbours=neighbours, checksum=checksum, char_start=start, char_end=end,
+                     text=text)

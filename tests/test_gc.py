@@ -71,27 +71,27 @@ def test_gc_keeps_the_newest_releases_whole_and_deletes_the_rest(three_releases,
 
 from test_store import some_chunks, write_release  # noqa: E402
 
-from kvfuse.loader.manifest import read_history  # noqa: E402
+from kvfuse.loader.manifest import read_current, read_history  # noqa: E402
 from kvfuse.loader.store import LEASES_DIR  # noqa: E402
 
 
-def crashed_publish(cache, chunks):
+def crashed_publish(cache, chunks, monkeypatch):
     """What a build killed just before the CURRENT swap leaves: shards, index and manifest of a
-    release that was never current."""
-    good, _ = write_release(cache / "scratch", chunks)  # build it elsewhere, then copy all but CURRENT
-    for sub in (fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.RELEASES_DIR):
-        for p in (cache / "scratch" / sub).iterdir():
-            shutil.copy(p, cache / sub / p.name)
-    shutil.rmtree(cache / "scratch")
-    return good
+    release that was never current (tests/test_integrity.py does it with a real SIGKILL)."""
+    import kvfuse.loader.writer as writer
+    with monkeypatch.context() as m:
+        m.setattr(writer, "write_current", lambda *a: None)
+        m.setattr(writer, "append_history", lambda *a: None)
+        release, _ = write_release(cache, chunks)
+    return release
 
 
-def test_gc_keeps_by_publish_history_not_by_the_files_a_crashed_publish_left(tmp_path):
+def test_gc_keeps_by_publish_history_not_by_the_files_a_crashed_publish_left(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     r1, _ = write_release(cache, some_chunks(2, seed0=0, prefix="a"))
     r2, _ = write_release(cache, some_chunks(2, seed0=10, prefix="b"))
-    r3 = crashed_publish(cache, some_chunks(2, seed0=20, prefix="c"))  # never current
-    assert r3 not in [r for r, _ in read_history(cache)]
+    r3 = crashed_publish(cache, some_chunks(2, seed0=20, prefix="c"), monkeypatch)  # never current
+    assert r3 not in [r for r, _ in read_history(cache)] and read_current(cache) == r2
     r4, _ = write_release(cache, some_chunks(2, seed0=30, prefix="d"))  # the rerun
     assert sorted(list_releases(cache)) == sorted({r1, r2, r3, r4})
     report = collect(cache, keep=2, grace_s=0)
