@@ -351,3 +351,49 @@ def test_sigkill_just_before_the_current_swap_keeps_the_previous_release_and_gc_
     r3, _ = write_release(cache, some_chunks(2, seed0=60, prefix="b"))  # the rerun
     report = collect(cache, keep=2, grace_s=0)
     assert orphan in report.releases and {r1, r3} <= set(report.kept)
+
+
+KILL_MID_GC = """
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+from pathlib import Path
+from kvfuse.loader.gc import collect
+
+real, n = Path.unlink, [0]
+def slow_unlink(self, missing_ok=False):  # gc is killed after its third deletion
+    n[0] += 1
+    if n[0] == 4:
+        Path(sys.argv[2]).write_text("x")
+        time.sleep(120)
+    return real(self, missing_ok=missing_ok)
+Path.unlink = slow_unlink
+collect(Path(sys.argv[1]), keep=1, grace_s=0)
+"""
+
+
+def test_sigkill_mid_gc_leaves_the_kept_releases_whole_and_a_rerun_finishes(tmp_path):
+    import signal
+    import sys
+    import time
+
+    cache, marker = tmp_path / "cache", tmp_path / "marker"
+    for i in range(3):
+        write_release(cache, some_chunks(2, seed0=10 * i, prefix=f"r{i}"), target_bytes=1)
+    current = Store.open(cache, lease=False).release
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_GC, str(cache), str(marker), str(Path(__file__).parent)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "gc never reached its fourth deletion"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert verify_release(cache).ok and Store.open(cache).release == current
+    report = collect(cache, keep=1, grace_s=0)  # the rerun finishes the job
+    assert report.kept == [current] and verify_release(cache).ok
+    with Store.open(cache, lease=False) as store:
+        used = {r.shard for r in store.records(include_prefix=True)}
+    assert {p.name.removesuffix(fmt.SHARD_SUFFIX) for p in (cache / fmt.SHARDS_DIR).glob(f"*{fmt.SHARD_SUFFIX}")} == used

@@ -227,3 +227,23 @@ def test_bad_corpus_lines_and_columns_are_named(tmp_path, model_dir):
     out = CliRunner().invoke(main, ["build-cache", str(tmp_path / "bad.parquet"), "--cache", str(tmp_path / "c2"),
                                     "--in-process", "--model", str(model_dir)])
     assert out.exit_code != 0 and "bad.parquet" in str(out.exception) and "'text' column" in str(out.exception)
+
+
+def test_a_build_that_fills_the_disk_fails_clearly_and_keeps_the_previous_release(tmp_path, lm):
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        cache = mnt / "cache"
+        docs = make_docs(n=2, words=30)
+        first = build_cache(write_docs(tmp_path / "c.jsonl", docs), cache, lm, CFG).release
+        docs.update(make_docs(n=60, words=30, seed=1) | {f"x{i}": t for i, t in enumerate(make_docs(60, 30, 2).values())})
+        with pytest.raises(Exception) as e:  # OSError (no room for the new KV) or StoreError (mid-shard)
+            build_cache(write_docs(tmp_path / "c.jsonl", docs), cache, lm, CFG)
+        assert "space" in str(e.value).lower() and "rerun" in str(e.value), str(e.value)
+        assert read_current(cache) == first and verify_release(cache).ok
+        assert not list((cache / fmt.SHARDS_DIR).glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mnt)])
