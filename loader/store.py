@@ -170,12 +170,14 @@ class Store:
             raise ModelMismatchError(
                 f"cache {self.cache_dir} (release {self.release}) was built with model "
                 f"{have.get('name')} fingerprint {have['fingerprint']}, but the model given has "
-                f"fingerprint {fingerprint}. Use the same model, or rebuild the cache for this one."
+                f"fingerprint {fingerprint}. Use the same model, or build a cache for this one in another folder "
+                f"(`kvfuse build-cache CORPUS --cache NEW_DIR --model ...`)."
             )
         if have["dtype"] != want_dtype:
             raise ModelMismatchError(
                 f"cache {self.cache_dir} holds {have['dtype']} KV but the model runs in {want_dtype}; "
-                f"load the model with dtype={have['dtype']} or rebuild the cache."
+                f"load the model with dtype={have['dtype']}, or build a cache for {want_dtype} in another folder "
+                f"(`kvfuse build-cache CORPUS --cache NEW_DIR --dtype {want_dtype}`)."
             )
 
     def records(self, include_prefix: bool = False) -> list[ChunkRecord]:
