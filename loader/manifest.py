@@ -271,8 +271,8 @@ def read_manifest(cache_dir: Path, release: str) -> dict:
     sidecar = path.with_name(path.name + DIGEST_SUFFIX)
     want = None
     if sidecar.exists():
-        want = sidecar.read_bytes().decode("ascii", "replace").strip()
-        if Digest.of(data).xxh3_128 != want:
+        want = sidecar.read_bytes()
+        if (Digest.of(data).xxh3_128 + "\n").encode() != want:  # exact: a flip in either file is found
             raise StoreError(f"release manifest {path} does not match its digest in {sidecar.name} "
                              f"(changed after it was written: disk error or tampering). {advice}")
     try:

@@ -22,7 +22,7 @@ from kvfuse.loader import format as fmt
 from kvfuse.loader.errors import NoReleaseError, StoreError, UnsafePathError
 from kvfuse.loader.gc import collect
 from kvfuse.loader.manifest import (
-    DIGEST_SUFFIX, SUMS_SUFFIX, manifest_path, read_manifest, write_current, write_manifest,
+    DIGEST_SUFFIX, SUMS_SUFFIX, Digest, manifest_path, read_manifest, write_current, write_manifest,
 )
 from kvfuse.loader.store import Store, verify_release
 from kvfuse.loader.writer import ShardWriter, init_cache_dir
@@ -53,11 +53,12 @@ def release(tmp_path):
 # ---- 100% detection, file named ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["index", "manifest"])
+@pytest.mark.parametrize("which", ["index", "manifest", "digest"])
 def test_every_bit_flip_in_index_or_manifest_is_detected_naming_the_file(release, which):
     cache, rel, _ = release
     m = read_manifest(cache, rel)
-    path = cache / m["index"] if which == "index" else manifest_path(cache, rel)
+    path = {"index": cache / m["index"], "manifest": manifest_path(cache, rel),
+            "digest": manifest_path(cache, rel).with_name(f"{rel}.json{DIGEST_SUFFIX}")}[which]
     original = path.read_bytes()
     rng = random.Random(0)
     for offset in range(len(original)):  # every byte, a random bit of each
@@ -121,7 +122,7 @@ def test_manifest_digest_sidecar_lost_or_manifest_key_missing_is_named(release):
         Store.open(cache)
     assert mpath.name in str(e.value)
     mpath.write_bytes(b"\xff\xfe garbled \x80")  # not UTF-8, digest rewritten to match
-    (mpath.parent / (mpath.name + DIGEST_SUFFIX)).write_text(__import__("xxhash").xxh3_128(mpath.read_bytes()).hexdigest())
+    (mpath.parent / (mpath.name + DIGEST_SUFFIX)).write_text(Digest.of(mpath.read_bytes()).xxh3_128 + "\n")
     with pytest.raises(StoreError, match="not UTF-8 text"):
         Store.open(cache)
 
