@@ -398,3 +398,18 @@ def test_sigkill_mid_gc_leaves_the_kept_releases_whole_and_a_rerun_finishes(tmp_
     with Store.open(cache, lease=False) as store:
         used = {r.shard for r in store.records(include_prefix=True)}
     assert {p.name.removesuffix(fmt.SHARD_SUFFIX) for p in (cache / fmt.SHARDS_DIR).glob(f"*{fmt.SHARD_SUFFIX}")} == used
+
+
+def test_a_manifest_from_before_digests_still_opens_but_a_lost_digest_file_is_reported(release):
+    cache, rel, _ = release
+    mpath = manifest_path(cache, rel)
+    sidecar = mpath.with_name(mpath.name + DIGEST_SUFFIX)
+    sidecar.unlink()
+    with pytest.raises(StoreError, match="has lost its digest file"):
+        Store.open(cache)
+    m = json.loads(mpath.read_text())
+    for key in ("index_digest", "shards"):
+        del m[key]
+    mpath.write_text(json.dumps(m))  # as an older kvfuse wrote it
+    open_and_read_all(cache)
+    assert verify_release(cache).ok
