@@ -206,7 +206,7 @@ def test_identical_text_keeps_every_document_and_shares_the_kv(tmp_path, lm):
     assert a.chunk_ids and all(c in store for c in a.chunk_ids)
 
 
-def test_a_corpus_whose_kv_would_be_huge_is_refused_before_any_work(tmp_path, lm):
+def test_a_corpus_whose_kv_would_be_huge_is_refused_before_any_work(tmp_path, lm, model_dir):
     import random
     rng = random.Random(0)
     words = "the city is the capital of the country and the river is red".split()
@@ -215,6 +215,9 @@ def test_a_corpus_whose_kv_would_be_huge_is_refused_before_any_work(tmp_path, lm
         build_cache(corpus, tmp_path / "cache", lm, BuildConfig(chunk_tokens=64, progress=False, max_kv_gb=0.01))
     assert "GiB of KV" in str(e.value)
     assert not (tmp_path / "cache" / fmt.CURRENT_FILE).exists()
+    out = CliRunner().invoke(main, ["build-cache", str(corpus), "--cache", str(tmp_path / "cache"), "--in-process",
+                                    "--model", str(model_dir), "--chunk-tokens", "64", "--max-kv-gb", "0.01"])
+    assert out.exit_code != 0 and "--max-kv-gb" in str(out.exception)
 
 
 def test_bad_corpus_lines_and_columns_are_named(tmp_path, model_dir):
