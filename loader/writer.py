@@ -145,12 +145,14 @@ class ShardWriter:
         header = header_digest(blob)
         # Same content = same name: a rerun needn't rewrite a shard whose bytes are the same,
         # but replaces a torn or corrupt one (its chunks were recomputed, so they are here).
-        if not _same_bytes(path, blob, digest):
+        same = _same_bytes(path, blob, digest)
+        if not same or read_shard_sums(self.cache_dir, shard) is None:
             sums = {"bytes": len(blob), "header": header, "metadata": self.metadata,
                     "chunks": dict(self._pending)}
             try:
                 write_shard_sums(self.cache_dir, shard, sums)
-                write_bytes_atomic(path, blob)
+                if not same:
+                    write_bytes_atomic(path, blob)
             except OSError as e:
                 raise StoreError(f"cannot write shard {path}: {e.strerror or e}. Nothing was published; free space "
                                  "(or fix permissions) and rerun: the shards already written are reused.") from e
