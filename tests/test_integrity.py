@@ -311,6 +311,25 @@ def test_shard_sums_file_holds_the_writers_checksums(tmp_path):
 
 # ---- SIGKILL around the CURRENT swap ------------------------------------------------------------------
 
+def sigkill_at_marker(script: str, cache: Path, marker: Path) -> None:
+    """Run script (argv: cache, marker, tests folder) and SIGKILL it once it writes marker."""
+    import signal
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", script, str(cache), str(marker), str(Path(__file__).parent)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the script never reached its marker"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 KILL_AT_SWAP = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
@@ -328,24 +347,9 @@ write_release(Path(sys.argv[1]), some_chunks(2, seed0=50, prefix="k"))
 
 
 def test_sigkill_just_before_the_current_swap_keeps_the_previous_release_and_gc_collects_the_orphan(tmp_path):
-    import signal
-    import sys
-    import time
-
     cache, marker = tmp_path / "cache", tmp_path / "marker"
     r1, _ = write_release(cache, some_chunks(2, prefix="a"))
-    proc = subprocess.Popen([sys.executable, "-c", KILL_AT_SWAP, str(cache), str(marker),
-                             str(Path(__file__).parent)])
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the publish never reached the swap"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_at_marker(KILL_AT_SWAP, cache, marker)
     orphan = marker.read_text()
     assert Store.open(cache).release == r1 and verify_release(cache).ok
     assert verify_release(cache, orphan).ok  # whole, but never current
@@ -373,25 +377,11 @@ collect(Path(sys.argv[1]), keep=1, grace_s=0)
 
 
 def test_sigkill_mid_gc_leaves_the_kept_releases_whole_and_a_rerun_finishes(tmp_path):
-    import signal
-    import sys
-    import time
-
     cache, marker = tmp_path / "cache", tmp_path / "marker"
     for i in range(3):
         write_release(cache, some_chunks(2, seed0=10 * i, prefix=f"r{i}"), target_bytes=1)
     current = Store.open(cache, lease=False).release
-    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_GC, str(cache), str(marker), str(Path(__file__).parent)])
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "gc never reached its fourth deletion"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_at_marker(KILL_MID_GC, cache, marker)
     assert verify_release(cache).ok and Store.open(cache).release == current
     report = collect(cache, keep=1, grace_s=0)  # the rerun finishes the job
     assert report.kept == [current] and verify_release(cache).ok
