@@ -35,6 +35,7 @@ from .manifest import (
     ChunkRecord,
     index_digest,
     list_releases,
+    manifest_path,
     read_current,
     read_index,
     read_manifest,
@@ -119,25 +120,45 @@ class Store:
         cache_dir = Path(cache_dir)
         if not cache_dir.is_dir():
             raise NoReleaseError(f"no cache folder at {cache_dir}; build one with `kvfuse build-cache`.")
-        release = release or read_current(cache_dir)
-        if release is None:
-            raise NoReleaseError(
-                f"{cache_dir} has no current release (no {fmt.CURRENT_FILE} file); "
-                "build one with `kvfuse build-cache CORPUS --cache DIR`."
-            )
+        for attempt in range(3):
+            name = release or read_current(cache_dir)
+            if name is None:
+                raise NoReleaseError(
+                    f"{cache_dir} has no current release (no {fmt.CURRENT_FILE} file); "
+                    "build one with `kvfuse build-cache CORPUS --cache DIR`."
+                )
+            held = _Lease.take(cache_dir, name) if lease else None  # before reading: gc then keeps it
+            try:
+                store = cls._open(cache_dir, name)
+            except StoreError:
+                if held is not None:
+                    held.release()
+                collected = not manifest_path(cache_dir, name).exists()
+                if collected and release is None and attempt < 2 and read_current(cache_dir) != name:
+                    continue  # gc collected it between our reading CURRENT and the manifest: CURRENT moved on
+                raise
+            store._lease = held
+            return store
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open(cls, cache_dir: Path, release: str) -> "Store":
         manifest = read_manifest(cache_dir, release)
         index_path = _inside(cache_dir, str(manifest["index"]), f"release {release}'s index")
-        rows = read_index(index_path, index_digest(manifest))
+        try:
+            rows = read_index(index_path, index_digest(manifest))
+        except StoreError:
+            if not manifest_path(cache_dir, release).exists():  # collected while we read
+                raise NoReleaseError(f"release {release} was collected by `kvfuse gc` while it was being opened; "
+                                     "open the current one.") from None
+            raise
         for rec in rows:
             if not fmt.is_safe_name(rec.shard):
                 raise UnsafePathError(
                     f"index row {rec.chunk_id} names shard {rec.shard!r}, which is not a plain file "
                     "name inside the cache folder; refusing it."
                 )
-        store = cls(cache_dir, manifest, rows)
-        if lease:
-            store._lease = _Lease.take(cache_dir, release)
-        return store
+        return cls(cache_dir, manifest, rows)
 
     def close(self) -> None:
         """Drop the shard handles and the reader lease."""

@@ -403,3 +403,41 @@ def test_a_manifest_from_before_digests_still_opens_but_a_lost_digest_file_is_re
     mpath.write_text(json.dumps(m))  # as an older kvfuse wrote it
     open_and_read_all(cache)
     assert verify_release(cache).ok
+
+
+def test_readers_during_publishes_and_gc_never_see_damage(tmp_path):
+    """Readers loop (open CURRENT, read every chunk, close) while releases are published and gc runs
+    with no grace period: every open succeeds, or (the reader lost a race with gc) says the release
+    was collected; never "damaged", never a checksum failure."""
+    import threading
+
+    cache = tmp_path / "cache"
+    write_release(cache, some_chunks(2, prefix="p0"), target_bytes=1)
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                with Store.open(cache) as store:
+                    for rec in store.records(include_prefix=True):
+                        store.read(rec.chunk_id)
+                reads[0] += 1
+            except NoReleaseError as e:
+                if "collected" not in str(e):
+                    errors.append(e)
+            except Exception as e:  # noqa: BLE001 - any other error is a failure of the test
+                errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(1, 12):
+            write_release(cache, some_chunks(2, seed0=10 * i, prefix=f"p{i}"), target_bytes=1)
+            collect(cache, keep=1, grace_s=0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert reads[0] > 0
