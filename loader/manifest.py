@@ -116,16 +116,26 @@ def write_atomic(path: Path, write) -> None:
     Files are created with the process umask (0o666 & ~umask), so a cache folder
     that other users may read yields files they can read.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_name(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary name a writer uses for path (remove_stale_tmp deletes those a killed writer left)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """fsync tmp, give it the umask's permissions, rename it to path, fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0o600 whatever the umask
+    os.replace(tmp, path)
     fsync_dir(path.parent)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import filecmp
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,13 +21,13 @@ from pathlib import Path
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save as serialize_safetensors
+from safetensors.torch import save_file
 
 from . import format as fmt
 from .errors import StoreError
 from .manifest import (
-    Digest, append_history, header_digest, list_releases, read_current, read_shard_sums, shard_header_digest,
-    write_atomic, write_bytes_atomic, write_current, write_index, write_manifest, write_shard_sums,
+    append_history, list_releases, move_into_place, read_current, read_shard_sums, shard_header_digest, tmp_name,
+    write_atomic, write_current, write_index, write_manifest, write_shard_sums,
 )
 from .manifest import fsync_dir  # noqa: F401  (re-exported)
 
@@ -102,10 +104,11 @@ class WrittenChunk:
 class ShardWriter:
     """Buffers chunk tensors and writes them as immutable shards of ~target_bytes.
 
-    Each shard's bytes are serialized here, so every checksum and digest is taken from
-    the bytes written: the chunk checksums (tensors), the shard's size and header digest.
-    They are kept next to the shard in `<shard>.sums.json` (written before the shard), so a
-    rerun can verify a shard a killed build left behind instead of trusting it.
+    Every checksum and digest is taken from what this writer wrote: the chunk checksums
+    from the tensors it was given, the shard's size and header digest from its temporary
+    file before the rename. They are kept next to the shard in `<shard>.sums.json`
+    (written before the shard), so a rerun can verify a shard a killed build left behind
+    instead of trusting it.
     """
 
     cache_dir: Path
@@ -140,35 +143,43 @@ class ShardWriter:
         ids = sorted(cid for cid, _ in self._pending)
         shard = "s-" + xxhash.xxh3_64("\n".join(ids).encode()).hexdigest()
         path = self.cache_dir / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}"
-        blob = serialize_safetensors(self._tensors, metadata=self.metadata)
-        digest = Digest.of(blob)
-        header = header_digest(blob)
-        # Same content = same name: a rerun needn't rewrite a shard whose bytes are the same,
-        # but replaces a torn or corrupt one (its chunks were recomputed, so they are here).
-        same = _same_bytes(path, blob, digest)
-        if not same or read_shard_sums(self.cache_dir, shard) is None:
-            sums = {"bytes": len(blob), "header": header, "metadata": self.metadata,
-                    "chunks": dict(self._pending)}
+        tmp = tmp_name(path)
+        try:
             try:
-                write_shard_sums(self.cache_dir, shard, sums)
+                _save_file(self._tensors, tmp, self.metadata)
+                # the header this writer just wrote, read back before the file is published
+                size, header = shard_header_digest(tmp)
+                # Same content = same name: a rerun needn't replace a shard whose bytes are the
+                # same, but replaces a torn or corrupt one (its chunks were recomputed: here).
+                same = path.exists() and path.stat().st_size == size and filecmp.cmp(tmp, path, shallow=False)
+                if not same or read_shard_sums(self.cache_dir, shard) is None:
+                    write_shard_sums(self.cache_dir, shard, {"bytes": size, "header": header,
+                                                             "metadata": self.metadata, "chunks": dict(self._pending)})
                 if not same:
-                    write_bytes_atomic(path, blob)
-            except OSError as e:
-                raise StoreError(f"cannot write shard {path}: {e.strerror or e}. Nothing was published; free space "
-                                 "(or fix permissions) and rerun: the shards already written are reused.") from e
-        done = [WrittenChunk(cid, shard, ck, len(blob), header) for cid, ck in self._pending]
+                    move_into_place(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot write shard {path}: {e.strerror or e}. Nothing was published; free space "
+                             "(or fix permissions) and rerun: the shards already written are reused.") from e
+        done = [WrittenChunk(cid, shard, ck, size, header) for cid, ck in self._pending]
         self.written.extend(done)
         self._tensors, self._pending, self._bytes = {}, [], 0
         return done
 
 
-def _same_bytes(path: Path, blob: bytes, digest: Digest) -> bool:
+def _save_file(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' save_file, its I/O errors raised as OSError (errno kept: ENOSPC is told apart)."""
     try:
-        if path.stat().st_size != digest.bytes:
-            return False
-        return path.read_bytes() == blob
+        save_file(tensors, str(path), metadata=metadata)
     except OSError:
-        return False
+        raise
+    except Exception as e:  # SafetensorError("... I/O error: No space left on device (os error 28)")
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def scan_shards(cache_dir: Path) -> dict[str, dict]:
