@@ -38,15 +38,26 @@ def main():
 @click.option("--workers", default=None, type=click.IntRange(1), help="LocalCluster workers (default: one per GPU, or 1).")
 @click.option("--gpus", default=0, show_default=True, type=click.IntRange(0), help="GPUs to use, one per worker.")
 @click.option("--in-process", is_flag=True, help="No Dask: run everything in this process.")
+@click.option("--verify", is_flag=True, help="Checksum every chunk carried forward (default: size + header of its "
+              "shard, and checksums after a reader saw a shard fail).")
+@click.option("--repair", is_flag=True, help="Verify like --verify and recompute exactly the damaged chunks "
+              "(`kvfuse verify` lists them).")
+@click.option("--max-kv-gb", default=64.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Refuse a release whose KV would exceed this many GiB.")
 def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enrich=True, neighbours=2,
-                    neighbour_tokens=1024, embedder="model", scheduler=None, workers=None, gpus=0, in_process=False):
+                    neighbour_tokens=1024, embedder="model", scheduler=None, workers=None, gpus=0, in_process=False,
+                    verify=False, repair=False, max_kv_gb=64.0):
     """Chunk CORPUS (jsonl, parquet, folder of .txt/.md, or a saved datasets folder), precompute
     every chunk's KV (FusionRAG-enriched unless --no-enrich) and publish a new release into --cache.
     Building onto an existing cache recomputes only new or changed chunks and those whose
     neighbours changed; a rerun after a crash resumes. Runs as a Dask job unless --in-process."""
+    from pathlib import Path
     from kvfuse.pipeline.build import BuildConfig, build_cache
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise click.BadParameter(f"{cache_dir} is a file; give a folder (created if missing).", param_hint="--cache")
     config = BuildConfig(chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich,
-                         neighbours=neighbours, neighbour_tokens=neighbour_tokens, embedder=embedder)
+                         neighbours=neighbours, neighbour_tokens=neighbour_tokens, embedder=embedder,
+                         verify=verify or repair, max_kv_gb=max_kv_gb)
     if in_process:
         report = build_cache(corpus, cache_dir, _load(model, dtype), config)
     else:
@@ -55,6 +66,10 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
         with open_client(cluster) as client:
             click.echo(f"dask: {len(client.scheduler_info()['workers'])} workers at {client.scheduler.address}", err=True)
             report = build_on_dask(client, corpus, cache_dir, ModelLoader(model, dtype), config, cluster)
+    for note in report.notes:
+        click.echo(f"warning: {note}", err=True)
+    if report.repaired:
+        click.echo(f"repaired {len(report.repaired)} damaged chunks: {', '.join(report.repaired)}", err=True)
     click.echo(f"release {report.release}: {report.chunks} chunks ({report.computed} computed, "
                f"{report.reused} reused), {report.tokens} tokens prefilled in {report.seconds:.1f} s "
                f"({report.tokens_per_s:.0f} tok/s)")
@@ -62,15 +77,21 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
 
 @main.command()
 @click.argument("cache_dir", type=click.Path(exists=True))
-@click.option("--keep", required=True, type=click.IntRange(1), help="Keep the newest N releases (and CURRENT).")
-@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
-def gc(cache_dir, keep, dry_run):
-    """Delete older releases and every shard or embedding file no kept release references."""
-    from kvfuse.loader.gc import collect
-    r = collect(cache_dir, keep, dry_run)
+@click.option("--keep", required=True, type=click.IntRange(1),
+              help="Keep the N releases most recently current (publish history) and CURRENT.")
+@click.option("--grace", default="6h", show_default=True,
+              help="Never delete a release current (or created) less than this long ago: 90s, 30m, 6h, 2d, 0.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted (works on a read-only cache).")
+def gc(cache_dir, keep, grace, dry_run):
+    """Delete older releases and every shard or embedding file no kept release references.
+    Releases held by a live reader (a lease under CACHE_DIR/leases) are kept too."""
+    from kvfuse.loader.gc import collect, parse_duration
+    r = collect(cache_dir, keep, dry_run, grace_s=parse_duration(grace))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"kept {', '.join(r.kept)}; {verb} {len(r.releases)} releases, {len(r.shards)} shards, "
                f"{len(r.embeddings)} embedding files ({r.bytes_freed / 2**20:.1f} MiB)")
+    for release, why in sorted(r.reasons.items()):
+        click.echo(f"  kept {release}: {why}")
 
 
 @main.command()
@@ -80,7 +101,8 @@ def gc(cache_dir, keep, dry_run):
 def inspect(cache_dir, release, as_json):
     """Show a cache's release, model, chunks, tokens and bytes."""
     from kvfuse.loader.store import Store, list_releases
-    stats = Store.open(cache_dir, release).stats()
+    with Store.open(cache_dir, release, lease=False) as store:
+        stats = store.stats()
     stats["releases"] = list_releases(cache_dir)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
@@ -89,6 +111,34 @@ def inspect(cache_dir, release, as_json):
         if key == "kv_bytes":
             value = f"{value / 2**20:.1f} MiB"
         click.echo(f"{key:>12}: {value}")
+
+
+@main.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--release", default=None, help="A release id (default: CURRENT).")
+@click.option("--quick", is_flag=True, help="Only sizes and headers of the shards, no chunk checksums.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify(cache_dir, release, quick, as_json):
+    """Check a release end to end (CURRENT, manifest, index, every shard and chunk); name every bad
+    chunk. Exit status 1 when anything is wrong."""
+    from kvfuse.loader.store import verify_release
+    r = verify_release(cache_dir, release, checksums=not quick)
+    if as_json:
+        click.echo(json.dumps({"release": r.release, "ok": r.ok, "chunks": r.chunks, "checksummed": r.checksummed,
+                               "problems": [p.__dict__ for p in r.problems]}, indent=2))
+    else:
+        for p in r.problems:
+            click.echo(f"BAD {p.file}: {p.message}")
+            for cid in p.chunks:
+                click.echo(f"    chunk {cid}")
+        what = "checksummed" if r.checksummed else "size + header checked"
+        if r.ok:
+            click.echo(f"release {r.release}: OK ({r.chunks} chunks {what})")
+        else:
+            click.echo(f"release {r.release or '?'}: {len(r.problems)} problems, {len(r.bad_chunks)} bad chunks; "
+                       f"repair with `kvfuse build-cache CORPUS --cache {cache_dir} --repair`")
+    if not r.ok:
+        sys.exit(1)
 
 
 @main.command()

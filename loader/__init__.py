@@ -5,6 +5,6 @@ Imports neither `kvfuse.runtime` nor `kvfuse.pipeline`.
 """
 
 from .errors import StoreError
-from .store import ChunkData, ChunkRecord, Store
+from .store import ChunkData, ChunkRecord, Store, VerifyReport, verify_release
 
-__all__ = ["ChunkData", "ChunkRecord", "Store", "StoreError"]
+__all__ = ["ChunkData", "ChunkRecord", "Store", "StoreError", "VerifyReport", "verify_release"]

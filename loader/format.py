@@ -3,9 +3,14 @@
 A cache folder holds
 
     CURRENT                     one line: the current release id (replaced atomically)
-    releases/<release>.json     the release manifest (model, params, parent, stats, index file)
-    index/<release>.parquet     one row per chunk
+    releases/<release>.json     the release manifest (model, params, parent, stats, index file + digests)
+    releases/<release>.json.xxh3  digest of the manifest's bytes
+    index/<release>.parquet     one row per (document, chunk number)
     shards/<shard>.safetensors  immutable; many chunks each
+    shards/<shard>.sums.json    the writer's size, header digest and chunk checksums of the shard
+    history.jsonl               what was current, when (gc keeps releases by it)
+
+(loader/manifest.py writes and reads all but the shards; docs/reliability.md.)
 
 and per chunk, inside a shard:
 
@@ -37,19 +42,10 @@ SHARD_SUFFIX = ".safetensors"
 # metadata too, so a reader never has to guess.
 SALIENCY_SIGNALS = ("attn_received", "kv_deviation")
 
-# Index columns, in order (pyarrow types are set in loader.store).
+# Index columns, in order; their types and meaning: loader.manifest.INDEX_SCHEMA (the one owner).
 INDEX_COLUMNS = (
-    "chunk_id",     # content hash, see chunk_id()
-    "doc_id",
-    "chunk_no",     # position of the chunk in its document; -1 for the shared prefix
-    "n_tokens",
-    "shard",        # shard name without suffix
-    "pos_base",     # absolute position of the chunk's first token when its KV was computed
-    "neighbours",   # chunk_ids prefilled before it (FusionRAG enrichment)
-    "checksum",     # xxh3_64 hex over kv, tok, sal bytes
-    "char_start",   # text span in the document
-    "char_end",
-    "text",         # the chunk's text (retrieval reads it)
+    "chunk_id", "doc_id", "chunk_no", "n_tokens", "shard", "pos_base", "neighbours", "checksum",
+    "char_start", "char_end", "text",
 )
 
 PREFIX_DOC_ID = "__prefix__"

@@ -11,12 +11,14 @@ only `kvfuse gc` deletes them, never those of a kept release).
 
 from __future__ import annotations
 
-import json
+import os
+import socket
 import threading
-from dataclasses import dataclass
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 
@@ -29,23 +31,22 @@ from .errors import (
     UnknownChunkError,
     UnsafePathError,
 )
+from .manifest import (
+    ChunkRecord,
+    index_digest,
+    list_releases,
+    manifest_path,
+    read_current,
+    read_index,
+    read_manifest,
+    shard_header_digest,
+)
 
+__all__ = ["ChunkData", "ChunkRecord", "Store", "list_releases", "read_current", "verify_release"]
 
-@dataclass(frozen=True)
-class ChunkRecord:
-    """One index row."""
-
-    chunk_id: str
-    doc_id: str
-    chunk_no: int
-    n_tokens: int
-    shard: str
-    pos_base: int
-    neighbours: tuple[str, ...]
-    checksum: str
-    char_start: int
-    char_end: int
-    text: str
+LEASES_DIR = "leases"      # <cache>/leases/<id>.json: a live reader's release (see Store.open)
+LEASE_TTL_S = 600.0        # a lease not refreshed for this long is stale (its reader died)
+DAMAGE_FILE = ".damaged"   # readers note shards that failed here; the next build verifies checksums
 
 
 @dataclass
@@ -55,21 +56,6 @@ class ChunkData:
     tokens: torch.Tensor    # [T] int32
     saliency: torch.Tensor  # [S, T] float16
     pos_base: int
-
-
-def read_current(cache_dir: Path) -> str | None:
-    path = Path(cache_dir) / fmt.CURRENT_FILE
-    if not path.exists():
-        return None
-    release = path.read_text().strip()
-    return release or None
-
-
-def list_releases(cache_dir: Path) -> list[str]:
-    folder = Path(cache_dir) / fmt.RELEASES_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.json"))
 
 
 def _inside(cache_dir: Path, relpath: str, what: str) -> Path:
@@ -84,56 +70,109 @@ def _inside(cache_dir: Path, relpath: str, what: str) -> Path:
     return path
 
 
-class Store:
-    """A read-only view of one release."""
+def _repair_advice(cache_dir: Path) -> str:
+    return (f"Run `kvfuse verify {cache_dir}` to list every damaged chunk, then "
+            f"`kvfuse build-cache CORPUS --cache {cache_dir} --repair` to recompute them.")
 
-    def __init__(self, cache_dir: Path, manifest: dict, records: dict[str, ChunkRecord]):
+
+def note_damage(cache_dir: Path, shard: str) -> None:
+    """Remember (best effort) that a read of shard failed, so the next build checks checksums."""
+    try:
+        with open(Path(cache_dir) / DAMAGE_FILE, "a") as f:
+            f.write(shard + "\n")
+    except OSError:
+        pass
+
+
+class Store:
+    """A read-only view of one release.
+
+    One index row per (document, chunk number); identical chunks share a chunk_id and
+    its KV on disk. `records()` lists the rows, `record(chunk_id)` / `read(chunk_id)`
+    give the chunk's metadata and tensors, `rows_of(chunk_id)` every document it is in.
+    """
+
+    def __init__(self, cache_dir: Path, manifest: dict, rows: list[ChunkRecord]):
         self.cache_dir = cache_dir
         self.manifest = manifest
         self.release: str = manifest["release"]
-        self._records = records
+        self._rows = rows
+        self._records: dict[str, ChunkRecord] = {}
+        self._docs: dict[str, list[ChunkRecord]] = {}
+        for rec in rows:
+            self._records.setdefault(rec.chunk_id, rec)
+            self._docs.setdefault(rec.chunk_id, []).append(rec)
         self._handles: dict[str, object] = {}
+        self._checked: dict[str, Path] = {}
         self._lock = threading.Lock()
+        self._lease: _Lease | None = None
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
-    def open(cls, cache_dir: str | Path, release: str | None = None) -> "Store":
+    def open(cls, cache_dir: str | Path, release: str | None = None, lease: bool = True) -> "Store":
+        """Open `release` (default: the one CURRENT names now) and check its manifest and index.
+
+        With lease, the reader registers the release under <cache>/leases/ (refreshed while
+        it reads, removed on close) so that `kvfuse gc` keeps it; on a read-only cache no
+        lease is written. Raises NoReleaseError, StoreError (damaged: the file is named),
+        UnsafePathError.
+        """
         cache_dir = Path(cache_dir)
         if not cache_dir.is_dir():
             raise NoReleaseError(f"no cache folder at {cache_dir}; build one with `kvfuse build-cache`.")
-        release = release or read_current(cache_dir)
-        if release is None:
-            raise NoReleaseError(
-                f"{cache_dir} has no current release (no {fmt.CURRENT_FILE} file); "
-                "build one with `kvfuse build-cache CORPUS --cache DIR`."
-            )
-        if not fmt.is_safe_name(release):
-            raise UnsafePathError(f"release name {release!r} is not a plain file name; refusing it.")
-        manifest_path = cache_dir / fmt.RELEASES_DIR / f"{release}.json"
-        if not manifest_path.exists():
-            known = ", ".join(list_releases(cache_dir)) or "none"
-            raise NoReleaseError(f"unknown release {release!r} in {cache_dir} (releases: {known}).")
+        for attempt in range(3):
+            name = release or read_current(cache_dir)
+            if name is None:
+                raise NoReleaseError(
+                    f"{cache_dir} has no current release (no {fmt.CURRENT_FILE} file); "
+                    "build one with `kvfuse build-cache CORPUS --cache DIR`."
+                )
+            held = _Lease.take(cache_dir, name) if lease else None  # before reading: gc then keeps it
+            try:
+                store = cls._open(cache_dir, name)
+            except StoreError:
+                if held is not None:
+                    held.release()
+                collected = not manifest_path(cache_dir, name).exists()
+                if collected and release is None and attempt < 2 and read_current(cache_dir) != name:
+                    continue  # gc collected it between our reading CURRENT and the manifest: CURRENT moved on
+                raise
+            store._lease = held
+            return store
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open(cls, cache_dir: Path, release: str) -> "Store":
+        manifest = read_manifest(cache_dir, release)
+        index_path = _inside(cache_dir, str(manifest["index"]), f"release {release}'s index")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise StoreError(f"release manifest {manifest_path} is not valid JSON: {e}") from e
-        version = manifest.get("format_version")
-        if version != fmt.FORMAT_VERSION:
-            raise StoreError(
-                f"release {release} has store format {version}; this kvfuse reads format "
-                f"{fmt.FORMAT_VERSION}. Rebuild the cache with this version."
-            )
-        index_path = _inside(cache_dir, manifest["index"], f"release {release}'s index")
-        if not index_path.exists():
-            raise StoreError(f"release {release}'s index {index_path} is missing; the cache is damaged.")
-        records = _read_index(index_path)
-        for rec in records.values():
+            rows = read_index(index_path, index_digest(manifest))
+        except StoreError:
+            if not manifest_path(cache_dir, release).exists():  # collected while we read
+                raise NoReleaseError(f"release {release} was collected by `kvfuse gc` while it was being opened; "
+                                     "open the current one.") from None
+            raise
+        for rec in rows:
             if not fmt.is_safe_name(rec.shard):
                 raise UnsafePathError(
                     f"index row {rec.chunk_id} names shard {rec.shard!r}, which is not a plain file "
                     "name inside the cache folder; refusing it."
                 )
-        return cls(cache_dir, manifest, records)
+        return cls(cache_dir, manifest, rows)
+
+    def close(self) -> None:
+        """Drop the shard handles and the reader lease."""
+        with self._lock:
+            self._handles.clear()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- metadata ------------------------------------------------------------------
     @property
@@ -152,21 +191,25 @@ class Store:
             raise ModelMismatchError(
                 f"cache {self.cache_dir} (release {self.release}) was built with model "
                 f"{have.get('name')} fingerprint {have['fingerprint']}, but the model given has "
-                f"fingerprint {fingerprint}. Use the same model, or rebuild the cache for this one."
+                f"fingerprint {fingerprint}. Use the same model, or build a cache for this one in another folder "
+                f"(`kvfuse build-cache CORPUS --cache NEW_DIR --model ...`)."
             )
         if have["dtype"] != want_dtype:
             raise ModelMismatchError(
                 f"cache {self.cache_dir} holds {have['dtype']} KV but the model runs in {want_dtype}; "
-                f"load the model with dtype={have['dtype']} or rebuild the cache."
+                f"load the model with dtype={have['dtype']}, or build a cache for {want_dtype} in another folder "
+                f"(`kvfuse build-cache CORPUS --cache NEW_DIR --dtype {want_dtype}`)."
             )
 
     def records(self, include_prefix: bool = False) -> list[ChunkRecord]:
-        rows = self._records.values()
+        """Every index row, one per (document, chunk number), sorted by (doc_id, chunk_no)."""
+        rows = self._rows
         if not include_prefix:
             rows = [r for r in rows if r.doc_id != fmt.PREFIX_DOC_ID]
         return sorted(rows, key=lambda r: (r.doc_id, r.chunk_no))
 
     def record(self, chunk_id: str) -> ChunkRecord:
+        """The first row of chunk_id (shard, checksum, pos_base are the same in all its rows)."""
         try:
             return self._records[chunk_id]
         except KeyError:
@@ -174,32 +217,73 @@ class Store:
                 f"unknown chunk id {chunk_id!r} in release {self.release} of {self.cache_dir}"
             ) from None
 
+    def rows_of(self, chunk_id: str) -> list[ChunkRecord]:
+        """Every (document, chunk number) whose text is chunk_id's."""
+        self.record(chunk_id)
+        return list(self._docs[chunk_id])
+
     def __contains__(self, chunk_id: str) -> bool:
         return chunk_id in self._records
 
     def __len__(self) -> int:
+        """Distinct chunks (stored KV), the prefix included."""
         return len(self._records)
 
-    def shard_path(self, shard: str) -> Path:
-        return _inside(self.cache_dir, f"{fmt.SHARDS_DIR}/{shard}{fmt.SHARD_SUFFIX}", f"shard {shard}")
+    def shard_path(self, shard: str, chunk_id: str | None = None) -> Path:
+        """The shard's file, checked once per reader: inside the shards folder (which may be a
+        link to another disk), and of the size and header digest its manifest records.
+        Raises UnsafePathError, CorruptShardError."""
+        with self._lock:
+            path = self._checked.get(shard)
+        if path is None:
+            path = self._check_shard(shard, chunk_id)
+            with self._lock:
+                self._checked[shard] = path
+        return path
+
+    def _check_shard(self, shard: str, chunk_id: str | None) -> Path:
+        if not fmt.is_safe_name(shard):
+            raise UnsafePathError(f"shard name {shard!r} is not a plain file name; refusing it.")
+        folder = (self.cache_dir / fmt.SHARDS_DIR).resolve()  # a symlinked shards/ folder is fine
+        path = (folder / f"{shard}{fmt.SHARD_SUFFIX}").resolve()
+        if path.parent != folder:
+            raise UnsafePathError(f"shard {shard} is a link to {path}, outside the shards folder {folder}; refusing it.")
+        where = f"shard {path.name} in {folder}" + (f" (holding chunk {chunk_id})" if chunk_id else "")
+        if not path.exists():
+            if not (self.cache_dir / fmt.RELEASES_DIR / f"{self.release}.json").exists():
+                raise NoReleaseError(
+                    f"release {self.release} was collected by `kvfuse gc` while this reader held it (shard "
+                    f"{path.name} is gone); reopen the store to read the current release.")
+            note_damage(self.cache_dir, shard)
+            raise CorruptShardError(f"{where} is missing; the cache is damaged. {_repair_advice(self.cache_dir)}")
+        want = self.manifest.get("shards", {}).get(shard)
+        if want is not None:
+            try:
+                size, head = shard_header_digest(path)
+            except (OSError, ValueError) as e:
+                note_damage(self.cache_dir, shard)
+                raise CorruptShardError(f"{where} cannot be read: {e}. {_repair_advice(self.cache_dir)}") from e
+            if size != want["bytes"] or head != want["header"]:
+                note_damage(self.cache_dir, shard)
+                what = f"is {size} bytes, the manifest says {want['bytes']}" if size != want["bytes"] else \
+                    "has a header that does not match its digest in the manifest"
+                raise CorruptShardError(f"{where} {what} (truncated or changed after writing). "
+                                        f"{_repair_advice(self.cache_dir)}")
+        return path
 
     # ---- reading tensors -----------------------------------------------------------
     def _handle(self, shard: str, chunk_id: str):
+        path = self.shard_path(shard, chunk_id)
         with self._lock:
             handle = self._handles.get(shard)
             if handle is None:
-                path = self.shard_path(shard)
-                if not path.exists():
-                    raise CorruptShardError(
-                        f"shard {path.name} (holding chunk {chunk_id}) is missing from {path.parent}; "
-                        "the cache is damaged: rebuild with `kvfuse build-cache`, which rewrites it."
-                    )
                 try:
                     handle = safe_open(str(path), framework="pt", device="cpu")
                 except Exception as e:  # safetensors raises its own error types
+                    note_damage(self.cache_dir, shard)
                     raise CorruptShardError(
                         f"shard {path.name} (holding chunk {chunk_id}) cannot be read: {e}. "
-                        "It is truncated or corrupt: rebuild with `kvfuse build-cache`."
+                        f"It is truncated or corrupt. {_repair_advice(self.cache_dir)}"
                     ) from e
                 self._handles[shard] = handle
             return handle
@@ -208,8 +292,11 @@ class Store:
         """The tensors of one chunk, memory-mapped from its shard.
 
         With verify, the bytes are checked against the index checksum (xxh3, ~10 GB/s).
+        Raises UnknownChunkError, CorruptShardError (naming the shard and chunk).
         """
         rec = self.record(chunk_id)
+        if self._lease is not None:
+            self._lease.refresh()
         handle = self._handle(rec.shard, chunk_id)
         where = f"chunk {chunk_id} in shard {rec.shard}{fmt.SHARD_SUFFIX}"
         try:
@@ -217,14 +304,18 @@ class Store:
             tokens = handle.get_tensor(fmt.tok_name(chunk_id))
             saliency = handle.get_tensor(fmt.sal_name(chunk_id))
         except Exception as e:
-            raise CorruptShardError(f"{where} cannot be read: {e}. Rebuild the cache.") from e
+            note_damage(self.cache_dir, rec.shard)
+            raise CorruptShardError(f"{where} cannot be read: {e}. {_repair_advice(self.cache_dir)}") from e
         if verify and fmt.checksum(kv, tokens, saliency) != rec.checksum:
+            note_damage(self.cache_dir, rec.shard)
             raise CorruptShardError(
                 f"{where} fails its checksum: the shard's bytes were changed after writing "
-                "(disk error or tampering). Rebuild with `kvfuse build-cache`."
+                f"(disk error or tampering). {_repair_advice(self.cache_dir)}"
             )
         if kv.shape[3] != rec.n_tokens or tokens.shape[0] != rec.n_tokens:
-            raise CorruptShardError(f"{where} holds {kv.shape[3]} tokens, the index says {rec.n_tokens}.")
+            note_damage(self.cache_dir, rec.shard)
+            raise CorruptShardError(f"{where} holds {kv.shape[3]} tokens, the index says {rec.n_tokens}. "
+                                    f"{_repair_advice(self.cache_dir)}")
         return ChunkData(chunk_id, kv, tokens, saliency, rec.pos_base)
 
     def stats(self) -> dict:
@@ -235,34 +326,122 @@ class Store:
             "fingerprint": self.model["fingerprint"],
             "dtype": self.model["dtype"],
             "chunks": len(recs),
+            "distinct_chunks": len({r.chunk_id for r in recs}),
             "documents": len({r.doc_id for r in recs}),
             "tokens": sum(r.n_tokens for r in recs),
-            "shards": len({r.shard for r in self._records.values()}),
+            "shards": len({r.shard for r in self._rows}),
             "kv_bytes": sum(r.n_tokens for r in self._records.values()) * self.model["kv_bytes_per_token"],
             "parent": self.manifest.get("parent"),
             "created": self.manifest.get("created"),
         }
 
 
-def _read_index(path: Path) -> dict[str, ChunkRecord]:
+# ---------------------------------------------------------------- verification
+
+@dataclass
+class Problem:
+    """One thing wrong with a release: the file, the chunks it takes down (none for metadata)."""
+
+    file: str
+    message: str
+    chunks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    release: str | None
+    problems: list[Problem] = field(default_factory=list)
+    chunks: int = 0            # distinct chunks checked
+    checksummed: bool = False  # whether chunk bytes were checksummed (else size + header only)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def bad_chunks(self) -> set[str]:
+        return {c for p in self.problems for c in p.chunks}
+
+
+def verify_release(cache_dir: str | Path, release: str | None = None, checksums: bool = True,
+                   store: Store | None = None) -> VerifyReport:
+    """Check a release end to end: CURRENT, manifest digest, index digest, every shard's size and
+    header digest and (with checksums) every chunk's bytes. Never raises for damage: each
+    problem names its file and the chunks it affects."""
+    cache_dir = Path(cache_dir)
+    if store is None:
+        try:
+            store = Store.open(cache_dir, release, lease=False)
+        except StoreError as e:
+            return VerifyReport(release, [Problem(_named_file(cache_dir, release), str(e))])
+    report = VerifyReport(store.release, chunks=len(store), checksummed=checksums)
+    by_shard: dict[str, list[ChunkRecord]] = {}
+    for rec in store._records.values():
+        by_shard.setdefault(rec.shard, []).append(rec)
+    for shard, recs in sorted(by_shard.items()):
+        ids = sorted(r.chunk_id for r in recs)
+        try:
+            store.shard_path(shard)
+            if checksums:
+                store._handle(shard, ids[0])
+        except StoreError as e:
+            report.problems.append(Problem(f"{fmt.SHARDS_DIR}/{shard}{fmt.SHARD_SUFFIX}", str(e), ids))
+            continue
+        if not checksums:
+            continue
+        for cid in ids:
+            try:
+                store.read(cid, verify=True)
+            except StoreError as e:
+                report.problems.append(Problem(f"{fmt.SHARDS_DIR}/{shard}{fmt.SHARD_SUFFIX}", str(e), [cid]))
+    return report
+
+
+def _named_file(cache_dir: Path, release: str | None) -> str:
     try:
-        table = pq.read_table(path)
-    except Exception as e:
-        raise StoreError(f"index {path} cannot be read: {e}. The cache is damaged; rebuild it.") from e
-    cols = table.to_pydict()
-    records = {}
-    for i, cid in enumerate(cols["chunk_id"]):
-        records[cid] = ChunkRecord(
-            chunk_id=cid,
-            doc_id=cols["doc_id"][i],
-            chunk_no=cols["chunk_no"][i],
-            n_tokens=cols["n_tokens"][i],
-            shard=cols["shard"][i],
-            pos_base=cols["pos_base"][i],
-            neighbours=tuple(cols["neighbours"][i] or ()),
-            checksum=cols["checksum"][i],
-            char_start=cols["char_start"][i],
-            char_end=cols["char_end"][i],
-            text=cols["text"][i],
-        )
-    return records
+        release = release or read_current(cache_dir)
+    except StoreError:
+        return fmt.CURRENT_FILE
+    return f"{fmt.RELEASES_DIR}/{release}.json" if release else fmt.CURRENT_FILE
+
+
+# ---------------------------------------------------------------- reader leases
+
+@dataclass
+class _Lease:
+    """<cache>/leases/<host>-<pid>-<id>.json naming the release a live reader holds.
+
+    Refreshed (mtime) at most every TTL/4 while the reader reads; gc keeps the release while
+    the reader's process lives (same host) or the lease is fresh (another host)."""
+
+    path: Path
+    touched: float
+
+    @classmethod
+    def take(cls, cache_dir: Path, release: str) -> "_Lease | None":
+        folder = cache_dir / LEASES_DIR
+        path = folder / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        try:
+            folder.mkdir(exist_ok=True)
+            path.write_text(f'{{"release": "{release}", "pid": {os.getpid()}, "host": "{socket.gethostname()}"}}\n')
+        except OSError:
+            return None  # a read-only cache: gc's grace period covers this reader
+        return cls(path, time.time())
+
+    def refresh(self) -> None:
+        now = time.time()
+        if now - self.touched > LEASE_TTL_S / 4:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+            self.touched = now
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __del__(self):  # a reader dropped without close()
+        try:
+            self.path.unlink(missing_ok=True)
+        except Exception:
+            pass

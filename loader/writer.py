@@ -2,73 +2,46 @@
 
 Every file is written to a temporary name, fsynced and renamed into place, and
 `CURRENT` is replaced last: a crash at any point leaves the previous release
-whole, and a rerun finds the shards already written (`scan_shards`) and skips
-their chunks.
+whole, and a rerun finds the shards already written (`scan_shards`), verifies
+them against the sums their writer recorded, and skips their chunks.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import json
+import filecmp
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import format as fmt
-from .store import list_releases, read_current
-
-INDEX_SCHEMA = pa.schema(
-    [
-        ("chunk_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("chunk_no", pa.int32()),
-        ("n_tokens", pa.int32()),
-        ("shard", pa.string()),
-        ("pos_base", pa.int32()),
-        ("neighbours", pa.list_(pa.string())),
-        ("checksum", pa.string()),
-        ("char_start", pa.int64()),
-        ("char_end", pa.int64()),
-        ("text", pa.string()),
-    ]
+from .errors import StoreError
+from .manifest import (
+    append_history, list_releases, move_into_place, read_current, read_shard_sums, shard_header_digest, tmp_name,
+    write_atomic, write_current, write_index, write_manifest, write_shard_sums,
 )
-assert tuple(INDEX_SCHEMA.names) == fmt.INDEX_COLUMNS
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, rename it to path and fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+from .manifest import fsync_dir  # noqa: F401  (re-exported)
 
 
 def init_cache_dir(cache_dir: Path) -> None:
+    """Create the cache's folders. A path that is a file, or a folder that can't be created, is a clear error."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise StoreError(f"--cache {cache_dir} is a file, not a folder: give a folder (it is created if missing).")
     for sub in (fmt.RELEASES_DIR, fmt.INDEX_DIR, fmt.SHARDS_DIR):
-        (cache_dir / sub).mkdir(parents=True, exist_ok=True)
+        path = cache_dir / sub
+        if path.exists() and not path.is_dir():  # a dangling symlink, or a file where a folder belongs
+            raise StoreError(f"{path} exists but is not a folder (a broken link?); fix or remove it.")
+        path.mkdir(parents=True, exist_ok=True)
 
 
 def remove_stale_tmp(cache_dir: Path) -> int:
@@ -82,10 +55,26 @@ def remove_stale_tmp(cache_dir: Path) -> int:
 
 
 @contextmanager
-def cache_lock(cache_dir: Path):
-    """One writer per cache folder at a time (readers never lock)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "w") as f:
+def cache_lock(cache_dir: Path, dry_run: bool = False):
+    """One writer per cache folder at a time (readers never lock).
+
+    With dry_run a folder we may not write (read-only disk, another user's cache)
+    is not locked: nothing will be changed.
+    """
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise StoreError(f"--cache {cache_dir} is a file, not a folder: give a folder (it is created if missing).")
+    try:
+        if not dry_run:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        f = open(cache_dir / ".lock", "a")
+    except OSError as e:
+        if dry_run and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            yield
+            return
+        raise StoreError(f"cannot write to the cache folder {cache_dir}: {e.strerror}. "
+                         "Check its permissions and free space.") from e
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,14 +90,26 @@ def cache_lock(cache_dir: Path):
 
 @dataclass
 class WrittenChunk:
+    """Where the writer put a chunk: its shard, the checksum of the bytes it wrote, and the
+    shard's size and header digest (for the release manifest)."""
+
     chunk_id: str
     shard: str
     checksum: str
+    shard_bytes: int = 0
+    shard_header: str = ""
 
 
 @dataclass
 class ShardWriter:
-    """Buffers chunk tensors and writes them as immutable shards of ~target_bytes."""
+    """Buffers chunk tensors and writes them as immutable shards of ~target_bytes.
+
+    Every checksum and digest is taken from what this writer wrote: the chunk checksums
+    from the tensors it was given, the shard's size and header digest from its temporary
+    file before the rename. They are kept next to the shard in `<shard>.sums.json`
+    (written before the shard), so a rerun can verify a shard a killed build left behind
+    instead of trusting it.
+    """
 
     cache_dir: Path
     metadata: dict[str, str]
@@ -133,55 +134,90 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> list[WrittenChunk]:
-        """Write what is buffered as one shard; returns the chunks it holds."""
+        """Write what is buffered as one shard; returns the chunks it holds.
+
+        Raises StoreError (disk full, no permission) naming the shard; nothing half-written stays.
+        """
         if not self._pending:
             return []
         ids = sorted(cid for cid, _ in self._pending)
         shard = "s-" + xxhash.xxh3_64("\n".join(ids).encode()).hexdigest()
         path = self.cache_dir / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}"
-        # Same content = same name: a rerun needn't rewrite a shard that is whole, but
-        # must replace a torn or corrupt one (scan_shards skipped it, so its chunks
-        # were recomputed and are in self._tensors).
-        if not _shard_holds(path, self._tensors.keys()):
-            write_atomic(path, lambda tmp: save_file(self._tensors, str(tmp), metadata=self.metadata))
-        done = [WrittenChunk(cid, shard, ck) for cid, ck in self._pending]
+        tmp = tmp_name(path)
+        try:
+            try:
+                _save_file(self._tensors, tmp, self.metadata)
+                # the header this writer just wrote, read back before the file is published
+                size, header = shard_header_digest(tmp)
+                # Same content = same name: a rerun needn't replace a shard whose bytes are the
+                # same, but replaces a torn or corrupt one (its chunks were recomputed: here).
+                same = path.exists() and path.stat().st_size == size and filecmp.cmp(tmp, path, shallow=False)
+                if not same or read_shard_sums(self.cache_dir, shard) is None:
+                    write_shard_sums(self.cache_dir, shard, {"bytes": size, "header": header,
+                                                             "metadata": self.metadata, "chunks": dict(self._pending)})
+                if not same:
+                    move_into_place(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot write shard {path}: {e.strerror or e}. Nothing was published; free space "
+                             "(or fix permissions) and rerun: the shards already written are reused.") from e
+        done = [WrittenChunk(cid, shard, ck, size, header) for cid, ck in self._pending]
         self.written.extend(done)
         self._tensors, self._pending, self._bytes = {}, [], 0
         return done
 
 
-def _shard_holds(path: Path, names) -> bool:
-    """Whether path is a readable shard holding every tensor in names."""
-    if not path.exists():
-        return False
+def _save_file(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' save_file, its I/O errors raised as OSError (errno kept: ENOSPC is told apart)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return set(names) <= set(f.keys())
-    except Exception:
-        return False
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError("... I/O error: No space left on device (os error 28)")
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
-def scan_shards(cache_dir: Path) -> dict[str, str]:
-    """chunk_id -> shard for every complete shard on disk (reads headers only).
+def scan_shards(cache_dir: Path) -> dict[str, dict]:
+    """shard -> its sums (see ShardWriter) for every shard file on disk whose sums file is readable.
 
-    Shards that can't be read (a torn write that slipped past the rename, a bad
-    disk) are skipped: their chunks are simply recomputed.
+    A shard without sums (written by an older kvfuse, or its sums lost) is not listed:
+    nothing in it can be verified, so its chunks are recomputed.
     """
-    found: dict[str, str] = {}
-    folder = cache_dir / fmt.SHARDS_DIR
+    folder = Path(cache_dir) / fmt.SHARDS_DIR
+    found: dict[str, dict] = {}
     if not folder.is_dir():
         return found
     for path in sorted(folder.glob(f"*{fmt.SHARD_SUFFIX}")):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception:
-            continue
         shard = path.name.removesuffix(fmt.SHARD_SUFFIX)
-        for key in keys:
-            if key.endswith(".kv"):
-                found[key.removesuffix(".kv")] = shard
+        if fmt.is_safe_name(shard) and (sums := read_shard_sums(cache_dir, shard)) is not None:
+            found[shard] = sums
     return found
+
+
+def verify_leftover(cache_dir: Path, shard: str, sums: dict, chunk_ids) -> dict[str, str]:
+    """chunk_id -> checksum for those of chunk_ids in a shard outside any release whose bytes
+    match what its writer recorded (size, header digest, chunk checksums). Never trusts the
+    bytes on disk: a checksum is only compared. Raises StoreError if the shard is unreadable
+    or its size/header changed (then none of its chunks is usable)."""
+    path = Path(cache_dir) / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}"
+    try:
+        if shard_header_digest(path) != (sums["bytes"], sums["header"]):
+            raise ValueError("its size or header differs from what its writer recorded")
+        good = {}
+        with safe_open(str(path), framework="pt") as f:
+            for cid in chunk_ids:
+                want = sums["chunks"].get(cid)
+                got = fmt.checksum(*(f.get_tensor(n(cid)) for n in (fmt.kv_name, fmt.tok_name, fmt.sal_name)))
+                if want is not None and got == want:
+                    good[cid] = want
+        return good
+    except Exception as e:  # safetensors raises its own types
+        raise StoreError(f"{fmt.SHARDS_DIR}/{path.name} is damaged: {e}") from e
 
 
 def next_release_id(cache_dir: Path) -> str:
@@ -190,27 +226,60 @@ def next_release_id(cache_dir: Path) -> str:
     return f"r{n:04d}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
 
 
-def publish_release(cache_dir: Path, rows: list[dict], manifest: dict) -> str:
-    """Write the index and manifest of a new release, then point CURRENT at it.
+def shard_entries(cache_dir: Path, rows: list[dict], known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """{shard: {"bytes", "header"}} for every shard the rows use: from `known` (what the writer
+    or an earlier manifest recorded), else from the shard's sums file, else read off the disk."""
+    out = {}
+    for shard in sorted({r["shard"] for r in rows}):
+        entry = (known or {}).get(shard)
+        if entry is None:
+            sums = read_shard_sums(cache_dir, shard)
+            if sums is not None:
+                entry = {"bytes": sums["bytes"], "header": sums["header"]}
+            else:
+                size, head = shard_header_digest(Path(cache_dir) / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}")
+                entry = {"bytes": size, "header": head}
+        out[shard] = {"bytes": int(entry["bytes"]), "header": str(entry["header"])}
+    return out
 
-    `rows` are index rows (see INDEX_SCHEMA); `manifest` the release's model,
-    params and stats. Returns the new release id. The caller holds cache_lock.
+
+def publish_release(cache_dir: Path, rows: list[dict], manifest: dict, shards: dict[str, dict] | None = None,
+                    parent: str | None | bool = True) -> str:
+    """Write the index and manifest of a new release, then point CURRENT at it and log it.
+
+    `rows` are index rows (see manifest.INDEX_SCHEMA); `manifest` the release's model,
+    params and stats; `shards` {shard: {"bytes", "header"}} as the writer recorded them
+    (missing ones are taken from the shards' sums files); `parent` the release this one
+    follows (default: CURRENT's). Returns the new release id. The caller holds cache_lock.
     """
+    cache_dir = Path(cache_dir)
     release = next_release_id(cache_dir)
     index_rel = f"{fmt.INDEX_DIR}/{release}.parquet"
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    write_atomic(cache_dir / index_rel, lambda tmp: pq.write_table(table, tmp))
+    try:
+        index = write_index(cache_dir / index_rel, rows)
+    except OSError as e:
+        raise StoreError(f"cannot write the index {cache_dir / index_rel}: {e.strerror or e}. Nothing was "
+                         "published (the previous release is still current); free space and rerun.") from e
+    if parent is True:
+        try:
+            parent = read_current(cache_dir)
+        except StoreError:
+            parent = None
     manifest = {
         **manifest,
         "release": release,
         "format_version": fmt.FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "parent": read_current(cache_dir),
+        "parent": parent or None,
         "index": index_rel,
+        "index_digest": index.as_dict(),
+        "shards": shard_entries(cache_dir, rows, shards),
     }
-    write_atomic(
-        cache_dir / fmt.RELEASES_DIR / f"{release}.json",
-        lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True)),
-    )
-    write_atomic(cache_dir / fmt.CURRENT_FILE, lambda tmp: tmp.write_text(release + "\n"))
+    try:
+        write_manifest(cache_dir, manifest)
+        write_current(cache_dir, release)
+    except OSError as e:
+        raise StoreError(f"cannot publish release {release} in {cache_dir}: {e.strerror or e}. The previous "
+                         "release is still current; free space and rerun.") from e
+    append_history(cache_dir, release)
     return release

@@ -18,9 +18,23 @@ Incremental and resumable: chunks already in the current release or in any
 complete shard on disk are reused by reference (their index row points at the
 old shard; nothing is copied), embeddings are cached by content id, and
 `CURRENT` is replaced last, so the previous release stays readable throughout.
+Nothing is reused unverified (`_Reuse`): a missing, truncated or corrupt shard's
+chunks are recomputed, and a damaged CURRENT, manifest or index makes the build
+fall back to the newest release that verifies (or an empty store) and say so.
+Every (document, chunk number) gets an index row; identical chunks share their KV.
 """
 
 from __future__ import annotations
+
+import os
+
+# Intel MKL (PyTorch's CPU BLAS) splits GEMM reductions by thread count, so the same
+# prefill gives different KV bytes with 1 thread (a Dask worker sharing the cores) and
+# with 2 (this process): chunk checksums then differ between builds of one corpus.
+# Strict conditional numerical reproducibility makes GEMM results independent of the
+# thread count (~5% slower GEMM on the CPU; CUDA is unaffected). MKL reads this on its
+# first call, so it is set at import, before any model runs; a value the user set wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import json
 import time
@@ -30,14 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import shutil
+
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from kvfuse.loader import format as fmt
-from kvfuse.loader.store import Store, read_current
+from kvfuse.loader.errors import NoReleaseError, StoreError
+from kvfuse.loader.manifest import index_row, list_releases, read_current, read_history
+from kvfuse.loader.store import DAMAGE_FILE, Store, verify_release
 from kvfuse.loader.writer import (
     ShardWriter, WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
+    verify_leftover,
 )
 from kvfuse.runtime.model import LoadedModel, ModelSpec, chat_prefix_and_suffix
 
@@ -59,6 +77,8 @@ class BuildConfig:
     neighbours: int = 2          # top-n most similar other chunks
     neighbour_tokens: int = 1024  # token budget for all of a chunk's neighbours together
     embedder: str = "model"      # "model": mean-pooled final hidden states of the model itself
+    verify: bool = False         # checksum every reused chunk (else size + header; always after a failed read)
+    max_kv_gb: float | None = 64.0  # refuse a release whose KV would exceed this (None: no limit)
 
 
 @dataclass
@@ -72,6 +92,8 @@ class BuildReport:
     prefilled: int = 0   # tokens run through the model: embeddings + neighbours + isolated passes
     embedded: int = 0    # chunk contents embedded (not found in the embedding cache)
     stage_seconds: dict = field(default_factory=dict)  # context, chunk, relate, precompute, publish
+    notes: list[str] = field(default_factory=list)     # what the build found wrong and did about it
+    repaired: list[str] = field(default_factory=list)  # chunk ids found damaged and recomputed
 
     @property
     def tokens_per_s(self) -> float:
@@ -235,23 +257,27 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
     plan = _Plan(chunks, [fmt.chunk_id(**ident, token_ids=c.token_ids, prefix_id=prefix_id) for c in chunks])
     tokens_of = {cid: c.token_ids for cid, c in zip(plan.content, chunks)}
     text_of = {cid: c.text for cid, c in zip(plan.content, chunks)}
+    check_kv_size(sum(len(t) for t in tokens_of.values()) + P, spec.kv_bytes_per_token(), config.max_kv_gb)
 
     with cache_lock(cache_dir):
         init_cache_dir(cache_dir)
         remove_stale_tmp(cache_dir)
-        existing = _existing_chunks(cache_dir, spec.fingerprint, ctx.dtype)
+        reuse = _Reuse.of_base_release(cache_dir, spec.fingerprint, ctx.dtype, config.verify)
         if config.enrich:
             _relate(plan, tokens_of, text_of, ctx, stages, cache_dir, config)
         clock.lap("relate")
         for cid in tokens_of:
             nb = plan.neighbours.get(cid, ())
             plan.chunk_id[cid] = fmt.chunk_id(**ident, token_ids=tokens_of[cid], prefix_id=prefix_id, neighbour_ids=nb) if nb else cid
+        reuse.add_leftovers(cache_dir, {prefix_id, *plan.chunk_id.values()}, spec.fingerprint, ctx.dtype)
+        existing = reuse.found
 
         jobs = [] if prefix_id in existing else [Job(prefix_id, ctx.prefix_ids, is_prefix=True)]
         for cid in sorted(tokens_of):
             if plan.chunk_id[cid] not in existing:
                 nb = tuple(t for n in plan.neighbours.get(cid, ()) for t in tokens_of[n])
                 jobs.append(Job(plan.chunk_id[cid], tokens_of[cid], nb))
+        check_free_space(cache_dir, sum(len(j.token_ids) for j in jobs) * spec.kv_bytes_per_token())
         written = stages.precompute(ctx, jobs, cache_dir) if jobs else []
         clock.lap("precompute")
         where = {**existing, **{w.chunk_id: (w.shard, w.checksum) for w in written}}
@@ -274,12 +300,16 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
             "stats": {"documents": len(docs), "chunks": len(rows) - 1, "tokens": sum(r["n_tokens"] for r in rows[1:]),
                       "computed": len(computed), "reused": len(rows) - 1 - len(computed)},
         }
-        release = publish_release(cache_dir, rows, manifest)
+        shards = {**reuse.shards, **{w.shard: {"bytes": w.shard_bytes, "header": w.shard_header}
+                                     for w in written if w.shard_header}}
+        release = publish_release(cache_dir, rows, manifest, shards, parent=reuse.base)
+        (cache_dir / DAMAGE_FILE).unlink(missing_ok=True)  # whatever readers saw fail was verified above
         clock.lap("publish")
+    wanted = {r["chunk_id"] for r in rows}
     return BuildReport(release, len(rows) - 1, len(computed), len(rows) - 1 - len(computed),
                        sum(len(j.token_ids) for j in computed), time.perf_counter() - t0,
                        prefilled=sum(j.cost for j in computed) + plan.embedded_tokens, embedded=plan.embedded,
-                       stage_seconds=clock.laps)
+                       stage_seconds=clock.laps, notes=reuse.notes, repaired=sorted(reuse.bad & wanted))
 
 
 class _StageClock:
@@ -312,12 +342,8 @@ def _relate(plan: _Plan, tokens_of: dict, text_of: dict, ctx: BuildContext, stag
 def _rows(plan: _Plan, ctx: BuildContext, prefix_id: str, where: dict, tokens_of: dict) -> list[dict]:
     P, prefix_text = len(ctx.prefix_ids), ctx.parts["prefix"]
     rows = [_row(prefix_id, fmt.PREFIX_DOC_ID, -1, P, where[prefix_id], 0, [], 0, len(prefix_text), prefix_text)]
-    seen = {prefix_id}
-    for content, c in zip(plan.content, plan.chunks):
+    for content, c in zip(plan.content, plan.chunks):  # one row per (doc, chunk_no); identical chunks share KV
         cid = plan.chunk_id[content]
-        if cid in seen:  # identical chunks dedupe
-            continue
-        seen.add(cid)
         nbs = plan.neighbours.get(content, ())
         pos_base = P + sum(len(tokens_of[n]) for n in nbs)
         rows.append(_row(cid, c.doc_id, c.chunk_no, len(c.token_ids), where[cid], pos_base,
@@ -325,27 +351,112 @@ def _rows(plan: _Plan, ctx: BuildContext, prefix_id: str, where: dict, tokens_of
     return rows
 
 
-def _existing_chunks(cache_dir: Path, fingerprint: str, dtype: str) -> dict[str, tuple[str, str]]:
-    """chunk_id -> (shard, checksum) for chunks a rerun can reuse: the current release's,
-    plus those in complete shards a killed build left behind (checksums recomputed)."""
-    found: dict[str, tuple[str, str]] = {}
-    if read_current(cache_dir):
-        store = Store.open(cache_dir)
-        store.check_model(fingerprint, dtype)  # building onto another model's cache is refused
-        found = {r.chunk_id: (r.shard, r.checksum) for r in store.records(include_prefix=True)}
-    for cid, shard in scan_shards(cache_dir).items():
-        if cid in found:
-            continue
-        path = cache_dir / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}"
-        with safe_open(str(path), framework="pt") as f:
-            if f.metadata().get("model_fingerprint") != fingerprint or f.metadata().get("dtype") != dtype:
+def check_kv_size(tokens: int, bytes_per_token: int, max_kv_gb: float | None) -> None:
+    """Refuse, before any model work, a release whose KV would exceed max_kv_gb."""
+    need = tokens * bytes_per_token
+    if max_kv_gb is not None and need > max_kv_gb * 2**30:
+        raise ValueError(f"this corpus would store {need / 2**30:.1f} GiB of KV ({tokens} tokens x {bytes_per_token} "
+                         f"bytes), above the limit of {max_kv_gb:g} GiB. Check the corpus (a huge document?), or "
+                         f"raise the limit with --max-kv-gb {int(need / 2**30) + 1}.")
+
+
+def check_free_space(cache_dir: Path, need: int) -> None:
+    """Refuse a build whose new shards can't fit on the cache's disk (before any prefill)."""
+    free = shutil.disk_usage(cache_dir).free
+    if need > free:
+        raise OSError(28, f"the new chunks need {need / 2**30:.2f} GiB of KV but {cache_dir} has "
+                          f"{free / 2**30:.2f} GiB free; free space (or use another --cache) and rerun")
+
+
+@dataclass
+class _Reuse:
+    """The chunks a build may carry forward without recomputing, each verified first.
+
+    From the base release (CURRENT's, else the newest release that verifies): every shard
+    is checked for size and header digest, and with verify (or after a reader saw a shard
+    fail) every chunk's checksum. From shards outside it (a killed build's, an older
+    release's): the shard's size, header and each wanted chunk's bytes are checked against
+    the sums its writer recorded. Never is a checksum taken from the bytes on disk.
+    """
+
+    found: dict[str, tuple[str, str]] = field(default_factory=dict)  # chunk_id -> (shard, checksum)
+    shards: dict[str, dict] = field(default_factory=dict)            # shard -> {"bytes", "header"}
+    base: str | None = None
+    bad: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of_base_release(cls, cache_dir: Path, fingerprint: str, dtype: str, verify: bool) -> "_Reuse":
+        reuse = cls()
+        store = reuse._base_store(cache_dir, fingerprint, dtype)
+        if store is None:
+            return reuse
+        fallback = any(n.startswith("falling back") for n in reuse.notes)
+        checksums = verify or fallback or (cache_dir / DAMAGE_FILE).exists() or "shards" not in store.manifest
+        report = verify_release(cache_dir, store=store, checksums=checksums)
+        reuse.base, reuse.bad = store.release, report.bad_chunks
+        for problem in report.problems:
+            reuse.notes.append(f"{problem.file}: {len(problem.chunks)} chunks recomputed: {problem.message}")
+        for rec in store.records(include_prefix=True):
+            if rec.chunk_id not in reuse.bad:
+                reuse.found[rec.chunk_id] = (rec.shard, rec.checksum)
+                entry = store.manifest.get("shards", {}).get(rec.shard)
+                if entry is not None:
+                    reuse.shards[rec.shard] = entry
+        store.close()
+        return reuse
+
+    def _base_store(self, cache_dir: Path, fingerprint: str, dtype: str) -> Store | None:
+        try:
+            current = read_current(cache_dir)
+        except StoreError as e:
+            self.notes.append(str(e))
+            current = None
+        if current:  # building onto another model's cache is refused
+            try:
+                store = Store.open(cache_dir, current, lease=False)
+            except StoreError as e:
+                self.notes.append(f"current release {current} does not verify: {e}")
+            else:
+                store.check_model(fingerprint, dtype)
+                return store
+        candidates = [r for r, _ in reversed(read_history(cache_dir))] + list(reversed(list_releases(cache_dir)))
+        for release in dict.fromkeys(c for c in candidates if c != current):
+            try:
+                store = Store.open(cache_dir, release, lease=False)
+            except NoReleaseError:
                 continue
-            found[cid] = (shard, fmt.checksum(*(f.get_tensor(n(cid)) for n in (fmt.kv_name, fmt.tok_name, fmt.sal_name))))
-    return found
+            except StoreError as e:
+                self.notes.append(f"release {release} does not verify: {e}")
+                continue
+            if store.model.get("fingerprint") == fingerprint and store.model.get("dtype") == dtype:
+                self.notes.append(f"falling back to release {release}, the newest that verifies")
+                return store
+        if current or self.notes:
+            self.notes.append("no release verifies: building from an empty store")
+        return None
+
+    def add_leftovers(self, cache_dir: Path, wanted: set[str], fingerprint: str, dtype: str) -> None:
+        """Add the wanted chunks found in shards outside the base release, each verified."""
+        for shard, sums in scan_shards(cache_dir).items():
+            meta = sums.get("metadata", {})
+            todo = sorted(c for c in sums["chunks"] if c in wanted and c not in self.found)
+            if not todo or meta.get("model_fingerprint") != fingerprint or meta.get("dtype") != dtype:
+                continue
+            try:
+                good = verify_leftover(cache_dir, shard, sums, todo)
+            except StoreError as e:  # unreadable: recompute its chunks
+                self.bad.update(todo)
+                self.notes.append(f"{e} (left by an earlier build); its chunks are recomputed")
+                continue
+            self.bad.update(c for c in todo if c not in good)
+            for cid, checksum in good.items():
+                self.found[cid] = (shard, checksum)
+                self.shards[shard] = {"bytes": sums["bytes"], "header": sums["header"]}
 
 
 def _row(cid, doc_id, chunk_no, n_tokens, stored: tuple[str, str], pos_base, neighbours, start, end, text) -> dict:
     shard, checksum = stored
-    return {"chunk_id": cid, "doc_id": doc_id, "chunk_no": chunk_no, "n_tokens": n_tokens, "shard": shard,
-            "pos_base": pos_base, "neighbours": neighbours, "checksum": checksum, "char_start": start,
-            "char_end": end, "text": text}
+    return index_row(chunk_id=cid, doc_id=doc_id, chunk_no=chunk_no, n_tokens=n_tokens, shard=shard,
+                     pos_base=pos_base, neighbours=neighbours, checksum=checksum, char_start=start, char_end=end,
+                     text=text)

@@ -20,6 +20,7 @@ path, and GPU workers must be started with `--resources GPU=1`.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from contextlib import contextmanager
@@ -107,8 +108,33 @@ def embed_task(prefix_ids, items, embedder: str) -> dict[str, torch.Tensor]:
     return embed_items(plugin.model(), prefix_ids, items, embedder, plugin.minilm)
 
 
+@dataclass(frozen=True)
+class Unretryable:
+    """A task's error that a retry can't fix (disk full, no permission): returned, not raised,
+    so Dask does not rerun the whole prefill before the driver reports it."""
+
+    message: str
+
+
+UNRETRYABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def unretryable(e: BaseException) -> bool:
+    """Whether e (or what it wraps) is an OSError no retry can fix."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in UNRETRYABLE_ERRNOS:
+            return True
+        e = e.__cause__
+    return False
+
+
 def precompute_task(prefix_ids, jobs: list[Job], cache_dir: str, metadata: dict, shard_bytes: int):
-    return compute_jobs(_plugin().model(), prefix_ids, jobs, Path(cache_dir), metadata, shard_bytes)
+    try:
+        return compute_jobs(_plugin().model(), prefix_ids, jobs, Path(cache_dir), metadata, shard_bytes)
+    except Exception as e:
+        if unretryable(e):
+            return Unretryable(str(e))
+        raise
 
 
 # ---------------------------------------------------------------- the stages, driven from here
@@ -178,7 +204,12 @@ class DaskStages:
             raise RuntimeError(f"{len(failed)} of {len(futures)} precompute tasks failed after {self.cluster.retries} "
                                f"retries (first error: {failed[0]!r}); nothing was published. The shards the other "
                                "tasks wrote are kept: rerun the build to finish.")
-        return [w for part in self.client.gather(futures) for w in part]
+        parts = self.client.gather(futures)
+        stopped = [p for p in parts if isinstance(p, Unretryable)]
+        if stopped:
+            raise RuntimeError(f"{len(stopped)} of {len(futures)} precompute tasks stopped on an error a retry can't "
+                               f"fix: {stopped[0].message}")
+        return [w for part in parts for w in part]
 
 
 def _follow(futures, sizes, desc, unit, progress) -> list[BaseException]:

@@ -24,6 +24,8 @@ from kvfuse.loader.errors import (
     UnknownChunkError,
     UnsafePathError,
 )
+from kvfuse.loader.errors import StoreError
+from kvfuse.loader.manifest import index_digest, read_manifest, write_index, write_manifest
 from kvfuse.loader.store import Store, read_current
 from kvfuse.loader.writer import (
     ShardWriter,
@@ -31,6 +33,7 @@ from kvfuse.loader.writer import (
     publish_release,
     remove_stale_tmp,
     scan_shards,
+    verify_leftover,
 )
 
 FP = "fp-model-aaaa"
@@ -240,16 +243,18 @@ def test_unknown_release_and_chunk(tmp_path):
 def test_manifest_index_outside(tmp_path):
     cache = tmp_path / "cache"
     release, _ = write_release(cache, some_chunks(2))
-    mpath = cache / fmt.RELEASES_DIR / f"{release}.json"
-    m = json.loads(mpath.read_text())
+    m = read_manifest(cache, release)
     (tmp_path / "outside.parquet").write_bytes((cache / m["index"]).read_bytes())
     m["index"] = "../outside.parquet"
-    mpath.write_text(json.dumps(m))
+    write_manifest(cache, m)  # a consistent edit (digest rewritten too): the path rule still refuses it
     with pytest.raises(UnsafePathError):
         Store.open(cache)
     m["index"] = str(tmp_path / "outside.parquet")  # absolute path
-    mpath.write_text(json.dumps(m))
+    write_manifest(cache, m)
     with pytest.raises(UnsafePathError):
+        Store.open(cache)
+    (cache / fmt.RELEASES_DIR / f"{release}.json").write_text(json.dumps(m))  # an edit without the digest
+    with pytest.raises(StoreError, match="does not match its digest"):
         Store.open(cache)
 
 
@@ -262,7 +267,8 @@ def test_index_row_shard_outside(tmp_path):
     table = pq.read_table(ipath)
     rows = table.to_pylist()
     rows[1]["shard"] = "../../etc/x"
-    pq.write_table(table.from_pylist(rows, schema=table.schema), ipath)
+    m["index_digest"] = write_index(ipath, rows).as_dict()
+    write_manifest(tmp_path, m)
     with pytest.raises(UnsafePathError):
         Store.open(tmp_path)
 
@@ -324,7 +330,7 @@ def test_killed_writer_leaves_previous_release(tmp_path):
     assert remove_stale_tmp(cache) >= 1
     assert not list((cache / fmt.SHARDS_DIR).glob(".*.tmp"))
 
-    found = scan_shards(cache)
+    found = {cid for sums in scan_shards(cache).values() for cid in sums["chunks"]}
     crashed = {cid for cid in found if cid.startswith("crash")}
     assert crashed == {f"crash{i:04d}" for i in range(5)}  # one shard per chunk, all flushed
     assert {cid for cid in found if cid.startswith("old")} == set(old)
@@ -342,7 +348,7 @@ def test_scan_shards_ignores_garbage(tmp_path):
     (tmp_path / fmt.SHARDS_DIR / "s-garbage.safetensors").write_bytes(os.urandom(100))
     (tmp_path / fmt.SHARDS_DIR / "s-empty.safetensors").write_bytes(b"")
     found = scan_shards(tmp_path)
-    assert found == shards
+    assert {cid: shard for shard, sums in found.items() for cid in sums["chunks"]} == shards
     assert scan_shards(tmp_path / "nothing") == {}
 
 
@@ -352,7 +358,9 @@ def test_rerun_rewrites_corrupt_shard_of_same_name(tmp_path):
     (shard,) = set(shards.values())
     path = tmp_path / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}"
     path.write_bytes(path.read_bytes()[:50])  # torn
-    assert scan_shards(tmp_path) == {}  # its chunks must be recomputed...
+    sums = scan_shards(tmp_path)[shard]
+    with pytest.raises(StoreError, match=shard):  # its chunks must be recomputed...
+        verify_leftover(tmp_path, shard, sums, list(chunks))
     r, shards2 = write_release(tmp_path, chunks, target_bytes=1 << 20)
     assert set(shards2.values()) == {shard}  # ...into a shard of the same name, which is rewritten
     store = Store.open(tmp_path)
