@@ -18,6 +18,7 @@ from kvfuse.loader.format import dtype_name
 from .attention import use_kvfuse_attention
 from .fusion import full_prefill, fuse, greedy
 from .model import LoadedModel
+from .prompt import PromptTemplate
 from .retrieval import BM25Retriever
 
 
@@ -41,7 +42,7 @@ class FusionEngine:
         self.lm = lm
         self.verify = verify
         use_kvfuse_attention(lm.model)
-        self.prompt = self.store.manifest["prompt"]
+        self.prompt = PromptTemplate.from_manifest(self.store.manifest["prompt"])
         self.prefix = self.store.read(self.store.prefix_id, verify=verify)
         self.records = self.store.records()
         self.retriever = BM25Retriever([r.text for r in self.records])
@@ -50,8 +51,7 @@ class FusionEngine:
         return [self.records[i].chunk_id for i in self.retriever.top(question, top_k)]
 
     def question_ids(self, question: str) -> torch.Tensor:
-        text = self.prompt["question_template"].format(question=question) + self.prompt["suffix"]
-        return torch.tensor(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.prompt.question_ids(self.lm.tokenizer, question)
 
     def ask(self, question: str, top_k: int = 4, selector: str = "kvfuse", ratio: float = 0.15,
             max_new_tokens: int = 48, chunk_ids: list[str] | None = None, compare: bool = False) -> Answer:

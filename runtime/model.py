@@ -441,28 +441,3 @@ def load_model(
         f"unknown model {name_or_path!r}: give a packaged name ({', '.join(PACKAGED_MODELS)}), "
         "a local transformers folder with config.json, or a .gguf file (kvfuse never downloads)"
     )
-
-
-# --------------------------------------------------------------------------
-# Prompt layout
-
-_SENTINEL = "KVFUSEUSERMESSAGE7f3a9"
-
-
-def chat_prefix_and_suffix(tokenizer) -> tuple[str, str]:
-    """Split the chat template around the user message.
-
-    The fused prompt is ``[prefix][chunks][question][suffix]``: prefix is the
-    template head up to the user content (system prompt, role markers), suffix
-    the rest through the generation prompt. ("", "\\n") without a chat template.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return "", "\n"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
-    )
-    if text.count(_SENTINEL) != 1:
-        raise ValueError("the chat template does not render the user message verbatim; "
-                         "can't split it into prefix and suffix")
-    prefix, suffix = text.split(_SENTINEL)
-    return prefix, suffix
