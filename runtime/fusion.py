@@ -26,7 +26,7 @@ from kvfuse.loader.store import ChunkData
 from .attention import AttentionRecorder, record_attention
 from .kvcache import cache_from_kv, kv_from_cache
 from .layout import FusedLayout
-from .model import LoadedModel
+from .model import LoadedModel, cache_kwargs
 from .rope import rerotate_keys
 from .selectors import SelectionContext, get_selector
 
@@ -93,7 +93,7 @@ def recompute(lm: LoadedModel, kv: torch.Tensor, layout: FusedLayout, context_to
     # to prefix caching). Otherwise the scattered queries need key_pos <= query_pos.
     mask = None if selected.numel() == 0 else _recompute_mask(positions, layout.total_len, lm.spec.dtype)
     with record_attention(recorder) if recorder else nullcontext():
-        out = lm.model(input_ids=input_ids[None].long(), position_ids=positions[None], past_key_values=cache,
+        out = lm.model(input_ids=input_ids[None].long(), position_ids=positions[None], **cache_kwargs(lm.model, cache),
                        attention_mask=mask, use_cache=True, logits_to_keep=1)
     return cache, out.logits[0, -1].float()
 
@@ -193,7 +193,7 @@ def recompute_context_layer(lm: LoadedModel, kv: torch.Tensor, layout: FusedLayo
     hook = lm.model.model.layers[layer].register_forward_hook(stop)
     try:
         lm.model.model(input_ids=context_tokens.to(device)[None], position_ids=positions[None],
-                       past_key_values=cache, attention_mask=mask, use_cache=True)
+                       **cache_kwargs(lm.model.model, cache), attention_mask=mask, use_cache=True)
     except _StopAfterLayer:
         pass
     finally:
@@ -209,7 +209,7 @@ def full_prefill(lm: LoadedModel, token_ids: torch.Tensor):
 
     ids = torch.as_tensor(token_ids).long().to(lm.model.device)[None]
     cache = DynamicCache()
-    out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = lm.model(input_ids=ids, **cache_kwargs(lm.model, cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[0, -1].float()
 
 
@@ -226,7 +226,7 @@ def greedy(lm: LoadedModel, cache, first_logits: torch.Tensor, next_pos: int, ma
             break
         step = lm.model(input_ids=torch.tensor([[token]], device=device),
                         position_ids=torch.tensor([[next_pos]], device=device),
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        **cache_kwargs(lm.model, cache), use_cache=True, logits_to_keep=1)
         next_pos += 1
         token = int(step.logits[0, -1].argmax())
         out.append(token)
@@ -258,7 +258,7 @@ def greedy_batch(lm: LoadedModel, caches: list, first_logits: list[torch.Tensor]
         if bool(done.all()):
             break
         step = lm.model(input_ids=tokens[:, None], position_ids=torch.full((len(caches), 1), next_pos, device=device),
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        **cache_kwargs(lm.model, cache), use_cache=True, logits_to_keep=1)
         next_pos += 1
         tokens = step.logits[:, -1].argmax(-1)
         for b, t in enumerate(tokens.tolist()):

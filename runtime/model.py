@@ -441,3 +441,23 @@ def load_model(
         f"unknown model {name_or_path!r}: give a packaged name ({', '.join(PACKAGED_MODELS)}), "
         "a local transformers folder with config.json, or a .gguf file (kvfuse never downloads)"
     )
+
+
+# --------------------------------------------------------------------------
+# Forward-call compatibility
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword argument passing `cache` to `model.forward`: ``{"cache": cache}`` where the
+    forward takes ``cache`` (transformers >= 5.2x, which deprecates ``past_key_values`` for
+    removal in 5.40), else ``{"past_key_values": cache}`` (5.17 and older, where an unknown
+    ``cache=`` would be swallowed by ``**kwargs`` and silently run without a cache)."""
+    kind = type(model)
+    if kind not in _CACHE_KEYWORD:
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        _CACHE_KEYWORD[kind] = "cache" if "cache" in params else "past_key_values"
+    return {_CACHE_KEYWORD[kind]: cache}
