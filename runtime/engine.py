@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,7 @@ from kvfuse.loader.format import dtype_name
 
 from .attention import use_kvfuse_attention
 from .fusion import full_prefill, fuse, greedy
+from .guards import check_fits, should_fuse
 from .model import LoadedModel
 from .prompt import PromptTemplate
 from .retrieval import BM25Retriever
@@ -33,6 +34,7 @@ class Answer:
     full_text: str | None = None       # with compare: the full prefill's answer
     full_ttft_s: float | None = None
     first_token_kl: float | None = None
+    notes: list[str] = field(default_factory=list)  # what the guards changed: chunks dropped, plain prefill, no match
 
 
 class FusionEngine:
@@ -54,17 +56,29 @@ class FusionEngine:
         return self.prompt.question_ids(self.lm.tokenizer, question)
 
     def ask(self, question: str, top_k: int = 4, selector: str = "kvfuse", ratio: float = 0.15,
-            max_new_tokens: int = 48, chunk_ids: list[str] | None = None, compare: bool = False) -> Answer:
+            max_new_tokens: int = 48, chunk_ids: list[str] | None = None, compare: bool = False,
+            on_overflow: str = "error") -> Answer:
         if not question.strip():
             raise ValueError("empty question")
         chunk_ids = chunk_ids or self.retrieve(question, top_k)
         q_ids = self.question_ids(question)
+        lens, notes = [self.store.record(c).n_tokens for c in chunk_ids], []
+        kept = check_fits(self.lm, len(self.prefix.tokens), lens, len(q_ids), max_new_tokens, on_overflow)
+        if len(kept) < len(chunk_ids):
+            notes.append(f"dropped the {len(chunk_ids) - len(kept)} least relevant of {len(chunk_ids)} chunks to fit "
+                         f"the model's {self.lm.spec.max_positions} positions")
+            chunk_ids = [chunk_ids[i] for i in kept]
+        if selector != "full" and not should_fuse(sum(lens[i] for i in kept), len(q_ids), selector, ratio,
+                                                  self.lm.spec.n_layers):
+            notes.append(f"{selector} at ratio {ratio} would run more tokens than a full prefill: ran the full prefill")
+            selector = "full"
         t0 = time.perf_counter()
         chunks = [self.store.read(cid, verify=self.verify) for cid in chunk_ids]
         result = fuse(self.lm, self.prefix, chunks, q_ids, selector, ratio)
         ttft = time.perf_counter() - t0
         tokens = greedy(self.lm, result.cache, result.logits, result.layout.total_len, max_new_tokens)
-        answer = Answer(self._decode(tokens), chunk_ids, result.n_reused, result.n_recomputed, len(q_ids), ttft)
+        answer = Answer(self._decode(tokens), chunk_ids, result.n_reused, result.n_recomputed, len(q_ids), ttft,
+                        notes=notes)
         if compare:
             all_ids = torch.cat([self.prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])
             t0 = time.perf_counter()

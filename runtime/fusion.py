@@ -24,6 +24,7 @@ import torch
 from kvfuse.loader.store import ChunkData
 
 from .attention import AttentionRecorder, record_attention
+from .guards import probe_view
 from .kvcache import cache_from_kv, kv_from_cache
 from .layout import FusedLayout
 from .model import LoadedModel, cache_kwargs
@@ -129,7 +130,8 @@ def prepare(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], questio
     def attend(selected: torch.Tensor) -> torch.Tensor:
         """Question-to-context attention [L, Q, C] from one pass of `selected` + Q over the fused cache."""
         rec = AttentionRecorder(query_rows=slice(selected.numel(), None))
-        recompute(lm, kv, layout, context_tokens, question_ids, selected, rec)
+        p_layout, p_question = probe_view(layout, question_ids)  # at most the last PROBE_QUESTION_TOKENS
+        recompute(lm, kv, p_layout, context_tokens, p_question, selected, rec)
         ctx_cols = slice(layout.prefix_len, layout.question_start)
         return torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)]).cpu()
 
