@@ -34,6 +34,7 @@ class Answer:
     full_text: str | None = None       # with compare: the full prefill's answer
     full_ttft_s: float | None = None
     first_token_kl: float | None = None
+    retrieval_scores: list[float] | None = None    # BM25 score of each chunk (None: chunks given by the caller)
     notes: list[str] = field(default_factory=list)  # what the guards changed: chunks dropped, plain prefill, no match
 
 
@@ -50,7 +51,7 @@ class FusionEngine:
         self.retriever = BM25Retriever([r.text for r in self.records])
 
     def retrieve(self, question: str, top_k: int) -> list[str]:
-        return [self.records[i].chunk_id for i in self.retriever.top(question, top_k)]
+        return [self.records[i].chunk_id for i, _ in self.retriever.top(question, top_k)]
 
     def question_ids(self, question: str) -> torch.Tensor:
         return self.prompt.question_ids(self.lm.tokenizer, question)
@@ -60,9 +61,12 @@ class FusionEngine:
             on_overflow: str = "error") -> Answer:
         if not question.strip():
             raise ValueError("empty question")
-        chunk_ids = chunk_ids or self.retrieve(question, top_k)
+        hits = [] if chunk_ids else self.retriever.top(question, top_k)  # [(record index, BM25 score)]
+        chunk_ids = chunk_ids or [self.records[i].chunk_id for i, _ in hits]
         q_ids = self.question_ids(question)
         lens, notes = [self.store.record(c).n_tokens for c in chunk_ids], []
+        if hits and not self.retriever.matches(question):
+            notes.append("retrieval: no term of the question occurs in any chunk, so these chunks are arbitrary")
         kept = check_fits(self.lm, len(self.prefix.tokens), lens, len(q_ids), max_new_tokens, on_overflow)
         if len(kept) < len(chunk_ids):
             notes.append(f"dropped the {len(chunk_ids) - len(kept)} least relevant of {len(chunk_ids)} chunks to fit "
@@ -78,7 +82,7 @@ class FusionEngine:
         ttft = time.perf_counter() - t0
         tokens = greedy(self.lm, result.cache, result.logits, result.layout.total_len, max_new_tokens)
         answer = Answer(self._decode(tokens), chunk_ids, result.n_reused, result.n_recomputed, len(q_ids), ttft,
-                        notes=notes)
+                        notes=notes, retrieval_scores=[hits[i][1] for i in kept] if hits else None)
         if compare:
             all_ids = torch.cat([self.prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])
             t0 = time.perf_counter()
