@@ -46,6 +46,7 @@ from kvfuse.loader.store import Store
 from . import attention
 from .attention import AttentionRecorder
 from .fusion import FusionResult, recompute
+from .guards import probe_view
 from .kvcache import ScatterLayer
 from .layout import FusedLayout
 from .model import LoadedModel, ModelSpec
@@ -381,16 +382,17 @@ def _selection_context(lm: LoadedModel, load: LayerwiseLoad, context_tokens: tor
 
     def attend(selected: torch.Tensor) -> torch.Tensor:
         """Question-to-context attention [n_probe or L, Q, C]."""
+        p_layout, p_question = probe_view(layout, question_ids)  # at most the last PROBE_QUESTION_TOKENS
         shallow = selected.numel() == 0 and 0 < n_probe < lm.spec.n_layers
         rec = AttentionRecorder(layers=set(range(n_probe)) if shallow else None,
                                 query_rows=slice(selected.numel(), None))
         if shallow:
             with stop_after_layer(lm.model, n_probe):
-                recompute(lm, None, layout, context_tokens, question_ids, selected, rec,
+                recompute(lm, None, p_layout, context_tokens, p_question, selected, rec,
                           cache_factory=lambda kv, slots: load.cache(peek=True))
         else:
             load.wait_all()
-            recompute(lm, load.stored, layout, context_tokens, question_ids, selected, rec)
+            recompute(lm, load.stored, p_layout, context_tokens, p_question, selected, rec)
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])
         if attn.device.type != "cuda" or on_device:
             return attn
