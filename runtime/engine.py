@@ -17,7 +17,7 @@ from kvfuse.loader.format import dtype_name
 
 from .attention import use_kvfuse_attention
 from .fusion import full_prefill, fuse, greedy
-from .guards import check_fits, should_fuse
+from .guards import plan_request
 from .model import LoadedModel
 from .prompt import PromptTemplate
 from .retrieval import BM25Retriever
@@ -64,25 +64,18 @@ class FusionEngine:
         hits = [] if chunk_ids else self.retriever.top(question, top_k)  # [(record index, BM25 score)]
         chunk_ids = chunk_ids or [self.records[i].chunk_id for i, _ in hits]
         q_ids = self.question_ids(question)
-        lens, notes = [self.store.record(c).n_tokens for c in chunk_ids], []
+        plan = plan_request(self.lm, len(self.prefix.tokens), [self.store.record(c).n_tokens for c in chunk_ids],
+                            len(q_ids), max_new_tokens, selector, ratio, on_overflow)  # before any work
+        chunk_ids, selector, notes = [chunk_ids[i] for i in plan.kept], plan.selector, plan.notes
         if hits and not self.retriever.matches(question):
             notes.append("retrieval: no term of the question occurs in any chunk, so these chunks are arbitrary")
-        kept = check_fits(self.lm, len(self.prefix.tokens), lens, len(q_ids), max_new_tokens, on_overflow)
-        if len(kept) < len(chunk_ids):
-            notes.append(f"dropped the {len(chunk_ids) - len(kept)} least relevant of {len(chunk_ids)} chunks to fit "
-                         f"the model's {self.lm.spec.max_positions} positions")
-            chunk_ids = [chunk_ids[i] for i in kept]
-        if selector != "full" and not should_fuse(sum(lens[i] for i in kept), len(q_ids), selector, ratio,
-                                                  self.lm.spec.n_layers):
-            notes.append(f"{selector} at ratio {ratio} would run more tokens than a full prefill: ran the full prefill")
-            selector = "full"
         t0 = time.perf_counter()
         chunks = [self.store.read(cid, verify=self.verify) for cid in chunk_ids]
         result = fuse(self.lm, self.prefix, chunks, q_ids, selector, ratio)
         ttft = time.perf_counter() - t0
         tokens = greedy(self.lm, result.cache, result.logits, result.layout.total_len, max_new_tokens)
         answer = Answer(self._decode(tokens), chunk_ids, result.n_reused, result.n_recomputed, len(q_ids), ttft,
-                        notes=notes, retrieval_scores=[hits[i][1] for i in kept] if hits else None)
+                        notes=notes, retrieval_scores=[hits[i][1] for i in plan.kept] if hits else None)
         if compare:
             all_ids = torch.cat([self.prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])
             t0 = time.perf_counter()

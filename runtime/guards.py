@@ -1,5 +1,6 @@
 """Checks the engine runs before any model work (issue 13 items 6 and 7).
 
+    plan = plan_request(lm, n_prefix, chunk_lens, n_question, max_new_tokens, selector, ratio)  # both checks
     kept = check_fits(lm, n_prefix, chunk_lens, n_question, max_new_tokens)   # or ContextOverflowError
     if not should_fuse(n_context, n_question, selector, ratio): ...           # a plain prefill is cheaper
     probe_layout, probe_q = probe_view(layout, question_ids)                   # the selectors' bounded probe
@@ -23,7 +24,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -124,3 +125,26 @@ def probe_view(layout: FusedLayout, question_ids: torch.Tensor) -> tuple[FusedLa
     if n == len(question_ids):
         return layout, question_ids
     return replace(layout, question_len=n), question_ids[-n:]
+
+
+@dataclass
+class RequestPlan:
+    kept: list[int]                                  # indices of the chunks to use, retrieval order
+    selector: str                                    # the selector to run ("full" when fusion can't win)
+    notes: list[str] = field(default_factory=list)   # what was changed, for the answer to report
+
+
+def plan_request(lm, n_prefix: int, chunk_lens: Sequence[int], n_question: int, max_new_tokens: int,
+                 selector: str, ratio: float, on_overflow: str = "error") -> RequestPlan:
+    """`check_fits` then `should_fuse` for one request; raises what check_fits raises."""
+    kept = check_fits(lm, n_prefix, chunk_lens, n_question, max_new_tokens, on_overflow)
+    plan = RequestPlan(kept, selector)
+    if len(kept) < len(chunk_lens):
+        plan.notes.append(f"dropped the {len(chunk_lens) - len(kept)} least relevant of {len(chunk_lens)} chunks "
+                          f"to fit the model's {lm.spec.max_positions} positions")
+    n_context = sum(chunk_lens[i] for i in kept)
+    if selector != "full" and not should_fuse(n_context, n_question, selector, ratio, lm.spec.n_layers):
+        plan.selector = "full"
+        plan.notes.append(f"{selector} at ratio {ratio} would run more tokens than a full prefill of the "
+                          f"{n_context} context and {n_question} question tokens: ran the full prefill")
+    return plan
