@@ -101,22 +101,27 @@ def test_probe_runs_at_most_the_last_question_tokens(small_cache):
     assert torch.equal(tail, q[-G.PROBE_QUESTION_TOKENS:]) and layout.question_start == prep.layout.question_start
 
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _CUDA])])
 @pytest.mark.parametrize("selector", ["a3", "kvfuse"])
-def test_layerwise_probe_is_bounded_like_the_plain_path(tmp_path_factory, selector):
+def test_layerwise_probe_is_bounded_like_the_plain_path(tmp_path_factory, selector, device):
     """A question longer than PROBE_QUESTION_TOKENS selects the same tokens on both paths."""
     from test_layerwise import setup, tiers_for
     from kvfuse.runtime.fusion import fuse
     from kvfuse.runtime.layerwise import fuse_layerwise
 
-    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    dtype, atol = (torch.float32, 1e-5) if device == "cpu" else (torch.bfloat16, 1e-3)
+    lm, store, prefix, ids = setup(tmp_path_factory, device, dtype)
     q = torch.tensor(lm.tokenizer("what is the secret number ? " * 40, add_special_tokens=False)["input_ids"])
     assert len(q) > G.PROBE_QUESTION_TOKENS
-    tiers = tiers_for(lm, store, "cpu")
+    tiers = tiers_for(lm, store, device)
     try:
         want = fuse(lm, store.read(prefix), [store.read(c) for c in ids], q, selector, 0.2)
         tiers.submit("r", [prefix, *ids])
         got = fuse_layerwise(lm, tiers, "r", q, selector=selector, ratio=0.2)
-        assert torch.equal(got.recomputed, want.recomputed)
-        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+        assert torch.equal(got.recomputed.cpu(), want.recomputed.cpu())
+        torch.testing.assert_close(got.logits, want.logits, atol=atol, rtol=0)
     finally:
         tiers.close()
