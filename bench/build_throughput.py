@@ -68,12 +68,14 @@ def random_docs(n_docs: int, words: int, seed: int = 0) -> list[Document]:
 def plain_prefill(lm, token_lists) -> dict:
     """The bare decoder over each token list (batch 1, use_cache like the build keeps KV)."""
     from transformers.cache_utils import DynamicCache
+
+    from kvfuse.runtime.model import cache_kwargs
     device = lm.model.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for ids in token_lists:
-        lm.model.model(input_ids=torch.tensor(ids, device=device)[None], past_key_values=DynamicCache(), use_cache=True)
+        lm.model.model(input_ids=torch.tensor(ids, device=device)[None], **cache_kwargs(lm.model.model, DynamicCache()), use_cache=True)
     sync()
     seconds = time.perf_counter() - t0
     tokens = sum(len(t) for t in token_lists)

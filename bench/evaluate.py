@@ -189,11 +189,8 @@ class ExampleInputs:
         return [self.engine.store.read(c, verify=False) for c in chunk_ids]
 
     def question_ids(self, ex: Example) -> torch.Tensor:
-        q_ids = self.engine.question_ids(ex.question)
-        if ex.answer_prefix:  # the question part ends with the start of the answer
-            prefix = self.engine.lm.tokenizer(ex.answer_prefix, add_special_tokens=False)["input_ids"]
-            q_ids = torch.cat((q_ids, torch.tensor(prefix)))
-        return q_ids
+        # the question part ends with the start of the answer, if any
+        return self.engine.prompt.question_ids(self.engine.lm.tokenizer, ex.question, ex.answer_prefix or "")
 
 
 def chunks_digest(chunk_ids: list[str]) -> str:

@@ -151,20 +151,27 @@ def verify(cache_dir, release, quick, as_json):
 @click.option("--ratio", default=0.15, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1))
 @click.option("--compare", is_flag=True, help="Also run a full prefill of the same prompt and compare.")
-def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_tokens, compare):
+@click.option("--on-overflow", default="error", show_default=True, type=click.Choice(["error", "drop"]),
+              help="A prompt longer than the model's positions: stop with an error, or drop the least relevant chunks.")
+def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_tokens, compare, on_overflow="error"):
     """Answer QUESTION from the chunks retrieved out of CACHE_DIR."""
     from kvfuse.runtime.engine import FusionEngine
     from kvfuse.runtime.selectors import get_selector
     get_selector(selector)  # fail before loading anything
     engine = FusionEngine(cache_dir, _load(model, dtype))
-    a = engine.ask(question, top_k=top_k, selector=selector, ratio=ratio, max_new_tokens=max_new_tokens,
-                   compare=compare)
-    engine.close()
-    click.echo(f"retrieved:  {', '.join(a.doc_ids)}")
+    try:
+        a = engine.ask(question, top_k=top_k, selector=selector, ratio=ratio, max_new_tokens=max_new_tokens,
+                       compare=compare, on_overflow=on_overflow)
+    finally:
+        engine.close()
+    scores = f"  (BM25 {', '.join(f'{x:.2f}' for x in a.retrieval_scores)})" if a.retrieval_scores else ""
+    click.echo(f"retrieved:  {', '.join(a.doc_ids)}{scores}")
+    for note in a.notes:
+        click.echo(f"note:       {note}")
     click.echo(f"answer:     {a.text.strip()}")
     click.echo(f"tokens:     {a.n_reused} reused, {a.n_recomputed} context recomputed "
                f"({selector}, ratio {ratio}), {a.n_question} question")
-    click.echo(f"TTFT:       {a.ttft_s * 1000:.0f} ms fused")
+    click.echo(f"TTFT:       {a.ttft_s * 1000:.0f} ms {'fused' if a.fused else 'plain prefill (fusion could not win)'}")
     if compare:
         click.echo(f"full:       {a.full_text}")
         click.echo(f"TTFT full:  {a.full_ttft_s * 1000:.0f} ms  (speed-up {a.full_ttft_s / a.ttft_s:.2f}x, "

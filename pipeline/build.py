@@ -57,14 +57,14 @@ from kvfuse.loader.writer import (
     ShardWriter, WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
     verify_leftover,
 )
-from kvfuse.runtime.model import LoadedModel, ModelSpec, chat_prefix_and_suffix
+from kvfuse.runtime.model import LoadedModel, ModelSpec
+from kvfuse.runtime.prompt import PROMPT_RULE, PromptTemplate
 
 from .chunker import Chunk, chunk_document
 from .corpus import Document, read_corpus
 from .precompute import embed_chunk, prefill_chunk, prefill_prefix
 from .relate import EmbeddingCache, MiniLM, check_embedder, top_neighbours
 
-QUESTION_TEMPLATE = "\n\nAnswer the question using the documents above.\nQuestion: {question}"
 CHUNKER_KIND = "paragraph-sentence-v1"
 
 
@@ -111,10 +111,7 @@ class BuildContext:
     @classmethod
     def of(cls, lm: LoadedModel) -> "BuildContext":
         parts = prompt_parts(lm)
-        prefix_ids = tuple(lm.tokenizer(parts["prefix"], add_special_tokens=False)["input_ids"])
-        if not prefix_ids:
-            raise ValueError("the shared prefix tokenises to nothing; give the model a chat template")
-        return cls(lm.spec, parts, prefix_ids)
+        return cls(lm.spec, parts, PromptTemplate.from_manifest(parts).prefix_ids(lm.tokenizer))
 
     @property
     def dtype(self) -> str:
@@ -142,15 +139,15 @@ class Job:
 
 
 def prompt_parts(lm: LoadedModel) -> dict:
-    """The text around the chunks: [prefix][chunks][question template][suffix]."""
-    prefix, suffix = chat_prefix_and_suffix(lm.tokenizer)
-    return {"prefix": prefix, "question_template": QUESTION_TEMPLATE, "suffix": suffix}
+    """The text around the chunks (runtime/prompt.py's template, as the manifest records it)."""
+    return PromptTemplate.of(lm.tokenizer).to_manifest()
 
 
 # ---------------------------------------------------------------- model work (runs where the model is)
 
 def chunk_docs(lm: LoadedModel, docs: Iterable[Document], chunk_tokens: int) -> list[Chunk]:
-    return [c for doc in docs for c in chunk_document(doc, lm.tokenizer, chunk_tokens)]
+    lead = PromptTemplate.of(lm.tokenizer).separator_ids(lm.tokenizer)  # every stored chunk starts with it
+    return [c for doc in docs for c in chunk_document(doc, lm.tokenizer, chunk_tokens, lead_ids=lead)]
 
 
 def embed_items(lm: LoadedModel, prefix_ids, items: list[tuple[str, tuple[int, ...], str]],
@@ -248,7 +245,7 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
     ctx = stages.context()
     clock.lap("context")
     spec, P = ctx.spec, len(ctx.prefix_ids)
-    chunker_params = {"chunk_tokens": config.chunk_tokens, "kind": CHUNKER_KIND}
+    chunker_params = {"chunk_tokens": config.chunk_tokens, "kind": CHUNKER_KIND, "prompt": PROMPT_RULE}
     ident = dict(model_fingerprint=spec.fingerprint, dtype=ctx.dtype, tokenizer_fingerprint=spec.fingerprint,  # covers the tokenizer too
                  chunker=chunker_params)
     prefix_id = fmt.chunk_id(**ident, token_ids=ctx.prefix_ids, prefix_id="")

@@ -8,8 +8,8 @@ A document is cut into chunks of at most ``chunk_tokens`` tokens:
    closing quotes/brackets, before whitespace; after ``。！？``). Every piece
    keeps the whitespace that precedes it, so the pieces tile the trimmed
    document exactly and ``" word"`` tokenises as it does in running text.
-2. Every sentence is tokenised separately with ``add_special_tokens=False``
-   (one batched call); a chunk's ``token_ids`` is the concatenation of its
+2. Every sentence is tokenised separately as untrusted text
+   (``runtime.prompt.encode_texts``: no BOS/EOS, no control tokens; one batched call); a chunk's ``token_ids`` is the concatenation of its
    pieces' ids (DESIGN §7: tokenise pieces separately and concatenate). So
    token counts add up exactly and packing never re-tokenises.
 3. Packing: whole paragraphs are packed greedily while they fit. A paragraph
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kvfuse.pipeline.corpus import Document
+from kvfuse.runtime.prompt import encode_offsets, encode_texts
 
 __all__ = ["Chunk", "chunk_document", "split_paragraphs", "split_sentences"]
 
@@ -89,41 +90,44 @@ def split_sentences(text: str, start: int = 0, end: int | None = None) -> list[_
 
 
 class _Encoder:
+    """Document text -> ids the way runtime/prompt.py encodes untrusted text (never a control token)."""
+
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
-        self.fast = bool(getattr(tokenizer, "is_fast", False))
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        out = self.tok(list(texts), add_special_tokens=False, return_attention_mask=False,
-                       return_token_type_ids=False, verbose=False)
-        return [list(x) for x in out["input_ids"]]
+        return encode_texts(self.tok, texts)
 
     def offsets(self, text: str) -> list[tuple[int, int]] | None:
-        if not self.fast:
-            return None
-        out = self.tok(text, add_special_tokens=False, return_attention_mask=False,
-                       return_token_type_ids=False, return_offsets_mapping=True, verbose=False)
-        return [tuple(o) for o in out["offset_mapping"]]
+        return encode_offsets(self.tok, text)
 
 
-def chunk_document(doc: Document, tokenizer: Any, chunk_tokens: int = 512) -> list[Chunk]:
+def chunk_document(doc: Document, tokenizer: Any, chunk_tokens: int = 512,
+                   lead_ids: Sequence[int] = ()) -> list[Chunk]:
     """Cut ``doc`` into chunks of ≤ ``chunk_tokens`` tokens (see module doc).
 
     ``tokenizer`` is a transformers tokenizer (fast ones use offsets for hard
-    cuts; others fall back to a binary search). A whitespace-only document
+    cuts; others fall back to a binary search). Text is encoded with
+    ``runtime.prompt.encode_texts``: control strings in it never become control
+    tokens. ``lead_ids`` (the build passes the prompt's document separator) start
+    every chunk's ``token_ids`` and count towards ``chunk_tokens``; ``text`` and
+    the char offsets cover the document text only. A whitespace-only document
     gives no chunks; a document longer than any model context is simply cut
-    into more chunks.
+    into more chunks. Raises ValueError when ``chunk_tokens`` leaves no room
+    after ``lead_ids``.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    lead = tuple(lead_ids)
+    if chunk_tokens <= len(lead):
+        raise ValueError(f"chunk_tokens={chunk_tokens} leaves no room after the {len(lead)}-token document "
+                         "separator; use a larger --chunk-tokens")
     text = doc.text
     start, end = _trim(text)
     if start >= end:
         return []
     enc = _Encoder(tokenizer)
-    limit = chunk_tokens
+    limit = chunk_tokens - len(lead)
 
     paragraphs = [split_sentences(text, a, b) for a, b in split_paragraphs(text, start, end)]
     flat = [s for para in paragraphs for s in para]
@@ -167,7 +171,7 @@ def chunk_document(doc: Document, tokenizer: Any, chunk_tokens: int = 512) -> li
     chunks = []
     for no, group in enumerate(groups):
         a, b = group[0][0], group[-1][1]
-        ids = tuple(t for p in group for t in p[2])
+        ids = lead + tuple(t for p in group for t in p[2])
         chunks.append(Chunk(doc.doc_id, no, ids, text[a:b], a, b))
     return chunks
 

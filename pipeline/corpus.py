@@ -15,7 +15,8 @@ the 1-based line number (jsonl) or 1-based row number (parquet, datasets).
 Fields other than the text and id go into ``meta`` when they are JSON-able and
 small (≤ ``META_MAX_CHARS`` characters as JSON); others are dropped.
 Whitespace-only documents are skipped with a :class:`CorpusWarning` giving the
-count. The result is sorted by ``doc_id`` (plain string order).
+count; text holding NUL characters (a binary file, UTF-16 text) is a :class:`CorpusError`.
+The result is sorted by ``doc_id`` (plain string order).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def _finish(records: Iterable[_Record], p: Path) -> list[Document]:
         if doc_id in seen:
             raise CorpusError(f"duplicate doc_id {doc_id!r} in {p}: {seen[doc_id]} and {where}")
         seen[doc_id] = where
+        _check_not_binary(text, where)
         if not text.strip():
             n_empty += 1
             continue
@@ -105,6 +107,14 @@ def _finish(records: Iterable[_Record], p: Path) -> list[Document]:
         warnings.warn(f"skipped {n_empty} empty document(s) in {p}", CorpusWarning, stacklevel=3)
     docs.sort(key=lambda d: d.doc_id)
     return docs
+
+
+def _check_not_binary(text: str, where: str) -> None:
+    """Refuse text holding NUL characters: a binary file, or UTF-16/32 text (valid UTF-8 when ASCII)."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise CorpusError(f"{where}: NUL character at text offset {nul}: this looks like a binary file or "
+                          "UTF-16/UTF-32 text; convert it to UTF-8 text (or remove the document)")
 
 
 def _utf8_error(name: Path | str, offset: int, e: UnicodeDecodeError) -> CorpusError:

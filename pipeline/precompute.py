@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicCache
 from kvfuse.loader.format import SALIENCY_SIGNALS
 from kvfuse.runtime.attention import IMPLEMENTATION, AttentionRecorder, record_attention, use_kvfuse_attention
 from kvfuse.runtime.kvcache import cache_from_kv, kv_from_cache
-from kvfuse.runtime.model import LoadedModel
+from kvfuse.runtime.model import LoadedModel, cache_kwargs
 from kvfuse.runtime.rope import rerotate_keys
 
 
@@ -38,7 +38,7 @@ from kvfuse.runtime.rope import rerotate_keys
 def prefill_prefix(lm: LoadedModel, prefix_ids) -> torch.Tensor:
     ids = torch.as_tensor(prefix_ids).long().to(lm.model.device)[None]
     cache = DynamicCache()
-    lm.model.model(input_ids=ids, past_key_values=cache, use_cache=True)  # the bare decoder: no logits
+    lm.model.model(input_ids=ids, **cache_kwargs(lm.model.model, cache), use_cache=True)  # the bare decoder: no logits
     return kv_from_cache(cache)  # [L, 2, H_kv, P, D]
 
 
@@ -50,10 +50,10 @@ def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.T
     cache = cache_from_kv(prefix_kv.to(device))
     positions = torch.arange(P, P + len(ids), device=device)[None]
     if recorder is None:
-        out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, past_key_values=cache, use_cache=True)
+        out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, **cache_kwargs(lm.model.model, cache), use_cache=True)
     else:
         with record_attention(recorder):
-            out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, past_key_values=cache,
+            out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, **cache_kwargs(lm.model.model, cache),
                                  use_cache=True)
     return cache, out.last_hidden_state[0]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .model import LoadedModel
+from .model import LoadedModel, cache_kwargs
 
 
 class BatchLayer(DynamicLayer):
@@ -128,7 +128,7 @@ class DecodeBatch:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
         tokens = torch.tensor([[r.token] for r in self.rows], device=device)           # [B, 1]
         out = self.lm.model(input_ids=tokens, position_ids=self.lens[:, None], attention_mask=mask[:, None, None],
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                            use_cache=True, logits_to_keep=1, **cache_kwargs(self.lm.model, cache))
         self.lens += 1
         logits = out.logits[:, -1]                                                      # [B, V]
         if all(r.temperature <= 0 for r in self.rows):

@@ -37,8 +37,10 @@ from .attention import use_kvfuse_attention
 from .decode import DecodeBatch, DecodeRow, sample
 from .driver import make_source
 from .fusion import FusionResult, _eos_ids, full_prefill, greedy
+from .guards import ContextOverflowError, plan_request
 from .layout import FusedLayout
 from .model import LoadedModel
+from .prompt import PromptTemplate
 from .requests import Answer, FusionRequest, RequestError, RequestHandle
 from .retrieval import BM25Retriever
 from .selectors import SELECTORS
@@ -70,7 +72,7 @@ class ReleaseView:
         store.check_model(lm.spec.fingerprint, dtype_name(lm.spec.dtype))
         self.store = store
         self.release = store.release
-        self.prompt = store.manifest["prompt"]
+        self.prompt = PromptTemplate.from_manifest(store.manifest["prompt"])   # PromptRuleError: rebuild
         self.prefix_id = store.prefix_id
         self.prefix_len = store.record(self.prefix_id).n_tokens
         self.records = store.records()
@@ -100,6 +102,9 @@ class _Work:
     submitted: float
     compare: bool = False
     prefill_only: bool = False
+    selector: str = "kvfuse"             # what runs: the request's, or "full" where fusion can't win
+    notes: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
     answer: Answer | None = None
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0                     # characters of the answer text already streamed
@@ -165,13 +170,12 @@ class FusionEngine:
     def retrieve(self, question: str, top_k: int) -> list[str]:
         """Chunk ids of the `top_k` chunks most relevant to `question` (BM25), best first."""
         view = self._current_view()
-        return [view.records[i].chunk_id for i in view.retriever.top(question, top_k)]
+        return [view.records[i].chunk_id for i, _ in view.retriever.top(question, top_k)]
 
     def question_ids(self, question: str, view: ReleaseView | None = None) -> torch.Tensor:
-        """[Q] token ids of the question as the prompt template places it."""
-        prompt = (view or self._current_view()).prompt
-        text = prompt["question_template"].format(question=question) + prompt["suffix"]
-        return torch.tensor(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """[Q] token ids of the question as the prompt template places it (no control tokens from
+        the question's text)."""
+        return (view or self._current_view()).prompt.question_ids(self.lm.tokenizer, question)
 
     def submit(self, request: FusionRequest, *, compare: bool = False) -> RequestHandle:
         """Validate and enqueue a request; its chunks start loading now. Raises RequestError."""
@@ -188,11 +192,13 @@ class FusionEngine:
         return work.handle
 
     def ask(self, question: str, top_k: int = 4, selector: str = "kvfuse", ratio: float = 0.15,
-            max_new_tokens: int = 48, chunk_ids: list[str] | None = None, compare: bool = False) -> Answer:
+            max_new_tokens: int = 48, chunk_ids: list[str] | None = None, compare: bool = False,
+            on_overflow: str = "error") -> Answer:
         """Blocking convenience: submit a question and wait for its whole answer. compare: also run a
-        full prefill of the same prompt and report its answer, TTFT and the first-token KL."""
+        full prefill of the same prompt and report its answer, TTFT and the first-token KL.
+        on_overflow: "error" (RequestError before any work) or "drop" the least relevant chunks."""
         req = FusionRequest(question=question, top_k=top_k, selector=selector, ratio=ratio,
-                            max_new_tokens=max_new_tokens, chunk_ids=chunk_ids)
+                            max_new_tokens=max_new_tokens, chunk_ids=chunk_ids, on_overflow=on_overflow)
         return self.submit(req, compare=compare).result()
 
     def prefill(self, question: str | FusionRequest, **kw) -> tuple[object, torch.Tensor, FusedLayout]:
@@ -286,10 +292,14 @@ class FusionEngine:
         if not isinstance(req.top_p, (int, float)) or not 0.0 < req.top_p <= 1.0:
             raise RequestError("top_p", "must be in (0, 1]")
         view = self._current_view()
+        notes, scores = [], None
         if req.chunk_ids is None:
             if not isinstance(req.top_k, int) or req.top_k < 1:
                 raise RequestError("top_k", "must be an integer >= 1")
-            chunk_ids = [view.records[i].chunk_id for i in view.retriever.top(question, req.top_k)]
+            hits = view.retriever.top(question, req.top_k)                   # [(record index, BM25 score)]
+            chunk_ids, scores = [view.records[i].chunk_id for i, _ in hits], [float(x) for _, x in hits]
+            if not view.retriever.matches(question):
+                notes.append("retrieval: no term of the question occurs in any chunk, so these chunks are arbitrary")
         else:
             if not isinstance(req.chunk_ids, list) or not all(isinstance(c, str) for c in req.chunk_ids):
                 raise RequestError("chunk_ids", "must be a list of chunk id strings")
@@ -299,14 +309,19 @@ class FusionEngine:
                                    "(`kvfuse inspect` lists a cache's chunks)")
             chunk_ids = list(req.chunk_ids)
         question_ids = (torch.tensor(req.question_ids) if question is None else self.question_ids(question, view))
-        n_prompt = view.prefix_len + sum(view.store.record(c).n_tokens for c in chunk_ids) + len(question_ids)
-        limit = self.lm.spec.max_positions
-        if n_prompt + (0 if prefill_only else req.max_new_tokens) > limit:
-            field_name = "chunk_ids" if req.chunk_ids is not None else "top_k"
-            raise RequestError(field_name, f"the prompt would be {n_prompt} tokens + {req.max_new_tokens} new, "
-                               f"more than the model's {limit} positions: ask for fewer chunks or tokens")
+        if req.on_overflow not in ("error", "drop"):
+            raise RequestError("on_overflow", "must be 'error' or 'drop'")
+        try:  # before any work: the prompt fits the model's positions, and fusion can win over a full prefill
+            plan = plan_request(self.lm, view.prefix_len, [view.store.record(c).n_tokens for c in chunk_ids],
+                                len(question_ids), 0 if prefill_only else req.max_new_tokens, req.selector,
+                                req.ratio, req.on_overflow)
+        except ContextOverflowError as e:
+            raise RequestError("chunk_ids" if req.chunk_ids is not None else "top_k", str(e)) from None
+        chunk_ids = [chunk_ids[i] for i in plan.kept]
+        scores = [scores[i] for i in plan.kept] if scores is not None else None
         handle = RequestHandle(req, cancel=self._cancel)
-        work = _Work(req, handle, view, chunk_ids, question_ids, time.perf_counter(), compare, prefill_only)
+        work = _Work(req, handle, view, chunk_ids, question_ids, time.perf_counter(), compare, prefill_only,
+                     selector=plan.selector, notes=notes + plan.notes, scores=scores)
         self.source.submit(req.request_id, view.store, [view.prefix_id, *chunk_ids])
         return work
 
@@ -342,7 +357,7 @@ class FusionEngine:
             with self._lock:
                 self._running[req.request_id] = work
             t0 = time.perf_counter()
-            result = self.source.fuse(self.lm, req.request_id, work.question_ids, req.selector, req.ratio)
+            result = self.source.fuse(self.lm, req.request_id, work.question_ids, work.selector, req.ratio)
             logits = result.logits
             now = time.perf_counter()
             work.t_first = now
@@ -353,7 +368,8 @@ class FusionEngine:
                                  n_recomputed=result.n_recomputed, n_question=len(work.question_ids),
                                  ttft_s=now - work.submitted, release=work.view.release,
                                  doc_ids=[work.view.store.record(c).doc_id for c in work.chunk_ids],
-                                 prefill_s=now - t0, fused=req.selector != "full", timings=dict(result.timings))
+                                 prefill_s=now - t0, fused=work.selector != "full", timings=dict(result.timings),
+                                 retrieval_scores=work.scores, notes=list(work.notes))
             self.counters["tokens_reused"] += result.n_reused
             self.counters["tokens_recomputed"] += result.n_recomputed + len(work.question_ids)
             if work.compare:

@@ -39,8 +39,9 @@ from kvfuse.loader.store import ChunkData
 from . import recompute_attention
 from .attention import IMPLEMENTATION, AttentionRecorder, record_attention
 from .kvcache import PeekLayer, cache_from_kv, kv_from_cache
+from .guards import probe_view
 from .layout import FusedLayout
-from .model import LoadedModel
+from .model import LoadedModel, cache_kwargs
 from .rope import rerotate_keys
 from .selectors import SelectionContext, get_selector
 
@@ -189,7 +190,7 @@ def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Te
     scattered, mask = (nullcontext(), None) if slots is None and not peek else _scattered(
         lm, positions, layout.total_len, attention, groups)
     with scattered, record_attention(recorder) if recorder else nullcontext():
-        out = lm.model(input_ids=input_ids[None].long(), position_ids=positions[None], past_key_values=cache,
+        out = lm.model(input_ids=input_ids[None].long(), position_ids=positions[None], **cache_kwargs(lm.model, cache),
                        attention_mask=mask, use_cache=True, logits_to_keep=1)
     return cache, out.logits[0, -1].float()
 
@@ -284,8 +285,9 @@ def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, p
                                 query_rows=slice(selected.numel(), None))
         if not shallow:
             source.wait_all()
+        p_layout, p_question = probe_view(layout, question_ids)  # at most the last PROBE_QUESTION_TOKENS
         with stop_after_layer(lm.model, depth) if shallow else nullcontext():
-            recompute(lm, source, layout, source.context_tokens, question_ids, selected, rec, peek=True)
+            recompute(lm, source, p_layout, source.context_tokens, p_question, selected, rec, peek=True)
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L', Q, C]
         if attn.device.type != "cuda" or prep.on_device:
             return attn
@@ -369,7 +371,7 @@ def recompute_context_layer(lm: LoadedModel, kv: torch.Tensor, layout: FusedLayo
     scattered, mask = _scattered(lm, positions, layout.question_start, None, None)
     with scattered, stop_after_layer(lm.model, layer + 1):
         lm.model.model(input_ids=context_tokens.to(device)[None], position_ids=positions[None],
-                       past_key_values=cache, attention_mask=mask, use_cache=True)
+                       **cache_kwargs(lm.model.model, cache), attention_mask=mask, use_cache=True)
     # on the stored cache's device, so selectors can compare the two (cacheblend's deviation)
     return kv_from_cache(cache, layout.prefix_len, layout.question_start)[layer].to(kv.device)  # [2, H_kv, C, D]
 
@@ -381,7 +383,7 @@ def full_prefill(lm: LoadedModel, token_ids: torch.Tensor):
 
     ids = torch.as_tensor(token_ids).long().to(lm.model.device)[None]
     cache = DynamicCache()
-    out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = lm.model(input_ids=ids, **cache_kwargs(lm.model, cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[0, -1].float()
 
 
@@ -398,7 +400,7 @@ def greedy(lm: LoadedModel, cache, first_logits: torch.Tensor, next_pos: int, ma
             break
         step = lm.model(input_ids=torch.tensor([[token]], device=device),
                         position_ids=torch.tensor([[next_pos]], device=device),
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        **cache_kwargs(lm.model, cache), use_cache=True, logits_to_keep=1)
         next_pos += 1
         token = int(step.logits[0, -1].argmax())
         out.append(token)
@@ -430,7 +432,7 @@ def greedy_batch(lm: LoadedModel, caches: list, first_logits: list[torch.Tensor]
         if bool(done.all()):
             break
         step = lm.model(input_ids=tokens[:, None], position_ids=torch.full((len(caches), 1), next_pos, device=device),
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        **cache_kwargs(lm.model, cache), use_cache=True, logits_to_keep=1)
         next_pos += 1
         tokens = step.logits[:, -1].argmax(-1)
         for b, t in enumerate(tokens.tolist()):

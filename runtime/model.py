@@ -444,25 +444,20 @@ def load_model(
 
 
 # --------------------------------------------------------------------------
-# Prompt layout
+# Forward-call compatibility
 
-_SENTINEL = "KVFUSEUSERMESSAGE7f3a9"
+_CACHE_KEYWORD: dict[type, str] = {}
 
 
-def chat_prefix_and_suffix(tokenizer) -> tuple[str, str]:
-    """Split the chat template around the user message.
+def cache_kwargs(model, cache) -> dict:
+    """The keyword argument passing `cache` to `model.forward`: ``{"cache": cache}`` where the
+    forward takes ``cache`` (transformers >= 5.2x, which deprecates ``past_key_values`` for
+    removal in 5.40), else ``{"past_key_values": cache}`` (5.17 and older, where an unknown
+    ``cache=`` would be swallowed by ``**kwargs`` and silently run without a cache)."""
+    kind = type(model)
+    if kind not in _CACHE_KEYWORD:
+        import inspect
 
-    The fused prompt is ``[prefix][chunks][question][suffix]``: prefix is the
-    template head up to the user content (system prompt, role markers), suffix
-    the rest through the generation prompt. ("", "\\n") without a chat template.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return "", "\n"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
-    )
-    if text.count(_SENTINEL) != 1:
-        raise ValueError("the chat template does not render the user message verbatim; "
-                         "can't split it into prefix and suffix")
-    prefix, suffix = text.split(_SENTINEL)
-    return prefix, suffix
+        params = inspect.signature(model.forward).parameters
+        _CACHE_KEYWORD[kind] = "cache" if "cache" in params else "past_key_values"
+    return {_CACHE_KEYWORD[kind]: cache}

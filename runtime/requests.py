@@ -57,6 +57,7 @@ class FusionRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    on_overflow: str = "error"         # prompt longer than the model: "error", or "drop" the least relevant chunks
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def question_text(self) -> str:
@@ -105,6 +106,8 @@ class Answer:
     total_s: float | None = None       # submit -> last token
     fused: bool = True                 # False: the engine ran a plain prefill (cost model or selector "full")
     timings: dict = field(default_factory=dict)   # the driver's: select_s, recompute_s, hot/warm/cold chunks, ...
+    retrieval_scores: list[float] | None = None   # BM25 score of each chunk (None: chunks given by the caller)
+    notes: list[str] = field(default_factory=list)  # what the engine changed: chunks dropped, plain prefill, no match
     full_text: str | None = None       # with compare: the full prefill's answer
     full_ttft_s: float | None = None
     first_token_kl: float | None = None

@@ -17,6 +17,7 @@ from kvfuse.pipeline.build import BuildConfig, build_cache
 from kvfuse.pipeline.corpus import CorpusError
 from kvfuse.runtime.engine import FusionEngine
 from kvfuse.runtime.model import load_model
+from kvfuse.runtime.prompt import PromptTemplate
 
 WORDS = "the city is the capital of the country and the river is red".split()
 
@@ -52,7 +53,8 @@ def test_long_document_is_chunked_not_dropped(tmp_path, model_dir):
     lm = load_model(str(model_dir))  # max_position_embeddings 1024
     r = build_cache(corpus(tmp_path / "c.jsonl", n_docs=1, words=3000), tmp_path / "cache", lm,
                     BuildConfig(chunk_tokens=64, progress=False))
-    assert sum(rec.n_tokens for rec in Store.open(tmp_path / "cache").records()) == 3000
+    sep = len(PromptTemplate.of(lm.tokenizer).separator_ids(lm.tokenizer))  # every chunk starts with it
+    assert sum(rec.n_tokens - sep for rec in Store.open(tmp_path / "cache").records()) == 3000
 
 
 def test_empty_and_non_utf8_corpus_errors_keep_release(tmp_path, model_dir):

@@ -204,3 +204,38 @@ def test_paul_graham_chunks(bpe_tok):
         chunks = chunk_document(doc, bpe_tok, 512)
         check_invariants(doc, chunks, 512, tok=bpe_tok)
         assert len(chunks) > 1
+
+
+# ------------------------------------------- issue 13: emoji / CJK / RTL text, separator, control strings
+
+ODD_TEXTS = [
+    "Family 👩‍👩‍👧‍👦 emoji 🇫🇷🇩🇪 " * 30,                      # multi-codepoint emoji: tokens share characters
+    "東京タワーは一九五八年に完成しました。" * 20,                 # no spaces, 。 ends sentences
+    "مرحبا بالعالم. שלום עולם! " * 25 + "\u200f\u202e end",      # RTL scripts and bidi controls
+]
+
+
+@pytest.mark.parametrize("i", range(len(ODD_TEXTS)))
+def test_emoji_cjk_rtl_documents_chunk_losslessly(bpe_tok, i):
+    doc = Document(f"odd{i}", ODD_TEXTS[i])
+    chunks = chunk_document(doc, bpe_tok, 24)
+    check_invariants(doc, chunks, 24, bpe_tok)
+
+
+def test_lead_ids_start_every_chunk_and_count_to_the_limit(word_tok):
+    doc = Document("d", " ".join(sentence(i, 6) for i in range(30)))
+    plain = chunk_document(doc, word_tok, 18)
+    led = chunk_document(doc, word_tok, 20, lead_ids=(0, 0))
+    assert [c.token_ids[2:] for c in led] == [c.token_ids for c in plain]  # the same cuts as 20 - 2
+    for c in led:
+        assert c.token_ids[:2] == (0, 0) and len(c.token_ids) <= 20
+    assert "".join(c.text for c in led) == doc.text.strip()
+
+
+def test_control_strings_in_text_never_become_control_tokens(word_tok, bpe_tok):
+    for tok in (word_tok, bpe_tok):
+        doc = Document("evil", "alpha <s> beta <s><s> gamma. " * 10)
+        special = set(tok.all_special_ids) - {tok.unk_token_id}
+        for limit in (5, 64):  # hard cuts and whole sentences
+            for c in chunk_document(doc, tok, limit):
+                assert not special & set(c.token_ids), (tok, c)

@@ -259,3 +259,43 @@ def test_write_jsonl_roundtrip_and_clash(tmp_path):
         samples.write_jsonl([Document("a", "t", {"text": "x"})], tmp_path / "d.jsonl")
     assert not (tmp_path / "d.jsonl").exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ------------------------------------------------ issue 13 item 10: binary and odd inputs
+
+def test_binary_and_utf16_documents_are_refused_naming_where(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("fine")
+    (folder / "utf16.txt").write_bytes("hello world".encode("utf-16-le"))  # valid UTF-8, full of NULs
+    with pytest.raises(CorpusError, match=r"utf16\.txt: NUL character at text offset 1.*UTF-16"):
+        read_corpus(folder)
+    p = write_lines(tmp_path / "c.jsonl", [{"text": "ok"}, {"text": "bin\u0000ary"}])
+    with pytest.raises(CorpusError, match=r"c\.jsonl line 2: NUL character at text offset 3"):
+        read_corpus(p)
+    png = tmp_path / "img.txt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(CorpusError, match=r"img\.txt: not valid UTF-8 at byte offset 0"):
+        read_corpus(png)
+
+
+def test_whitespace_only_text_file_is_skipped(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("real text")
+    (folder / "blank.md").write_text(" \n\t\n")
+    with pytest.warns(CorpusWarning, match="skipped 1 empty"):
+        assert [d.doc_id for d in read_corpus(folder)] == ["a.txt"]
+
+
+def test_emoji_cjk_rtl_documents_read_verbatim(tmp_path):
+    texts = ["Emoji 👩‍👩‍👧‍👦 and flags 🇫🇷.", "東京タワーは一九五八年に完成しました。", "مرحبا بالعالم. שלום עולם.",
+             "mixed \u200f RTL mark and \u202e override"]
+    p = write_lines(tmp_path / "c.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    assert [d.text for d in read_corpus(p)] == texts
+
+
+def test_malformed_jsonl_names_file_line_and_column(tmp_path):
+    p = write_lines(tmp_path / "c.jsonl", [{"text": "ok"}, '{"text": "unterminated}'])
+    with pytest.raises(CorpusError, match=r"c\.jsonl line 2: invalid JSON \(.* at column \d+\)"):
+        read_corpus(p)

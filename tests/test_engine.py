@@ -59,7 +59,8 @@ def reference_tokens(engine, lm, question, chunk_ids, n, selector="kvfuse", rati
 def test_answer_equals_single_request_path(engine, lm):
     for question in QUESTIONS[:3]:
         a = engine.ask(question, top_k=2, max_new_tokens=6)
-        ref = reference_tokens(engine, lm, question, a.chunk_ids, 6)
+        # on prompts this short the cost model may run a plain prefill instead (Answer.fused False)
+        ref = reference_tokens(engine, lm, question, a.chunk_ids, 6, *(() if a.fused else ("full", 1.0)))
         eos = set(ref[-1:]) & {lm.tokenizer.eos_token_id}
         assert a.token_ids == [t for t in ref if t not in eos]
         assert a.n_question > 0 and a.n_reused > 0 and a.release == engine.release

@@ -13,7 +13,7 @@ from kvfuse.pipeline.build import BuildConfig, BuildContext, build_cache
 from kvfuse.pipeline.precompute import kv_deviation, prefill_chunk, prefill_prefix
 from kvfuse.pipeline.relate import top_neighbours
 from kvfuse.runtime.kvcache import kv_from_cache
-from kvfuse.runtime.model import load_model
+from kvfuse.runtime.model import cache_kwargs, load_model
 from kvfuse.runtime.rope import rerotate_keys
 
 WORDS = "the city is the capital of the country and the river is red".split()
@@ -41,7 +41,7 @@ def test_enriched_kv_is_the_chunk_slice_of_a_full_prefill(lm):
     whole = torch.tensor([*ctx.prefix_ids, *nbs, *chunk])[None]
     cache = DynamicCache()
     with torch.inference_mode():
-        lm.model.model(input_ids=whole, past_key_values=cache, use_cache=True)
+        lm.model.model(input_ids=whole, **cache_kwargs(lm.model.model, cache), use_cache=True)
     start = len(ctx.prefix_ids) + len(nbs)
     torch.testing.assert_close(kv, kv_from_cache(cache, start, start + len(chunk)), rtol=1e-4, atol=1e-5)
     assert sal.shape == (2, len(chunk)) and (sal[1] > 0).all()  # kv_deviation measured

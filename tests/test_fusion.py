@@ -9,7 +9,7 @@ from kvfuse.pipeline.precompute import prefill_chunk, prefill_prefix
 from kvfuse.runtime.attention import use_kvfuse_attention
 from kvfuse.runtime.fusion import full_prefill, fuse, greedy
 from kvfuse.runtime.kvcache import kv_from_cache
-from kvfuse.runtime.model import load_model
+from kvfuse.runtime.model import cache_kwargs, load_model
 from kvfuse.runtime.rope import rerotate_keys
 from kvfuse.runtime.selectors import SELECTORS
 
@@ -62,7 +62,7 @@ def test_ratio_zero_single_chunk_is_prefix_caching(lm):
     from kvfuse.runtime.kvcache import cache_from_kv
     cache = cache_from_kv(torch.cat((prefix.kv, chunks[0].kv), dim=3))
     with torch.inference_mode():
-        ref = lm.model(input_ids=question[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        ref = lm.model(input_ids=question[None], **cache_kwargs(lm.model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     res = fuse(lm, prefix, chunks, question, "reuse", 0.0)
     assert torch.equal(res.logits, ref.float())
     assert res.n_recomputed == 0
@@ -75,7 +75,7 @@ def test_rerotated_keys_equal_keys_computed_at_new_position(lm):
         def keys_at(start):
             cache = DynamicCache()
             pos = torch.arange(start, start + len(ids))[None]
-            lm.model.model(input_ids=torch.tensor([ids]), position_ids=pos, past_key_values=cache, use_cache=True)
+            lm.model.model(input_ids=torch.tensor([ids]), position_ids=pos, **cache_kwargs(lm.model.model, cache), use_cache=True)
             return kv_from_cache(cache)[:, 0]  # [L, H_kv, T, D]
         k0, k1 = keys_at(3), keys_at(517)
     moved = rerotate_keys(k0, 514, lm.rope_inv_freq())

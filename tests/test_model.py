@@ -15,10 +15,10 @@ from kvfuse.runtime import model as M
 from kvfuse.runtime.model import (
     ModelNotFoundError,
     UnsupportedModelError,
-    chat_prefix_and_suffix,
     check_rope_additive,
     load_model,
 )
+from kvfuse.runtime.prompt import chat_prefix_and_suffix
 
 
 @pytest.fixture(scope="module")
