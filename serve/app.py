@@ -13,7 +13,8 @@ Routes:
 kvfuse's options travel in an extension object of the body,
 `"kvfuse": {"chunk_ids": [...], "top_k": 4, "selector": "kvfuse", "ratio": 0.15}`
 (the OpenAI Python client sends it with `extra_body={"kvfuse": {...}}`); responses carry `usage`
-and a `kvfuse` object (chunk_ids, doc_ids, release, n_reused, n_recomputed, ttft_s).
+and a `kvfuse` object (chunk_ids, doc_ids, release, n_reused, n_recomputed, ttft_s, fused,
+retrieval_scores, notes).
 Bad input is a 4xx in OpenAI's error shape naming the field (`errors.APIError`); the engine's
 `RequestError` decides about the kvfuse fields. With an api key, /v1/* needs
 `Authorization: Bearer <key>` (401 otherwise); /healthz and /metrics stay open.
@@ -109,7 +110,8 @@ async def read_json(request: Request, limit: int):
 def _kvfuse_info(answer: Answer) -> dict:
     return {"chunk_ids": answer.chunk_ids, "doc_ids": answer.doc_ids, "release": answer.release,
             "n_reused": answer.n_reused, "n_recomputed": answer.n_recomputed, "n_question": answer.n_question,
-            "ttft_s": answer.ttft_s, "total_s": answer.total_s}
+            "ttft_s": answer.ttft_s, "total_s": answer.total_s, "fused": answer.fused,
+            "retrieval_scores": answer.retrieval_scores, "notes": answer.notes}
 
 
 def _usage(answer: Answer) -> dict:
