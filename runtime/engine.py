@@ -158,6 +158,11 @@ class FusionEngine:
         return self._current_view().records
 
     @property
+    def prompt(self) -> PromptTemplate:
+        """The current release's prompt template (chat head, question template, separator)."""
+        return self._current_view().prompt
+
+    @property
     def prefix(self):
         """The current release's shared prefix chunk (`ChunkData`)."""
         view = self._current_view()

@@ -3,6 +3,8 @@
 import threading
 
 import pytest
+import time
+
 import torch
 
 from kvfuse.bench.synthetic import write_synthetic_store
@@ -62,6 +64,10 @@ def test_submit_reads_into_pinned_slots(store):
             assert torch.equal(e.meta["saliency"], want.saliency) and e.meta["pos_base"] == want.pos_base
         assert entries[0].kv.shape[3] == 3
         pre.finish("r1", entries)
+        # a prefetch worker drops its own reference just after marking the slot ready
+        deadline = time.monotonic() + 5
+        while any(e.refs for e in entries) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert "r1" not in pre.queue and all(e.refs == 0 for e in entries)
         assert pre.disk_reads == 4
         # a second request over the same chunks is all pinned hits, no disk
