@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kvfuse.loader import format as fmt
+from kvfuse.runtime.prompt import PromptTemplate
 from kvfuse.loader.writer import ShardWriter, cache_lock, init_cache_dir, publish_release
 from kvfuse.runtime.model import ModelSpec
 
@@ -64,7 +65,7 @@ def write_synthetic_store(cache_dir, spec: ModelSpec, n_chunks: int, chunk_token
             "model": {"name": spec.name, "fingerprint": spec.fingerprint, "dtype": fmt.dtype_name(spec.dtype),
                       "kv_bytes_per_token": spec.kv_bytes_per_token()},
             "prefix": {"chunk_id": prefix_id},
-            "prompt": {"prefix": "", "question_template": "{question}", "suffix": ""},
+            "prompt": PromptTemplate("", "{question}", "", separator="").to_manifest(),  # token ids given directly
             "params": {"synthetic": True, "chunk_tokens": chunk_tokens, "seed": seed},
         })
     return prefix_id, ids

@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from kvfuse.runtime import FusionEngine, load_model
+from kvfuse.runtime.model import cache_kwargs
 
 
 def prompt_ids(engine: FusionEngine, question: str, chunk_ids: list[str]) -> torch.Tensor:
@@ -46,7 +47,7 @@ def answer(engine: FusionEngine, question: str, max_new_tokens: int = 32, **requ
         tokens = [] if first in eos else [first]
     else:
         input_ids = torch.cat([ids, torch.tensor([first])])[None].to(lm.model.device)   # [1, T + 1]
-        out = lm.model.generate(input_ids, past_key_values=cache, max_new_tokens=max_new_tokens - 1,
+        out = lm.model.generate(input_ids, **cache_kwargs(lm.model, cache), max_new_tokens=max_new_tokens - 1,
                                 do_sample=False, attention_mask=torch.ones_like(input_ids),
                                 pad_token_id=lm.tokenizer.pad_token_id or min(eos), eos_token_id=sorted(eos))
         tokens = [t for t in out[0, layout.total_len:].tolist() if t not in eos]
