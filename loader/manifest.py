@@ -180,7 +180,10 @@ def read_index(path: Path, expect: Digest | None) -> list[ChunkRecord]:
             raise StoreError(f"index {path} does not match the digest in its manifest "
                              f"(changed after it was written: disk error or tampering). {advice}")
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # ParquetFile.read, not read_table: read_table's dataset machinery leaves threads that made
+        # ~half of the processes that had torch loaded abort at exit (`terminate called without an
+        # active exception`, exit status 134: `kvfuse gc`/`inspect` failed in scripts).
+        table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     except Exception as e:
         raise StoreError(f"index {path} cannot be read: {e}. {advice}") from e
     missing = [c for c in fmt.INDEX_COLUMNS if c not in table.column_names]
