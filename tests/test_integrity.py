@@ -441,3 +441,15 @@ def test_readers_during_publishes_and_gc_never_see_damage(tmp_path):
             t.join()
     assert not errors, errors[:3]
     assert reads[0] > 0
+
+
+def test_cli_commands_reading_the_index_exit_cleanly(release):
+    """pq.read_table's threads made ~half of `kvfuse inspect`/`gc` processes abort at exit (status 134)."""
+    import sys
+
+    cache, _, _ = release
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    for args in (["inspect", str(cache)], ["verify", str(cache)], ["gc", str(cache), "--keep", "1", "--dry-run"],
+                 ["inspect", str(cache)]):
+        out = subprocess.run([sys.executable, "-m", "kvfuse.cli", *args], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, (args, out.returncode, out.stderr[-300:])
