@@ -28,7 +28,9 @@ import torch
 from . import format as fmt
 from .errors import CorruptShardError, StoreError
 from .pool import KVPool, PoolEntry, PoolFullError
-from .store import Store
+from .store import Store, note_damage
+
+ADVICE = "run `kvfuse verify CACHE_DIR` to list the damaged chunks, then `kvfuse build-cache --repair`"
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32}
 
@@ -125,7 +127,8 @@ class ShardReader:
                 try:
                     spans = read_safetensors_header(path)
                 except (OSError, ValueError, struct.error) as e:
-                    raise CorruptShardError(f"shard {path} cannot be read: {e}. Rebuild the cache.") from e
+                    note_damage(self.store.cache_dir, shard)
+                    raise CorruptShardError(f"shard {path} cannot be read: {e}; {ADVICE}.") from e
                 self._open[shard] = (os.open(path, os.O_RDONLY), spans)
             return self._open[shard]
 
@@ -135,7 +138,8 @@ class ShardReader:
         try:
             return {k: spans[n(chunk_id)] for k, n in (("kv", fmt.kv_name), ("tok", fmt.tok_name), ("sal", fmt.sal_name))}
         except KeyError as e:
-            raise CorruptShardError(f"shard {rec.shard} lacks {e.args[0]}; rebuild the cache.") from None
+            note_damage(self.store.cache_dir, rec.shard)
+            raise CorruptShardError(f"shard {rec.shard} lacks {e.args[0]}; {ADVICE}.") from None
 
     def read_into(self, chunk_id: str, kv_out: torch.Tensor, verify: bool = False) -> dict:
         """Read chunk_id's KV bytes into kv_out ([L, 2, H_kv, T, D], contiguous, CPU);
@@ -158,7 +162,8 @@ class ShardReader:
         if self.drop_page_cache:
             os.posix_fadvise(fd, kv.start, kv.nbytes, os.POSIX_FADV_DONTNEED)
         if verify and fmt.checksum(kv_out, small["tok"], small["sal"]) != rec.checksum:
-            raise CorruptShardError(f"chunk {chunk_id} in shard {rec.shard} fails its checksum; rebuild the cache.")
+            note_damage(self.store.cache_dir, rec.shard)
+            raise CorruptShardError(f"chunk {chunk_id} in shard {rec.shard} fails its checksum; {ADVICE}.")
         return {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base}
 
     def drop_cached_pages(self) -> None:

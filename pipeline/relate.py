@@ -109,7 +109,7 @@ class EmbeddingCache:
         cache = cls(cache_dir, key)
         for path in sorted(cache.dir.glob("*.parquet")) if cache.dir.is_dir() else ():
             try:
-                table = pq.read_table(path)
+                table = pq.ParquetFile(path).read(use_threads=False)  # read_table can abort at exit (docs/reliability.md)
             except Exception:  # torn or foreign file: its embeddings are simply recomputed
                 continue
             meta = table.schema.metadata or {}

@@ -89,6 +89,16 @@ class ReleaseView:
     def chunk_ids(self) -> set[str]:
         return {self.prefix_id, *(r.chunk_id for r in self.records)}
 
+    def retrieve(self, question: str, k: int) -> list[tuple[str, float]]:
+        """The k best distinct chunks for `question`: [(chunk id, BM25 score)], best first.
+        Identical text in several documents is one chunk id on several index rows: asked once."""
+        out: dict[str, float] = {}
+        for i, score in self.retriever.top(question, len(self.records)):
+            out.setdefault(self.records[i].chunk_id, float(score))
+            if len(out) == k:
+                break
+        return list(out.items())
+
 
 @dataclass
 class _Work:
@@ -174,8 +184,7 @@ class FusionEngine:
 
     def retrieve(self, question: str, top_k: int) -> list[str]:
         """Chunk ids of the `top_k` chunks most relevant to `question` (BM25), best first."""
-        view = self._current_view()
-        return [view.records[i].chunk_id for i, _ in view.retriever.top(question, top_k)]
+        return [cid for cid, _ in self._current_view().retrieve(question, top_k)]
 
     def question_ids(self, question: str, view: ReleaseView | None = None) -> torch.Tensor:
         """[Q] token ids of the question as the prompt template places it (no control tokens from
@@ -301,8 +310,8 @@ class FusionEngine:
         if req.chunk_ids is None:
             if not isinstance(req.top_k, int) or req.top_k < 1:
                 raise RequestError("top_k", "must be an integer >= 1")
-            hits = view.retriever.top(question, req.top_k)                   # [(record index, BM25 score)]
-            chunk_ids, scores = [view.records[i].chunk_id for i, _ in hits], [float(x) for _, x in hits]
+            hits = view.retrieve(question, req.top_k)                        # [(chunk id, BM25 score)]
+            chunk_ids, scores = [c for c, _ in hits], [x for _, x in hits]
             if not view.retriever.matches(question):
                 notes.append("retrieval: no term of the question occurs in any chunk, so these chunks are arbitrary")
         else:
