@@ -90,14 +90,19 @@ class ReleaseView:
         return {self.prefix_id, *(r.chunk_id for r in self.records)}
 
     def retrieve(self, question: str, k: int) -> list[tuple[str, float]]:
-        """The k best distinct chunks for `question`: [(chunk id, BM25 score)], best first.
-        Identical text in several documents is one chunk id on several index rows: asked once."""
+        """The k best distinct chunks for `question`: [(chunk id, BM25 score)], best first; chunks
+        with score 0 (no term in common) are left out unless no chunk matched. Identical text in
+        several documents is one chunk id on several index rows: asked once."""
         out: dict[str, float] = {}
         for i, score in self.retriever.top(question, len(self.records)):
             out.setdefault(self.records[i].chunk_id, float(score))
             if len(out) == k:
                 break
-        return list(out.items())
+        hits = list(out.items())
+        matched = [h for h in hits if h[1] > 0]
+        # chunks that share no term with the question are noise a small model answers from;
+        # keep them only when nothing matched at all (the engine then says so)
+        return matched or hits
 
 
 @dataclass
@@ -314,6 +319,8 @@ class FusionEngine:
             chunk_ids, scores = [c for c, _ in hits], [x for _, x in hits]
             if not view.retriever.matches(question):
                 notes.append("retrieval: no term of the question occurs in any chunk, so these chunks are arbitrary")
+            elif len(hits) < req.top_k:
+                notes.append(f"retrieval: {len(hits)} of the {req.top_k} chunks asked for share a term with the question")
         else:
             if not isinstance(req.chunk_ids, list) or not all(isinstance(c, str) for c in req.chunk_ids):
                 raise RequestError("chunk_ids", "must be a list of chunk id strings")
