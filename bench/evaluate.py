@@ -40,7 +40,7 @@ from kvfuse.runtime.model import LoadedModel, load_model
 from kvfuse.runtime.selectors import get_selector
 
 from kvfuse.pipeline.build import BuildConfig, build_cache
-from .metrics import answer_logprobs, bootstrap_ci, kl_per_position
+from .metrics import answer_kls, bootstrap_ci, kl_per_position
 from .suites import Example, Suite, fact_match, make_suite, needle_recall, squad_em_f1
 
 RESULTS = "results.jsonl"
@@ -246,7 +246,7 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
         return
     decoded = greedy_batch(lm, [c for c, _ in pending], [l for _, l in pending], len(all_ids), ex.max_new_tokens, stop)
     answers = [lm.tokenizer.decode(t, skip_special_tokens=True).strip() for t in decoded]
-    answer_kl = _answer_kls(lm, pending, len(all_ids), decoded[0][:ANSWER_KL_TOKENS])
+    answer_kl = answer_kls(lm, pending, len(all_ids), decoded[0][:ANSWER_KL_TOKENS])
     if need_full:
         results.add({"example": ex.id, "kind": ex.kind, "method": REFERENCE, "ratio": 1.0, "v": ROW_VERSION,
                      "answer": answers[0], "answer_ids": decoded[0], **score(suite, ex, answers[0]), "kl": 0.0,
@@ -256,19 +256,6 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
         results.add({"example": ex.id, "kind": ex.kind, **row, "v": ROW_VERSION, "answer": answers[i],
                      **score(suite, ex, answers[i]), "answer_kl": float(answer_kl[i].mean()),
                      "answer_kl_max": float(answer_kl[i].max()), "agree": decoded[i] == decoded[0]})
-
-
-def _answer_kls(lm: LoadedModel, pending: list, next_pos: int, answer_ids: list[int], group: int = 4) -> list[torch.Tensor]:
-    """Per cache in `pending` ((cache, first logits), the full prefill first), the KL [T] of
-    each answer position against the full prefill's, teacher-forced along `answer_ids`.
-    Caches go `group` at a time: [B, T, V] log-probs of a 150k vocabulary are large."""
-    ref, kls = None, []
-    for g in range(0, len(pending), group):
-        part = pending[g:g + group]
-        lp = answer_logprobs(lm, [c for c, _ in part], [l for _, l in part], next_pos, answer_ids)  # [B, T, V]
-        ref = lp[0] if ref is None else ref
-        kls.extend(kl_per_position(ref, lp))
-    return kls
 
 
 def _check_meta(cfg: EvalConfig) -> None:

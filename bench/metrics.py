@@ -50,6 +50,19 @@ def answer_logprobs(lm, caches: list, first_logits: list[torch.Tensor], next_pos
     return torch.cat((first, rest), dim=1)
 
 
+def answer_kls(lm, pending: list, next_pos: int, answer_ids: list[int], group: int = 4) -> list[torch.Tensor]:
+    """Per cache in `pending` ((cache, first logits), the full prefill first), the KL [T] of
+    each answer position against the full prefill's, teacher-forced along `answer_ids`.
+    Caches go `group` at a time: [B, T, V] log-probs of a 150k vocabulary are large."""
+    ref, kls = None, []
+    for g in range(0, len(pending), group):
+        part = pending[g:g + group]
+        lp = answer_logprobs(lm, [c for c, _ in part], [l for _, l in part], next_pos, answer_ids)  # [B, T, V]
+        ref = lp[0] if ref is None else ref
+        kls.extend(kl_per_position(ref, lp))
+    return kls
+
+
 def answer_agreement(a: list[int] | str, b: list[int] | str) -> float:
     """1.0 when two greedy answers are identical (token ids, or text up to whitespace), else 0.0."""
     if isinstance(a, str) and isinstance(b, str):
