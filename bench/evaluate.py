@@ -410,7 +410,7 @@ def report_name(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     squad = report["suite"] == "squad"
-    head = ["method", "ratio", "n", "F1" if squad else "recall"] + (["EM"] if squad else []) + \
+    head = ["method", "ratio", "n", "F1" if squad else ("match" if report["suite"] == "facts" else "recall")] + (["EM"] if squad else []) + \
         ["retention", "KL(full‖m)", "KL median", "answer KL", "agree", "recomputed", "TTFT s"]
     store = "isolated chunks (--no-enrich)" if report["build"].get("enrich") is False else "enriched chunks (FusionRAG neighbours)"
     lines = [f"# Accuracy: {report['suite']} on {report['model']}, store of {store}", "",

@@ -22,17 +22,17 @@ from kvfuse.pipeline.corpus import Document
 from .suites import Example, Suite
 
 FACTS_POOL = 96            # documents in the corpus (16 per kind)
-SAME_KIND = 2              # distractors of the gold document's kind per example
+SAME_KIND = 1              # distractors of the gold document's kind per example
 OTHER_KIND = 2             # distractors of other kinds
 FACTS_CHUNK_TOKENS = 256   # every document is one chunk
-FACTS_MAX_NEW_TOKENS = 24
+FACTS_MAX_NEW_TOKENS = 40  # qwen2.5-0.5b opens with "According to the information provided in the documents, "
 
 _FIRST = ("Clara Tobias Ada Silas Ruth Hugo Lena Marta Felix Iris Oskar Nora Edwin Greta Anton Mabel Victor "
           "Elsa Jonas Dora Emil Hilda Rupert Vera Cyril Agnes Bruno Olive Linus Freya").split()
 _SYL = ("ar bel cor dun fen gal hol ker lin mar nor pel quin ros sal tav vel wen yor zan brim cal dor "
         "esk har mor rad stan thor ul").split()
 _END = "wick ley more ford by holm ridge stead worth ton well ham".split()
-_PLACE_END = "ia ar on en is ar ow un".split()
+_PLACE_END = "ia ar on en is ow un ey".split()
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _unique(rng: random.Random, make, taken: set) -> str:
 def _pool(rng: random.Random) -> list[dict]:
     """FACTS_POOL fact records, kinds interleaved; every name, place, year and number unique."""
     taken: set = set()
-    word = lambda ends: (rng.choice(_SYL) + rng.choice(_SYL) + rng.choice(ends)).capitalize()  # noqa: E731
+    word = lambda ends: (rng.choice(_SYL) + rng.choice(ends)).capitalize()  # noqa: E731
     records = []
     for i in range(FACTS_POOL):
         kind = KINDS[i % len(KINDS)]
@@ -118,8 +118,13 @@ def facts_suite(n: int, seed: int) -> Suite:
         rng = random.Random(f"facts-{seed}-{i}")
         gold = rng.randrange(len(pool))
         g = pool[gold]
-        same = [j for j, r in enumerate(pool) if r["kind"] is g["kind"] and j != gold]
-        other = [j for j, r in enumerate(pool) if r["kind"] is not g["kind"]]
+        # no distractor may echo the gold name's first syllable ("Radham" / "Radwick", "Cape Salis" / "Salford"):
+        # a 0.5B model then mixes them up in the full prefill too, and the suite would measure the model
+        stem = g["thing"][:3]
+        fair = [j for j, r in enumerate(pool)
+                if j != gold and not any(w.startswith(stem) for k in ("thing", "place", "person") for w in r[k].split())]
+        same = [j for j in fair if pool[j]["kind"] is g["kind"]]
+        other = [j for j in fair if pool[j]["kind"] is not g["kind"]]
         chosen = [gold] + rng.sample(same, SAME_KIND) + rng.sample(other, OTHER_KIND)
         rng.shuffle(chosen)
         attr = ATTRIBUTES[i % len(ATTRIBUTES)]

@@ -47,7 +47,7 @@ def full_accuracy(lm, suite_name: str, n: int, seed: int = 0, verbose: bool = Tr
         scores.append(score(suite, ex, answer)["score"])
         if verbose:
             print(f"{ex.id} [{ex.kind}] {len(ids)} tokens  score {scores[-1]:.2f}  expected {ex.answers}  "
-                  f"answer {answer[:100]!r}", flush=True)
+                  f"answer {answer[:220]!r}", flush=True)
     return sum(scores) / len(scores)
 
 

@@ -5,7 +5,7 @@ import re
 import pytest
 from conftest import tiny_model_dir
 
-from kvfuse.bench.facts_suite import facts_suite
+from kvfuse.bench.facts_suite import OTHER_KIND, SAME_KIND, facts_suite
 from kvfuse.bench.suites import fact_match, make_suite, needle_recall
 from kvfuse.bench.xchunk_suite import xchunk_suite
 from kvfuse.runtime.model import load_model
@@ -28,11 +28,15 @@ def test_facts_exactly_one_document_holds_the_answer_among_similar_ones():
     docs = {d.doc_id: d for d in s.documents}
     assert {e.kind.split("-")[1] for e in s.examples} == {"person", "year", "number"}
     for ex in s.examples:
-        assert len(ex.doc_ids) == len(set(ex.doc_ids)) == 5
+        assert len(ex.doc_ids) == len(set(ex.doc_ids)) == 1 + SAME_KIND + OTHER_KIND
         holders = [d for d in ex.doc_ids if fact_match(docs[d].text, ex.answers)]
         assert len(holders) == 1, (ex, holders)
         kinds = [docs[d].meta["kind"] for d in ex.doc_ids]
-        assert kinds.count(docs[holders[0]].meta["kind"]) == 3  # the gold one and two of its kind
+        assert kinds.count(docs[holders[0]].meta["kind"]) == 1 + SAME_KIND  # the gold one and its kind's distractors
+        gold = docs[holders[0]].text.split()[1 if docs[holders[0]].text.startswith("The ") else 0]
+        for d in ex.doc_ids:  # no distractor name starts like the gold one ("Radham" / "Radwick")
+            assert d == holders[0] or not any(w.startswith(gold[:3]) for w in docs[d].text.split()[:1] + [
+                w for w in docs[d].text.split() if w[:1].isupper() and w not in ("The", "It", "Its", "Today")]), (gold, d)
         assert max(len(docs[d].text.split()) for d in ex.doc_ids) < 60
 
 
