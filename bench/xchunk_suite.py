@@ -28,7 +28,7 @@ from kvfuse.pipeline.corpus import Document
 
 from .suites import NIAH_CHUNK_TOKENS, Example, Suite, _ADJ, _NOUN, _essay_pool, _insert
 
-XCHUNK_CONTEXT_TOKENS = 1200   # haystack per example (4 hop sentences among ~6 essay pieces)
+XCHUNK_CONTEXT_TOKENS = 900    # haystack per example (4 hop sentences among ~6 essay pieces)
 XCHUNK_KINDS = ("vartrack", "twohop")
 
 
@@ -49,11 +49,13 @@ def _hops(kind: str, rng: random.Random) -> tuple[list[str], list[str], str, tup
         chain = [f"VAR {x1} = {v}.", f"VAR {x2} = {x1}."]
         decoy = [f"VAR {y1} = {w}.", f"VAR {y2} = {y1}."]
         question = f"Which variables are assigned the value {v}, directly or through another variable?"
-        return chain, decoy, question, (x1, x2), f"The variables assigned the value {v} are", v
+        prefix = (f"Answer: According to the chain of variables assigned in the text above, 2 variables are "
+                  f"assigned the value {v}, they are:")  # RULER's answer prefix
+        return chain, decoy, question, (x1, x2), prefix, v
     k1, k2, k3, k4 = rng.sample([f"{a}-{b}" for a in _ADJ for b in _NOUN], 4)
     chain = [f"The code for {k1} is the code for {k2}.", f"The code for {k2} is {v}."]
     decoy = [f"The code for {k3} is the code for {k4}.", f"The code for {k4} is {w}."]
-    return chain, decoy, f"What is the code for {k1}?", (v,), f"The code for {k1} is", k1
+    return chain, decoy, f"What is the code for {k1}?", (v,), f"The number that is the code for {k1} is", k1
 
 
 def _example(i: int, pool, rng: random.Random) -> tuple[Example, list[Document]]:
