@@ -40,7 +40,7 @@ from kvfuse.runtime.model import LoadedModel, load_model
 from kvfuse.runtime.selectors import get_selector
 
 from kvfuse.pipeline.build import BuildConfig, build_cache
-from .metrics import answer_kls, bootstrap_ci, kl_per_position
+from .metrics import answer_agreement, answer_kls, bootstrap_ci, kl_per_position
 from .suites import Example, Suite, fact_match, make_suite, needle_recall, squad_em_f1
 
 RESULTS = "results.jsonl"
@@ -255,7 +255,7 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
     for row, i in rows:
         results.add({"example": ex.id, "kind": ex.kind, **row, "v": ROW_VERSION, "answer": answers[i],
                      **score(suite, ex, answers[i]), "answer_kl": float(answer_kl[i].mean()),
-                     "answer_kl_max": float(answer_kl[i].max()), "agree": decoded[i] == decoded[0]})
+                     "answer_kl_max": float(answer_kl[i].max()), "agree": bool(answer_agreement(decoded[i], decoded[0]))})
 
 
 def _check_meta(cfg: EvalConfig) -> None:
