@@ -83,7 +83,7 @@ def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, m
     assert rows[("kvfuse", 1.0)]["kl"] < 1e-4 and rows[("kvfuse", 1.0)]["agreement"] == 1.0
     assert rows[("kvfuse", 1.0)]["answer_kl"] < 1e-4
     assert all(r["answer_kl"] >= 0 for r in rows.values())
-    assert rows[("reuse", 0.2)]["answer_kl"] > 1e-4 or rows[("reuse", 0.2)]["agreement"] == 1.0
+    assert rows[("reuse", 0.2)]["answer_kl"] > 10 * rows[("kvfuse", 1.0)]["answer_kl"]  # the answer KL sees reuse
     (p,) = [p for p in report["paired"] if p["other"] == "prophet" and p["ratio"] == 0.2]
     assert p["answer_kl_gain_ci"][0] <= p["answer_kl_gain"] <= p["answer_kl_gain_ci"][1]
     assert "answer-KL gain" in (cfg.out / "accuracy-niah-tiny-isolated.md").read_text()
