@@ -8,6 +8,11 @@ The suite's store is built with `build_cache` (the normal build path) into
 kept under `out/full/`), the prompt is assembled once, and every method x ratio
 runs on the same token ids. Every finished (example, method, ratio) is appended
 to `out/results.jsonl` and skipped on a rerun, so an interrupted run resumes.
+
+Per method row: the first-token KL(full || method), the answer KL (mean per-token
+KL teacher-forced along the full prefill's greedy answer, its first `ANSWER_KL_TOKENS`
+tokens), whether the whole greedy answer is the full prefill's, and the task score.
+The report pairs `kvfuse` with every other method with bootstrap 95% intervals.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from kvfuse.runtime.model import LoadedModel, load_model
 from kvfuse.runtime.selectors import get_selector
 
 from kvfuse.pipeline.build import BuildConfig, build_cache
-from .suites import Example, Suite, make_suite, needle_recall, squad_em_f1
+from .metrics import answer_agreement, answer_kls, bootstrap_ci, kl_per_position
+from .suites import Example, Suite, fact_match, make_suite, needle_recall, squad_em_f1
 
 RESULTS = "results.jsonl"
 META = "meta.json"
@@ -45,6 +51,9 @@ OURS = "kvfuse"              # the method the paired table compares every other 
 # runs with different n (e.g. 50 at one ratio, 20 for a sweep) read the same enriched KV: a
 # chunk's FusionRAG neighbours are chosen from the whole corpus, which would otherwise depend on n.
 CORPUS_EXAMPLES = 50
+ANSWER_KL_TOKENS = 32        # the answer KL covers at most this many tokens of the full prefill's answer
+ROW_VERSION = 2              # rows of an older version (no answer KL) are redone on a rerun
+METRICS = {"recall": "needle recall", "match": "fact match", "squad": "SQuAD F1 (EM also given)"}
 
 
 @dataclass
@@ -75,18 +84,15 @@ class EvalConfig:
 def score(suite: Suite, ex: Example, answer: str) -> dict:
     if suite.metric == "recall":
         return {"score": needle_recall(answer, ex.answers)}
+    if suite.metric == "match":
+        return {"score": fact_match(answer, ex.answers)}
     em, f1 = squad_em_f1(answer, ex.answers)
     return {"score": f1, "em": em, "f1": f1}
 
 
 def first_token_kl(full_logprobs: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(full || method) of the first generated token's distribution, in nats."""
-    lp = logits.float().log_softmax(-1)
-    return float((full_logprobs.exp() * (full_logprobs - lp)).sum().clamp_min(0))
-
-
-def _same_answer(a: str, b: str) -> bool:
-    return " ".join(a.split()) == " ".join(b.split())
+    return float(kl_per_position(full_logprobs, logits.float().log_softmax(-1)))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -120,10 +126,13 @@ class _Results:
             self.rows[(row["example"], row["method"], row["ratio"])] = row
 
     def has(self, ex: str, method: str, ratio: float, chunks: str | None = None) -> bool:
-        """Done, by the selector code as it is now (a row from an edited selector is redone), and,
-        given `chunks`, on the same stored chunks (a row from another build's KV is redone)."""
+        """Done, by the selector code as it is now (a row from an edited selector is redone), with
+        the current row fields (an older row without the answer KL is redone), and, given
+        `chunks`, on the same stored chunks (a row from another build's KV is redone)."""
         row = self.rows.get((ex, method, ratio))
         if row is None or row.get("rev", selector_rev(method)) != selector_rev(method):
+            return False
+        if row.get("v", 1) < ROW_VERSION:
             return False
         return chunks is None or method == REFERENCE or row.get("chunks") == chunks
 
@@ -201,20 +210,20 @@ def chunks_digest(chunk_ids: list[str]) -> str:
 def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_ids: torch.Tensor,
                  todo: list[tuple[str, float]], results: _Results, full_dir: Path, stop: set[int],
                  chunks_rev: str | None = None) -> None:
-    """The full prefill (once) and every missing method x ratio of one example; all their
-    answers are decoded together in one batch (identical selections decode once)."""
+    """The full prefill and every missing method x ratio of one example; all their answers are
+    decoded together in one batch (identical selections decode once), then every cache is
+    teacher-forced along the full prefill's answer for the answer KL."""
     all_ids = torch.cat([prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])
     n_context = sum(len(c.tokens) for c in chunks)
     full_path = full_dir / f"{ex.id}.pt"
-    pending = []                      # (cache, first logits) to decode
     need_full = not results.has(ex.id, REFERENCE, 1.0) or not full_path.exists()
+    t0 = time.perf_counter()
+    full_cache, full_logits = full_prefill(lm, all_ids)  # every row needs it: the answer KL's reference
+    full_ttft = time.perf_counter() - t0
     if need_full:
-        t0 = time.perf_counter()
-        cache, logits = full_prefill(lm, all_ids)
-        full_ttft = time.perf_counter() - t0
-        torch.save(logits.log_softmax(-1), full_path)
-        pending.append((cache, logits))
+        torch.save(full_logits.log_softmax(-1), full_path)
     full_lp = torch.load(full_path)
+    pending = [(full_cache, full_logits)]  # (cache, first logits) to decode; the full prefill first
     prep = prepare(lm, prefix, chunks, q_ids)
     by_selection: dict[tuple, int] = {}
     rows = []                         # (row, index of its answer in pending)
@@ -230,18 +239,20 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
                       "n_context": n_context, "n_recomputed": res.n_recomputed,
                       "ttft_s": res.timings["select_s"] + res.timings["recompute_s"],
                       "select_s": res.timings["select_s"]}, by_selection[key]))
-    if not pending:
+    if not rows and not need_full:
         return
     decoded = greedy_batch(lm, [c for c, _ in pending], [l for _, l in pending], len(all_ids), ex.max_new_tokens, stop)
     answers = [lm.tokenizer.decode(t, skip_special_tokens=True).strip() for t in decoded]
+    answer_kl = answer_kls(lm, pending, len(all_ids), decoded[0][:ANSWER_KL_TOKENS])
     if need_full:
-        results.add({"example": ex.id, "kind": ex.kind, "method": REFERENCE, "ratio": 1.0, "answer": answers[0],
-                     **score(suite, ex, answers[0]), "kl": 0.0, "agree": True, "n_context": n_context,
+        results.add({"example": ex.id, "kind": ex.kind, "method": REFERENCE, "ratio": 1.0, "v": ROW_VERSION,
+                     "answer": answers[0], "answer_ids": decoded[0], **score(suite, ex, answers[0]), "kl": 0.0,
+                     "answer_kl": 0.0, "answer_kl_max": 0.0, "agree": True, "n_context": n_context,
                      "n_recomputed": n_context, "ttft_s": full_ttft})
-    full_answer = results.rows[(ex.id, REFERENCE, 1.0)]["answer"]
     for row, i in rows:
-        results.add({"example": ex.id, "kind": ex.kind, **row, "answer": answers[i], **score(suite, ex, answers[i]),
-                     "agree": _same_answer(answers[i], full_answer)})
+        results.add({"example": ex.id, "kind": ex.kind, **row, "v": ROW_VERSION, "answer": answers[i],
+                     **score(suite, ex, answers[i]), "answer_kl": float(answer_kl[i].mean()),
+                     "answer_kl_max": float(answer_kl[i].max()), "agree": bool(answer_agreement(decoded[i], decoded[0]))})
 
 
 def _check_meta(cfg: EvalConfig) -> None:
@@ -299,6 +310,8 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
             "recomputed_frac": _mean(v["n_recomputed"] / v["n_context"] for v in got),
             "ttft_s": _mean(v["ttft_s"] for v in got), "full_ttft_s": _mean(r["ttft_s"] for r in ref),
         }
+        if all("answer_kl" in v for v in got):  # rows of an older harness have no answer KL
+            entry.update(answer_kl=_mean(v["answer_kl"] for v in got), answer_kl_sem=_sem(v["answer_kl"] for v in got))
         if cfg.suite == "squad":
             entry.update(em=_mean(v["em"] for v in got), f1=entry["score"],
                          full_em=_mean(r["em"] for r in ref), full_f1=full_score)
@@ -306,7 +319,7 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
     return {
         "suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "n_requested": cfg.n,
         "paired": paired(rows),
-        "metric": "needle recall" if cfg.suite == "niah" else "SQuAD F1 (EM also given)",
+        "metric": metric_name(cfg.suite),
         "commands": meta.get("commands", []),
         "machine": meta.get("machine") or machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -318,14 +331,20 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
     }
 
 
+def metric_name(suite: str) -> str:
+    return METRICS[{"niah": "recall", "xchunk": "recall", "facts": "match"}.get(suite, "squad")]
+
+
 def paired(rows: dict, ours: str = OURS) -> list[dict]:
     """`ours` against every other method at each ratio, on the examples both ran.
 
     Per-example differences cancel the example-to-example spread that dominates
     each method's own SEM, so this is the comparison that can tell a real lead
     from a tie. kl_gain = mean(KL_other - KL_ours) (> 0: ours is closer to the
-    full prefill); score_gain = mean(score_ours - score_other); wins/losses count
-    the examples where ours has the lower / higher KL.
+    full prefill), answer_kl_gain the same for the answer KL; score_gain =
+    mean(score_ours - score_other), agree_gain the same for whole-answer agreement;
+    each with its paired bootstrap 95% interval (`*_ci`); wins/losses count the
+    examples where ours has the lower / higher KL.
     """
     by_key: dict[tuple[str, float], dict[str, dict]] = {}
     for (ex, method, ratio), row in rows.items():
@@ -337,12 +356,17 @@ def paired(rows: dict, ours: str = OURS) -> list[dict]:
             pairs = [(d[ours], d[other]) for (_, r), d in by_key.items() if r == ratio and ours in d and other in d]
             if not pairs:
                 continue
-            kl_gain = [o["kl"] - u["kl"] for u, o in pairs]
-            score_gain = [u["score"] - o["score"] for u, o in pairs]
-            out.append({"ratio": ratio, "ours": ours, "other": other, "n": len(pairs),
-                        "kl_gain": _mean(kl_gain), "kl_gain_sem": _sem(kl_gain),
-                        "score_gain": _mean(score_gain), "score_gain_sem": _sem(score_gain),
-                        "kl_wins": sum(g > 0 for g in kl_gain), "kl_losses": sum(g < 0 for g in kl_gain)})
+            gains = {"kl_gain": [o["kl"] - u["kl"] for u, o in pairs],
+                     "score_gain": [u["score"] - o["score"] for u, o in pairs]}
+            if all("answer_kl" in u and "answer_kl" in o for u, o in pairs):
+                gains["answer_kl_gain"] = [o["answer_kl"] - u["answer_kl"] for u, o in pairs]
+                gains["agree_gain"] = [float(u["agree"]) - float(o["agree"]) for u, o in pairs]
+            entry = {"ratio": ratio, "ours": ours, "other": other, "n": len(pairs)}
+            for name, g in gains.items():
+                entry.update({name: _mean(g), f"{name}_sem": _sem(g), f"{name}_ci": list(bootstrap_ci(g))})
+            kl_gain = gains["kl_gain"]
+            entry.update(kl_wins=sum(g > 0 for g in kl_gain), kl_losses=sum(g < 0 for g in kl_gain))
+            out.append(entry)
     return out
 
 
@@ -383,8 +407,8 @@ def report_name(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     squad = report["suite"] == "squad"
-    head = ["method", "ratio", "n", "F1" if squad else "recall"] + (["EM"] if squad else []) + \
-        ["retention", "KL(full‖m)", "KL median", "agree", "recomputed", "TTFT s"]
+    head = ["method", "ratio", "n", "F1" if squad else ("match" if report["suite"] == "facts" else "recall")] + (["EM"] if squad else []) + \
+        ["retention", "KL(full‖m)", "KL median", "answer KL", "agree", "recomputed", "TTFT s"]
     store = "isolated chunks (--no-enrich)" if report["build"].get("enrich") is False else "enriched chunks (FusionRAG neighbours)"
     lines = [f"# Accuracy: {report['suite']} on {report['model']}, store of {store}", "",
              *[f"- command: `{c}`" for c in report["commands"]], f"- machine: {report['machine']}", f"- date: {report['date']}",
@@ -396,13 +420,17 @@ def markdown(report: dict) -> str:
         cells = [e["method"], f"{e['ratio']:.2f}", str(e["n"]), f"{e['score']:.3f} ± {e['score_sem']:.3f}"]
         if squad:
             cells.append(f"{e['em']:.3f}")
-        cells += [f"{e['retention'] * 100:.1f}%", f"{e['kl']:.3f} ± {e['kl_sem']:.3f}", f"{e['kl_median']:.3f}", f"{e['agreement'] * 100:.0f}%",
+        answer_kl = f"{e['answer_kl']:.3f} ± {e['answer_kl_sem']:.3f}" if "answer_kl" in e else "–"
+        cells += [f"{e['retention'] * 100:.1f}%", f"{e['kl']:.3f} ± {e['kl_sem']:.3f}", f"{e['kl_median']:.3f}", answer_kl,
+                  f"{e['agreement'] * 100:.0f}%",
                   f"{e['recomputed']:.0f} ({e['recomputed_frac'] * 100:.1f}%)", f"{e['ttft_s']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _paired_markdown(report)
     lines += ["", "± is one standard error of the mean. Retention = score / full-prefill score on the same examples; "
-              "KL is the first generated token's KL(full ‖ method) in nats; agree = greedy answer identical to "
-              "the full prefill's; TTFT = selection (including any probe pass) + recompute, without loading."]
+              "KL is the first generated token's KL(full ‖ method) in nats; answer KL the mean per-token "
+              f"KL(full ‖ method) teacher-forced along the full prefill's greedy answer (first {ANSWER_KL_TOKENS} tokens); "
+              "agree = whole greedy answer identical to the full prefill's; TTFT = selection (including any "
+              "probe pass) + recompute, without loading."]
     return "\n".join(lines) + "\n"
 
 
@@ -412,11 +440,21 @@ def _paired_markdown(report: dict) -> list[str]:
         return []
     ours = pairs[0]["ours"]
     lines = ["", f"{ours} against each method on the same examples (paired): KL gain = mean(KL_method − KL_{ours}), "
-             f"> 0 means {ours} is closer to the full prefill; a gain more than 2 SEM from 0 is a real lead or lag.", "",
-             "| ratio | versus | n | KL gain | score gain | lower KL on |", "|---|---|---|---|---|---|"]
+             f"> 0 means {ours} is closer to the full prefill; answer-KL gain the same for the answer KL; score and "
+             f"agreement gains = {ours} − method. [lo, hi] is the paired bootstrap 95% interval: one that excludes 0 "
+             "is a real lead or lag, one that holds 0 a tie.", "",
+             "| ratio | versus | n | KL gain | answer-KL gain | score gain | agree gain | lower KL on |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(p, name, digits=3):
+        if name not in p:
+            return "–"
+        lo, hi = p[f"{name}_ci"]
+        return f"{p[name]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
     for p in pairs:
-        lines.append(f"| {p['ratio']:.2f} | {p['other']} | {p['n']} | {p['kl_gain']:+.3f} ± {p['kl_gain_sem']:.3f} | "
-                     f"{p['score_gain']:+.3f} ± {p['score_gain_sem']:.3f} | {p['kl_wins']}/{p['n']} (worse on {p['kl_losses']}) |")
+        lines.append(f"| {p['ratio']:.2f} | {p['other']} | {p['n']} | {cell(p, 'kl_gain')} | {cell(p, 'answer_kl_gain')} | "
+                     f"{cell(p, 'score_gain')} | {cell(p, 'agree_gain', 2)} | {p['kl_wins']}/{p['n']} (worse on {p['kl_losses']}) |")
     return lines
 
 
@@ -427,12 +465,14 @@ def plot(report: dict, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in dict.fromkeys(e["method"] for e in report["results"]):
-        pts = sorted((e["ratio"], e["score"], e["kl"]) for e in report["results"] if e["method"] == method)
+        pts = sorted((e["ratio"], e["score"], e.get("answer_kl", e["kl"])) for e in report["results"] if e["method"] == method)
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=method)
     ax1.axhline(report["full"]["score"], color="black", ls="--", lw=1, label="full prefill")
     ax1.set(xlabel="recompute ratio", ylabel=report["metric"], title=f"{report['suite']} · {report['model']}")
-    ax2.set(xlabel="recompute ratio", ylabel="first-token KL(full‖method), nats", yscale="log", title="divergence")
+    answer = all("answer_kl" in e for e in report["results"])
+    ax2.set(xlabel="recompute ratio", ylabel=f"{'answer' if answer else 'first-token'} KL(full‖method), nats",
+            yscale="log", title="divergence")
     ax1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -36,7 +36,7 @@ from kvfuse.pipeline.chunker import chunk_document
 from kvfuse.pipeline.corpus import Document
 from kvfuse.pipeline.samples import paul_graham_essays
 
-SUITES = ("niah", "squad")
+SUITES = ("niah", "squad", "facts", "xchunk")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Suite:
     documents: list[Document]
     examples: list[Example]
     chunk_tokens: int
-    metric: str                # "recall" (niah) | "squad" (EM / F1)
+    metric: str                # "recall" (niah, xchunk) | "match" (facts) | "squad" (EM / F1)
     stop_on_newline: bool
 
 
@@ -65,6 +65,12 @@ def make_suite(name: str, tokenizer, n: int, seed: int) -> Suite:
         return niah_suite(tokenizer, n, seed)
     if name == "squad":
         return squad_suite(n, seed)
+    if name == "facts":
+        from .facts_suite import facts_suite
+        return facts_suite(n, seed)
+    if name == "xchunk":
+        from .xchunk_suite import xchunk_suite
+        return xchunk_suite(tokenizer, n, seed)
     raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
 
 
@@ -162,10 +168,21 @@ def niah_suite(tokenizer, n: int, seed: int) -> Suite:
     return Suite("niah", [d for k, d in docs.items() if k in used], examples, NIAH_CHUNK_TOKENS, "recall", False)
 
 
+def _found(answer: str, value: str) -> bool:
+    """Whole numbers (commas in the answer ignored: 8,300 is 8300) or whole words, case-insensitive."""
+    if value.isdigit():
+        return value in set(re.findall(r"\d+", re.sub(r"(?<=\d),(?=\d{3})", "", answer)))
+    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", answer, re.IGNORECASE) is not None
+
+
 def needle_recall(answer: str, expected: tuple[str, ...]) -> float:
-    """Fraction of the expected values that appear in the answer."""
-    found = set(re.findall(r"\d+", answer))
-    return sum(v in found for v in expected) / len(expected)
+    """Fraction of the expected values (numbers or names) that appear in the answer."""
+    return sum(_found(answer, v) for v in expected) / len(expected)
+
+
+def fact_match(answer: str, expected: tuple[str, ...]) -> float:
+    """1.0 if any of the accepted forms (e.g. the full name, the surname) appears in the answer."""
+    return float(any(_found(answer, v) for v in expected))
 
 
 # ----------------------------------------------------------------------------- squad

@@ -22,7 +22,9 @@ def _names(ctx, param, value: str) -> list[str]:
 
 
 @click.command("eval")
-@click.option("--suite", type=click.Choice(["niah", "squad"]), default=None, help="Required unless --report-only.")
+@click.option("--suite", type=click.Choice(["niah", "squad", "facts", "xchunk"]), default=None,
+              help="Required unless --report-only. facts: invented facts among similar documents; "
+                   "xchunk: variable tracking and two-hop key chains across chunks (docs/eval.md).")
 @click.option("--model", default="qwen2.5-0.5b", show_default=True)
 @click.option("--methods", default="reuse,epic,cacheblend,a3,prophet,kvfuse", show_default=True, callback=_names)
 @click.option("--ratios", default="0.15", show_default=True, callback=_floats)
@@ -47,7 +49,7 @@ def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_exam
             click.echo(path)
         return
     if suite is None:
-        raise click.UsageError("--suite is required (niah or squad)")
+        raise click.UsageError("--suite is required (niah, squad, facts or xchunk)")
     if threads:
         torch.set_num_threads(threads)
     cfg = EvalConfig(suite=suite, model=model, methods=methods, ratios=ratios, n=n, seed=seed, out=out,

@@ -81,6 +81,12 @@ def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, m
     rows = {(r["method"], r["ratio"]): r for r in report["results"]}
     assert set(rows) == {(m, r) for m in cfg.methods for r in cfg.ratios}
     assert rows[("kvfuse", 1.0)]["kl"] < 1e-4 and rows[("kvfuse", 1.0)]["agreement"] == 1.0
+    assert rows[("kvfuse", 1.0)]["answer_kl"] < 1e-4
+    assert all(r["answer_kl"] >= 0 for r in rows.values())
+    assert rows[("reuse", 0.2)]["answer_kl"] > 10 * rows[("kvfuse", 1.0)]["answer_kl"]  # the answer KL sees reuse
+    (p,) = [p for p in report["paired"] if p["other"] == "prophet" and p["ratio"] == 0.2]
+    assert p["answer_kl_gain_ci"][0] <= p["answer_kl_gain"] <= p["answer_kl_gain_ci"][1]
+    assert "answer-KL gain" in (cfg.out / "accuracy-niah-tiny-isolated.md").read_text()
     assert rows[("reuse", 0.2)]["recomputed"] == 0
     assert rows[("kvfuse", 0.2)]["recomputed_frac"] == pytest.approx(0.2, abs=0.01)
     for suffix in ("json", "md", "png"):
@@ -113,6 +119,15 @@ def test_evaluate_end_to_end_resumes_and_redoes_edited_selectors(lm, tmp_path, m
     redone = [json.loads(l) for l in (cfg.out / ev.RESULTS).read_text().splitlines()[done:]]
     assert len(redone) == 6 and ev.REFERENCE not in {r["method"] for r in redone}
     assert {r["chunks"] for r in redone} == {"other-build"}
+
+    # rows written by the harness before the answer KL existed are redone, the full prefill's too
+    done = (cfg.out / ev.RESULTS).read_text().splitlines()
+    old = [{k: v for k, v in json.loads(l).items() if k not in ("v", "answer_kl", "answer_kl_max", "answer_ids")}
+           for l in done]
+    (cfg.out / ev.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in old))
+    ev.evaluate(dataclasses.replace(cfg, n=1), lm)
+    redone = [json.loads(l) for l in (cfg.out / ev.RESULTS).read_text().splitlines()[len(old):]]
+    assert len(redone) == 7 and all("answer_kl" in r and r["v"] == ev.ROW_VERSION for r in redone)
 
 
 def test_a_run_folder_refuses_another_suite(lm, tmp_path):
@@ -150,3 +165,13 @@ def test_paired_compares_kvfuse_with_each_method_on_shared_examples():
     assert p["score_gain"] == pytest.approx(0.25)
     assert (p["kl_wins"], p["kl_losses"]) == (1, 1)
     assert ev.paired({k: v for k, v in rows.items() if k[1] != "kvfuse"}) == []
+
+
+def test_evaluate_runs_the_facts_suite(lm, tmp_path):
+    cfg = ev.EvalConfig(suite="facts", model="tiny", methods=["reuse", "kvfuse"], ratios=[1.0], n=2, seed=0,
+                        out=tmp_path / "facts", build={"enrich": False}, progress=False, corpus_examples=2)
+    report = ev.evaluate(cfg, lm)
+    assert report["metric"] == "fact match" and report["full"]["n"] == 2
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["kvfuse"]["answer_kl"] < 1e-4 and rows["kvfuse"]["agreement"] == 1.0
+    assert 0.0 <= rows["reuse"]["score"] <= 1.0

@@ -1,0 +1,57 @@
+"""Issue 12's six-document corpus on the real default model (slow): the fusion mechanism is exact.
+
+Ratio 1.0 must give the full prefill's whole greedy answer (answer KL ~ 0) and ratio 0 with one
+chunk at its stored position must be prefix caching, on an isolated and on an enriched build.
+What the fused answers get wrong at r = 0.15 is then selection, not mechanism (docs/eval.md).
+"""
+
+import pytest
+
+from kvfuse.bench.diagnose_fusion import diagnose, prefix_caching_check
+from kvfuse.pipeline.build import BuildConfig, build_cache
+from kvfuse.pipeline.corpus import Document
+from kvfuse.runtime.engine import FusionEngine
+from kvfuse.runtime.model import load_model
+
+pytestmark = pytest.mark.slow
+
+CORPUS = {
+    "orrin-bridge": "The Orrin Bridge crosses the Tavel estuary at its narrowest point. It was built by the engineer "
+                    "Clara Fenwick and opened to traffic in 1962. The bridge has a main span of 410 meters and carries "
+                    "two railway tracks above four road lanes.",
+    "pellow-mill": "Pellow Mill is a former textile mill on the river Adder. It was founded by the merchant Tobias Grell "
+                   "in 1824 and employed about six hundred weavers at its peak. Today the building houses a museum of "
+                   "printed cotton.",
+    "saltmarsh-vole": "The saltmarsh vole is a small rodent of the Carrow flats. The most recent census, led by the "
+                      "zoologist Ada Pim, counted 8,300 individuals. The vole feeds on samphire and breeds twice a year.",
+    "kettering-choir": "The Marlow Kettering Choir was established in 1898 by the organist Silas Vane. It sings at the "
+                       "cathedral of Hollin every Sunday and tours abroad each summer. Its current director is Ruth Okafor.",
+    "dunlin-ferry": "The Dunlin ferry links the island of Skerra to the mainland port of Arden. The crossing takes forty "
+                    "minutes and the ferry makes nine round trips a day in summer. The ferry company was founded by "
+                    "Hugo Stramm in 1977.",
+    "amberly-lighthouse": "Amberly Lighthouse stands on a basalt stack off Cape Rool. Its light can be seen from 24 "
+                          "nautical miles away. The tower was designed by the architect Lena Marsh and first lit in 1871.",
+}
+QUESTIONS = {"Who built the Orrin Bridge?": "Fenwick", "Who founded the Dunlin ferry company?": "Stramm"}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("smollm2-135m")
+
+
+@pytest.mark.parametrize("enrich", [False, True])
+def test_ratio_one_reproduces_the_whole_answer_and_ratio_zero_is_prefix_caching(lm, tmp_path, enrich):
+    docs = [Document(k, v, {}) for k, v in CORPUS.items()]
+    build_cache(docs, tmp_path / "cache", lm, BuildConfig(enrich=enrich, progress=False))
+    engine = FusionEngine(tmp_path / "cache", lm)
+    for question, fact in QUESTIONS.items():
+        d = diagnose(engine, question, [("kvfuse", 1.0), ("reuse", 0.0)], max_new_tokens=24)
+        assert fact in d["full"]
+        full_ratio, reuse = d["rows"]
+        assert full_ratio["same"] and full_ratio["answer"] == d["full"], (question, full_ratio["answer"])
+        assert max(full_ratio["kl"]) < 1e-3
+        assert sum(reuse["kl"]) / len(reuse["kl"]) > 10 * max(max(full_ratio["kl"]), 1e-6)  # the KL sees the gap
+        pc = prefix_caching_check(engine, question)
+        if not enrich:  # stored at its own position after the prefix: exactly prefix caching
+            assert pc["moved"] == 0 and pc["kl"] < 1e-5 and pc["same"], pc
