@@ -80,7 +80,7 @@ def make_engine(store, lm, cfg, policy="lookahead", drop_page_cache=False) -> Fu
     return FusionEngine(store.cache_dir, lm, release=store.release, config=EngineConfig(
         verify=False, source="tiered", host_pool_bytes=int(cfg.host_pool_gb * 2**30),
         gpu_pool_bytes=int(cfg.gpu_pool_gb * 2**30), pool_policy=policy, chunk_tokens=cfg.chunk_tokens,
-        drop_page_cache=drop_page_cache, measure_stall=True))
+        drop_page_cache=drop_page_cache, measure_stall=True, warmup=False))  # the bench warms up itself
 
 
 class Runner:

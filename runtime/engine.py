@@ -63,6 +63,8 @@ class EngineConfig:
     chunk_tokens: int | None = None      # pool slot size in tokens (default: the store's longest chunk)
     drop_page_cache: bool = False        # read shards past the page cache (cold-start benchmarks)
     measure_stall: bool = False          # time the compute stream's waits on layer copies (benchmarks)
+    warmup: bool = True                  # one small fused prefill at start (kernels, allocator, compiles),
+                                         # so the first request's TTFT is the steady-state one
 
 
 class ReleaseView:
@@ -157,6 +159,22 @@ class FusionEngine:
         self.counters = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="kvfuse-engine", daemon=True)
         self._thread.start()
+        if self.config.warmup:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """A fused prefill of the first chunk with a two-token question (not counted in stats)."""
+        view = self._view
+        if not view.records:
+            return
+        first = view.records[0].chunk_id
+        question = view.store.read(first, verify=False).tokens[-2:].tolist()
+        try:
+            self.fused_prefill(FusionRequest(question_ids=question, chunk_ids=[first], ratio=0.5))
+        except Exception:  # a warm-up never keeps the engine from serving
+            pass
+        self.counters.clear()
+        self.source.stats.__init__()
 
     # ---- the public API ------------------------------------------------------------------
     @property
