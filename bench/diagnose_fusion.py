@@ -27,10 +27,11 @@ METHODS = ("reuse", "epic", "cacheblend", "a3", "qattn", "prophet", "kvfuse")
 
 
 def diagnose(engine: FusionEngine, question: str, methods: list[tuple[str, float]], top_k: int = 4,
-             max_new_tokens: int = 32) -> dict:
-    """{"chunks", "full": answer text, "rows": [{"method", "ratio", "answer", "same", "kl": [T] list}]}"""
+             max_new_tokens: int = 32, chunk_ids: list[str] | None = None) -> dict:
+    """{"chunks", "full": answer text, "rows": [{"method", "ratio", "answer", "same", "kl": [T] list}]}
+    chunk_ids: the prompt's chunks (default: the engine's retrieval of `top_k`)."""
     lm = engine.lm
-    chunk_ids = engine.retrieve(question, top_k)
+    chunk_ids = chunk_ids or engine.retrieve(question, top_k)
     chunks = [engine.store.read(c) for c in chunk_ids]
     q_ids = engine.question_ids(question)
     all_ids = torch.cat([engine.prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])

@@ -46,7 +46,11 @@ def test_ratio_one_reproduces_the_whole_answer_and_ratio_zero_is_prefix_caching(
     build_cache(docs, tmp_path / "cache", lm, BuildConfig(enrich=enrich, progress=False))
     engine = FusionEngine(tmp_path / "cache", lm)
     for question, fact in QUESTIONS.items():
-        d = diagnose(engine, question, [("kvfuse", 1.0), ("reuse", 0.0)], max_new_tokens=24)
+        # four documents as in the issue: the retrieved ones (retrieval leaves out chunks sharing no
+        # term with the question), then others as co-retrieved distractors
+        ids = engine.retrieve(question, 4)
+        ids += [r.chunk_id for r in engine.records if r.chunk_id not in ids][: 4 - len(ids)]
+        d = diagnose(engine, question, [("kvfuse", 1.0), ("reuse", 0.0)], max_new_tokens=24, chunk_ids=ids)
         assert fact in d["full"]
         full_ratio, reuse = d["rows"]
         assert full_ratio["same"] and full_ratio["answer"] == d["full"], (question, full_ratio["answer"])
