@@ -11,12 +11,10 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import tiny_model_dir
-from test_engine import reference_tokens, write_corpus
+from test_engine import cache, engine, lm, reference_tokens, write_corpus  # noqa: F401 (shared fixtures)
 
 from kvfuse.pipeline.build import BuildConfig, build_cache
 from kvfuse.runtime import EngineConfig, FusionEngine, FusionRequest
-from kvfuse.runtime.model import load_model
 from kvfuse.serve import ServeConfig, create_app
 
 KEY = "test-key"
@@ -43,23 +41,6 @@ class LiveServer:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return load_model(str(tiny_model_dir(tmp_path_factory)))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, lm):
-    root = tmp_path_factory.mktemp("serve")
-    build_cache(write_corpus(root / "c.jsonl"), root / "cache", lm,
-                BuildConfig(chunk_tokens=16, enrich=False, progress=False))
-    return root / "cache"
-
-
-@pytest.fixture(scope="module")
-def engine(cache, lm):
-    with FusionEngine(cache, lm) as e:
-        yield e
 
 
 @pytest.fixture(scope="module")
