@@ -142,7 +142,7 @@ def verify(cache_dir, release, quick, as_json):
 
 
 @main.command()
-@click.argument("cache_dir", type=click.Path(exists=True))
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("question")
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--dtype", default=None)
@@ -158,6 +158,8 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     from kvfuse.runtime.engine import FusionEngine
     from kvfuse.runtime.selectors import get_selector
     get_selector(selector)  # fail before loading anything
+    if not question.strip():
+        raise click.BadParameter("give a non-empty question", param_hint="QUESTION")
     engine = FusionEngine(cache_dir, _load(model, dtype))
     try:
         a = engine.ask(question, top_k=top_k, selector=selector, ratio=ratio, max_new_tokens=max_new_tokens,
@@ -171,11 +173,12 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     click.echo(f"answer:     {a.text.strip()}")
     click.echo(f"tokens:     {a.n_reused} reused, {a.n_recomputed} context recomputed "
                f"({selector}, ratio {ratio}), {a.n_question} question")
-    click.echo(f"TTFT:       {a.ttft_s * 1000:.0f} ms {'fused' if a.fused else 'plain prefill (fusion could not win)'}")
+    how = "fused" if a.fused else "plain prefill" + ("" if selector == "full" else " (fusion could not win)")
+    click.echo(f"TTFT:       {a.ttft_s * 1000:.0f} ms {how}")
     if compare:
         click.echo(f"full:       {a.full_text}")
         click.echo(f"TTFT full:  {a.full_ttft_s * 1000:.0f} ms  (speed-up {a.full_ttft_s / a.ttft_s:.2f}x, "
-                   f"first-token KL {a.first_token_kl:.4f} nats)")
+                   f"first-token KL {max(0.0, a.first_token_kl):.4f} nats)")
 
 
 def run():  # pragma: no cover

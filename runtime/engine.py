@@ -336,7 +336,8 @@ class FusionEngine:
             hits = view.retrieve(question, req.top_k)                        # [(chunk id, BM25 score)]
             chunk_ids, scores = [c for c, _ in hits], [x for _, x in hits]
             if not view.retriever.matches(question):
-                notes.append("retrieval: no term of the question occurs in any chunk, so these chunks are arbitrary")
+                notes.append("retrieval: none of the question's search terms (stop words are left out) occurs "
+                             "in any chunk, so these chunks are arbitrary")
             elif len(hits) < req.top_k:
                 notes.append(f"retrieval: {len(hits)} of the {req.top_k} chunks asked for share a term with the question")
         else:
@@ -490,13 +491,12 @@ class FusionEngine:
         answer = work.answer or Answer(text="", chunk_ids=work.chunk_ids, n_reused=0, n_recomputed=0,
                                        n_question=len(work.question_ids), ttft_s=0.0, release=work.view.release)
         answer.finish_reason = reason or answer.finish_reason
-        if reason == "cancelled":
-            self.counters["requests_cancelled"] += 1
         answer.token_ids = list(work.tokens)
         if work.emitted < len(answer.text):
             work.handle._push(answer.text[work.emitted:])
         answer.total_s = time.perf_counter() - work.submitted
-        self.counters["requests_completed"] += 1
+        # each request ends in exactly one state
+        self.counters["requests_cancelled" if reason == "cancelled" else "requests_completed"] += 1
         self.counters["tokens_generated"] += len(work.tokens)
         work.handle._finish(answer)
 

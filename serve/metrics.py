@@ -32,8 +32,11 @@ class EngineCollector:
 
     def collect(self):
         s = self.engine.stats()
-        for name in ("reused", "recomputed", "generated"):
-            c = CounterMetricFamily(f"kvfuse_tokens_{name}", f"Prompt/answer tokens {name}.")
+        helps = {"reused": "Prompt tokens whose stored KV was kept (prefix + context).",
+                 "recomputed": "Prompt tokens computed at serve time (recomputed context + question).",
+                 "generated": "Answer tokens generated."}
+        for name, help_text in helps.items():
+            c = CounterMetricFamily(f"kvfuse_tokens_{name}", help_text)
             c.add_metric([], s.get(f"tokens_{name}", 0))
             yield c
         req = CounterMetricFamily("kvfuse_requests", "Engine requests by how they ended.", labels=["state"])

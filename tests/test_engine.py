@@ -114,12 +114,16 @@ def test_stop_string_cuts_the_answer(engine):
 
 
 def test_cancel_a_queued_request_and_keep_serving(engine):
+    before = engine.stats()
     long = [engine.submit(FusionRequest(question=q, top_k=3, max_new_tokens=30)) for q in QUESTIONS]
     victim = engine.submit(FusionRequest(question="who", top_k=2, max_new_tokens=30))
     victim.cancel()
     assert victim.result(timeout=60).finish_reason == "cancelled"
     assert all(h.result(timeout=60).finish_reason in ("stop", "length") for h in long)
     assert engine.ask("who", top_k=2, max_new_tokens=3).finish_reason in ("stop", "length")
+    after = engine.stats()   # each request ends in exactly one state
+    assert after["requests_completed"] - before.get("requests_completed", 0) == len(long) + 1
+    assert after["requests_cancelled"] - before.get("requests_cancelled", 0) == 1
 
 
 @pytest.mark.parametrize("fields, bad", [

@@ -66,7 +66,7 @@ def test_engine_reports_scores_and_no_match(tmp_path_factory):
     engine = FusionEngine(out, lm)
     a = engine.ask("what is the capital of france ?", top_k=2, max_new_tokens=2)
     # the chunk sharing no term with the question is left out, and the answer says so
-    assert a.retrieval_scores[0] > 0 and not any("no term" in n for n in a.notes)
+    assert a.retrieval_scores[0] > 0 and not any("search terms" in n for n in a.notes)
     assert [engine.store.record(c).doc_id for c in a.chunk_ids] == ["b"] and any("1 of the 2" in n for n in a.notes)
     none = engine.ask("what is the ?", top_k=2, max_new_tokens=2)
-    assert none.retrieval_scores == [0.0, 0.0] and any("no term" in n for n in none.notes)
+    assert none.retrieval_scores == [0.0, 0.0] and any("search terms" in n for n in none.notes)
