@@ -156,16 +156,22 @@ def _niah_example(i: int, pool, rng: random.Random) -> tuple[Example, list[Docum
     return Example(f"niah-{i}", tuple(doc_ids), question, answers, variant, 4 + 12 * len(answers), prefix), docs
 
 
-def niah_suite(tokenizer, n: int, seed: int) -> Suite:
+def essay_suite(name: str, make_example, tokenizer, n: int, seed: int) -> Suite:
+    """`n` examples made by `make_example(i, essay_pool, rng) -> (Example, extra documents)` over the
+    essay haystack; deterministic for a seed and prefix-stable in n (example i has its own rng)."""
     pool = _essay_pool(tokenizer, seed)
     docs = {p[0]: Document(p[0], p[1], {}) for p in pool}
     examples = []
     for i in range(n):
-        ex, extra = _niah_example(i, pool, random.Random(f"niah-{seed}-{i}"))
+        ex, extra = make_example(i, pool, random.Random(f"{name}-{seed}-{i}"))
         examples.append(ex)
         docs.update((d.doc_id, d) for d in extra)
     used = {d for ex in examples for d in ex.doc_ids}
-    return Suite("niah", [d for k, d in docs.items() if k in used], examples, NIAH_CHUNK_TOKENS, "recall", False)
+    return Suite(name, [d for k, d in docs.items() if k in used], examples, NIAH_CHUNK_TOKENS, "recall", False)
+
+
+def niah_suite(tokenizer, n: int, seed: int) -> Suite:
+    return essay_suite("niah", _niah_example, tokenizer, n, seed)
 
 
 def _found(answer: str, value: str) -> bool:

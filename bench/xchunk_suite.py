@@ -26,7 +26,7 @@ import string
 
 from kvfuse.pipeline.corpus import Document
 
-from .suites import NIAH_CHUNK_TOKENS, Example, Suite, _ADJ, _NOUN, _essay_pool, _insert
+from .suites import Example, Suite, _ADJ, _NOUN, _insert, essay_suite
 
 XCHUNK_CONTEXT_TOKENS = 900    # haystack per example (4 hop sentences among ~6 essay pieces)
 XCHUNK_KINDS = ("vartrack", "twohop")
@@ -83,12 +83,4 @@ def _example(i: int, pool, rng: random.Random) -> tuple[Example, list[Document]]
 
 def xchunk_suite(tokenizer, n: int, seed: int) -> Suite:
     """`n` examples (vartrack and twohop alternating), deterministic for a seed and prefix-stable in n."""
-    pool = _essay_pool(tokenizer, seed)
-    docs = {p[0]: Document(p[0], p[1], {}) for p in pool}
-    examples = []
-    for i in range(n):
-        ex, extra = _example(i, pool, random.Random(f"xchunk-{seed}-{i}"))
-        examples.append(ex)
-        docs.update((d.doc_id, d) for d in extra)
-    used = {d for ex in examples for d in ex.doc_ids}
-    return Suite("xchunk", [d for k, d in docs.items() if k in used], examples, NIAH_CHUNK_TOKENS, "recall", False)
+    return essay_suite("xchunk", _example, tokenizer, n, seed)
