@@ -10,9 +10,13 @@ the pinned entry to copy from. `LayerwiseLoad` (here) moves them, and is the
 `FusedKV` the fusion driver (`fusion.prepare_from` / `fusion.run`) reads: the
 selection and the recompute are the driver's, the same code as the host path.
 
-Per layer l, on a side CUDA stream: copy each warm/cold chunk's layer l pinned
--> its GPU slot (one copy per chunk and layer, 2 MiB for Llama-3-8B); on a
-second side stream, once those copies are done: gather all chunks' layer l into
+Per layer group (`layer_groups`: layers 0 | 1 | 2-3 | 4-7 | 8-15 | ..., at most
+`MAX_GROUP` layers), on a side CUDA stream: copy each warm/cold chunk's layers of
+the group pinned -> its GPU slot (one copy per chunk and group: a chunk's layers
+are adjacent in its slot, so a group is one contiguous range; issue 11 item 4:
+one copy per chunk and layer, 1 MiB for Qwen2.5-7B, is bound by the cost of
+issuing it, at 42-61% of the pinned ceiling); per layer l, on a
+second side stream, once its group's copies are done: gather all chunks' layer l into
 the fused buffer [L, 2, H_kv, N + Q, D] at their new positions, re-rotate the
 keys by each token's position delta on the GPU (cos/sin tables made once per
 request), and record event l. (Two streams, so the copy engine never waits for
@@ -26,6 +30,11 @@ recompute instead of delaying its start.
 The question probe (selectors that read question-to-context attention) runs
 only as deep as the selector reads (`a3`: layers 0..1), so the selection and
 the recompute start before the deeper layers have arrived.
+
+Chunks the cold-load plan (`coldplan`) recomputes instead of loading have no slot
+(`Tiers.acquire(..., recompute=...)`): their span of the fused buffer is zeroed
+and `recompute_positions` lists their tokens, which the driver adds to the
+selection, so every layer's K/V of those tokens is computed fresh.
 """
 
 from __future__ import annotations
@@ -47,7 +56,26 @@ from .model import LoadedModel, ModelSpec
 from .recompute_attention import plan_query_groups
 from .rope import rotate_keys_, rotation_table
 
-__all__ = ["LayerwiseLoad", "Tiers", "fuse_layerwise", "open_load", "plan_query_groups", "probe_depth", "tiers_for"]
+__all__ = ["LayerwiseLoad", "Tiers", "fuse_layerwise", "layer_groups", "open_load", "plan_query_groups", "probe_depth",
+           "tiers_for"]
+
+MAX_GROUP = 8   # layers per host -> GPU copy at most (8 MiB for Llama-3-8B, 8 of its 32 layers)
+
+
+def layer_groups(n_layers: int, max_group: int = MAX_GROUP) -> list[tuple[int, int]]:
+    """[(first, end)] layer ranges copied together: 1, 1, 2, 4, ... layers, at most max_group.
+
+    The first layers arrive one by one (the probe and the recompute start on them), the
+    later ones in larger copies: the compute reaches layer l long after the copy engine
+    has moved layers < 2l, so the larger units cost no stall and need far fewer copies."""
+    out, start, size = [], 0, 1
+    while start < n_layers:
+        end = min(n_layers, start + size)
+        out.append((start, end))
+        if start > 0:
+            size = min(2 * size, max_group)
+        start = end
+    return out
 
 
 def tiers_for(store: Store, spec: ModelSpec, host_bytes: int, gpu_bytes: int, **kwargs) -> Tiers:
@@ -56,10 +84,11 @@ def tiers_for(store: Store, spec: ModelSpec, host_bytes: int, gpu_bytes: int, **
 
 
 def open_load(tiers: Tiers, request_id: str, n_question: int, inv_freq: torch.Tensor, depth: int = 4,
-              measure_stall: bool = False, first: int = 1) -> "LayerwiseLoad":
+              measure_stall: bool = False, first: int = 1, recompute=()) -> "LayerwiseLoad":
     """Resolve the request's chunks to GPU slots (hot) or pinned entries (warm/cold, waiting
-    for disk reads) and start the layer-wise copies of layers 0..first-1."""
-    pairs, counts = tiers.acquire(request_id)
+    for disk reads) and start the layer-wise copies of layers 0..first-1. recompute: chunk
+    ids that are not loaded (their tokens are recomputed: `LayerwiseLoad.recompute_positions`)."""
+    pairs, counts = tiers.acquire(request_id, recompute=recompute)
     return LayerwiseLoad(tiers, request_id, pairs, n_question, inv_freq, depth, measure_stall, counts, first)
 
 
@@ -89,16 +118,24 @@ class LayerwiseLoad:
         self.context = slice(P, N)
         metas = [g.meta for g in chunks]
         self.context_tokens = torch.cat([m["tokens"].long() for m in metas])     # [C]
+        # [R] absolute positions of the chunks recomputed instead of loaded (no slot: kv None)
+        spans = [torch.arange(s, s + g.n_tokens) for (g, _), s in zip(self.pairs, self.starts) if g.kv is None]
+        self.recompute_positions = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+        for (g, _), s in zip(self.pairs, self.starts):
+            if g.kv is None:   # nothing stale (or NaN) where the recompute writes every layer's K/V
+                self.fused[:, :, :, s:s + g.n_tokens].zero_()
         self.saliency = torch.cat([m["saliency"] for m in metas], dim=-1)        # [S_sig, C]
         self.timings: dict = {}
         self.n_layers = L
         self.issued = 0
+        self.groups = layer_groups(L)
+        self.group_of = [i for i, (a, b) in enumerate(self.groups) for _ in range(a, b)]   # layer -> group
         self.h2d_bytes = sum(h.kv[0].numel() * h.kv.element_size() * L for _, h in pairs if h is not None)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
         timing = measure_stall and cuda
-        # h2d_events[l]: layer l's pinned -> GPU-slot copies are done; events[l]: layer l is in `fused`
-        self.h2d_events = [torch.cuda.Event(enable_timing=timing) for _ in range(L)] if cuda else []
+        # h2d_events[i]: group i's pinned -> GPU-slot copies are done; events[l]: layer l is in `fused`
+        self.h2d_events = [torch.cuda.Event(enable_timing=timing) for _ in self.groups] if cuda else []
         self.events = [torch.cuda.Event(enable_timing=timing) for _ in range(L)] if cuda else []
         self.stall_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if timing else None
         if cuda:
@@ -113,25 +150,36 @@ class LayerwiseLoad:
     # ---- the side streams ----------------------------------------------------------
     def issue(self, upto: int) -> None:
         """Queue the work of layers [issued, upto) on the side streams (returns at once):
-        pinned -> GPU slot on the copy engine's stream, then gather + re-rotation on the other."""
+        pinned -> GPU slot on the copy engine's stream (a layer group's copies when the
+        group's first layer comes up), then gather + re-rotation on the other."""
         upto = min(upto, self.n_layers)
         cuda = self.stream is not None
         for l in range(self.issued, upto):
-            with torch.cuda.stream(self.h2d) if cuda else nullcontext():
-                moves = [(g.kv[l], h.kv[l]) for g, h in self.pairs if h is not None]  # warm/cold: pinned -> slot
-                if moves:
-                    torch._foreach_copy_([d for d, _ in moves], [s for _, s in moves], non_blocking=True)
-                if cuda:
-                    self.h2d_events[l].record(self.h2d)
+            gi = self.group_of[l]
+            a, b = self.groups[gi]
+            if l == a:
+                self._copy_group(gi, a, b)
             with torch.cuda.stream(self.stream) if cuda else nullcontext():
                 if cuda:
-                    self.stream.wait_event(self.h2d_events[l])
-                dst = [self.fused[l, :, :, s:s + g.n_tokens] for (g, _), s in zip(self.pairs, self.starts)]
-                torch._foreach_copy_(dst, [g.kv[l] for g, _ in self.pairs])   # [2, H_kv, T, D] each
+                    self.stream.wait_event(self.h2d_events[gi])
+                loaded = [(g, s) for (g, _), s in zip(self.pairs, self.starts) if g.kv is not None]
+                dst = [self.fused[l, :, :, s:s + g.n_tokens] for g, s in loaded]
+                torch._foreach_copy_(dst, [g.kv[l] for g, _ in loaded])   # [2, H_kv, T, D] each
                 rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
                 if cuda:
                     self.events[l].record(self.stream)
         self.issued = max(self.issued, upto)
+
+    def _copy_group(self, gi: int, a: int, b: int) -> None:
+        """Warm/cold chunks' layers a..b-1, pinned -> GPU slot: one copy per chunk ([b-a, 2, H_kv, T, D],
+        contiguous in both slots), then event h2d_events[gi] on the copy stream."""
+        cuda = self.stream is not None
+        with torch.cuda.stream(self.h2d) if cuda else nullcontext():
+            moves = [(g.kv[a:b], h.kv[a:b]) for g, h in self.pairs if h is not None]
+            if moves:
+                torch._foreach_copy_([d for d, _ in moves], [s for _, s in moves], non_blocking=True)
+            if cuda:
+                self.h2d_events[gi].record(self.h2d)
 
     @property
     def stored(self) -> torch.Tensor:
