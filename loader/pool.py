@@ -77,7 +77,7 @@ class PoolEntry:
     slot: int
     n_tokens: int
     nbytes: int
-    kv: torch.Tensor                  # [L, 2, H_kv, T, D] view of the slot
+    kv: torch.Tensor | None           # [L, 2, H_kv, T, D] view of the slot; None: no slot (a recomputed chunk)
     refs: int = 0                     # holders; evictable only at 0
     ready: threading.Event = field(default_factory=threading.Event)  # set once the bytes are in
     failed: BaseException | None = None  # set with ready when filling failed

@@ -72,6 +72,11 @@ class RequestQueue:
                     out.setdefault(cid, i)
             return out
 
+    def items(self) -> list[tuple[str, tuple[str, ...]]]:
+        """[(request id, chunk ids)] in queue order."""
+        with self._lock:
+            return list(self._requests.items())
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
 
@@ -153,18 +158,31 @@ class ShardReader:
                 f"chunk {chunk_id} is {kv.dtype} {kv.shape} in shard {rec.shard}, but the pool expects "
                 f"{kv_out.dtype} {tuple(kv_out.shape)}; size the pools for this cache's model.")
         pread_into(fd, memoryview(kv_out.view(torch.uint8).reshape(-1).numpy()), kv.start)
-        small = {}
-        for key in ("tok", "sal"):
-            s = spans[key]
-            t = torch.empty(s.shape, dtype=s.dtype)
-            pread_into(fd, memoryview(t.view(torch.uint8).reshape(-1).numpy()), s.start)
-            small[key] = t
+        small = self._small(fd, spans)
         if self.drop_page_cache:
             os.posix_fadvise(fd, kv.start, kv.nbytes, os.POSIX_FADV_DONTNEED)
         if verify and fmt.checksum(kv_out, small["tok"], small["sal"]) != rec.checksum:
             note_damage(self.store.cache_dir, rec.shard)
             raise CorruptShardError(f"chunk {chunk_id} in shard {rec.shard} fails its checksum; {ADVICE}.")
         return {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base}
+
+    def read_meta(self, chunk_id: str) -> dict:
+        """chunk_id's tokens [T] int32, saliency [S, T] float16 and pos_base, without its KV
+        (a chunk recomputed instead of loaded needs only its tokens)."""
+        rec = self.store.record(chunk_id)
+        fd, _ = self._shard(rec.shard)
+        small = self._small(fd, self.spans(chunk_id))
+        return {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base}
+
+    @staticmethod
+    def _small(fd: int, spans: dict[str, TensorSpan]) -> dict[str, torch.Tensor]:
+        small = {}
+        for key in ("tok", "sal"):
+            s = spans[key]
+            t = torch.empty(s.shape, dtype=s.dtype)
+            pread_into(fd, memoryview(t.view(torch.uint8).reshape(-1).numpy()), s.start)
+            small[key] = t
+        return small
 
     def drop_cached_pages(self) -> None:
         """Ask the kernel to forget every open shard's cached pages (a cold start for benchmarks)."""
@@ -244,6 +262,26 @@ class Prefetcher:
                 self.pool.release(e)
             raise
         return entries
+
+    def state(self, cid: str) -> str:
+        """Where chunk cid is for a run now: "warm" (pinned, ready), "reading" (its read is
+        running or its slot filling) or "cold" (on disk; a queued read, if any, not started)."""
+        with self._lock:
+            fut = self._inflight.get(cid)
+            entry = self.pool._entries.get(cid)
+            if entry is not None and entry.failed is None:
+                return "warm" if entry.ready.is_set() else "reading"
+            return "reading" if fut is not None and fut.running() else "cold"
+
+    def skip(self, request_id: str, chunk_ids) -> None:
+        """The request won't read chunk_ids (it recomputes them): cancel their reads not yet
+        started that no other queued request needs."""
+        others = {c for rid, chunks in self.queue.items() if rid != request_id for c in chunks}
+        with self._lock:
+            for cid in chunk_ids:
+                fut = self._inflight.get(cid)
+                if fut is not None and cid not in others:
+                    fut.cancel()
 
     def finish(self, request_id: str, entries: list[PoolEntry] = ()) -> None:
         """The request ran: release its entries and take it off the queue."""

@@ -4,6 +4,7 @@
                   gpu_bytes=8 << 30, device="cuda")
     tiers.submit("req-1", [prefix_id, *chunk_ids])   # prefetch disk -> pinned starts now
     pairs, counts = tiers.acquire("req-1")           # [(GPU slot, pinned entry or None)], hot/warm/cold
+    # or tiers.acquire("req-1", recompute={chunk ids}): those get no slot (the runtime recomputes them)
     ...                                              # the runtime copies pinned -> GPU slot, layer by layer
     tiers.release("req-1", pairs)
 
@@ -58,14 +59,34 @@ class Tiers:
     def cancel(self, request_id: str) -> None:
         self.prefetcher.cancel(request_id)
 
-    def acquire(self, request_id: str) -> tuple[list[tuple[PoolEntry, PoolEntry | None]], dict]:
+    def chunk_states(self, request_id: str) -> list[tuple[str, int, int]]:
+        """[(state, n_tokens, nbytes)] of a queued request's chunks ([prefix, *chunks]), now:
+        "hot" (GPU pool), "warm" (pinned), "reading" (a disk read running) or "cold" (on disk,
+        no read started). What the cold-load plan (`kvfuse.runtime.coldplan`) decides on.
+        Raises KeyError for a request not submitted."""
+        chunk_ids = list(self.queue.chunks(request_id) or ())
+        if not chunk_ids:
+            raise KeyError(f"request {request_id!r} is not queued; submit() it first")
+        L, two, H, _, D = self.gpu.slot_shape
+        out = []
+        for cid in chunk_ids:
+            n = self.prefetcher.store.record(cid).n_tokens
+            state = "hot" if cid in self.gpu else self.prefetcher.state(cid)
+            out.append((state, n, L * two * H * n * D * self.gpu.dtype.itemsize))
+        return out
+
+    def acquire(self, request_id: str, recompute=()) -> tuple[list[tuple[PoolEntry, PoolEntry | None]], dict]:
         """Resolve a queued request's chunks to GPU slots: (pairs, counts).
 
         pairs[i] = (GPU entry, pinned entry or None) in the request's chunk order: None when
         the chunk was hot (its slot already holds it); otherwise the slot is fresh and the
         caller copies the pinned entry's bytes into it. Waits for disk reads still in flight.
-        counts: {"hot", "warm", "cold"} chunk counts. Every entry is held until `release`.
-        Raises KeyError for a request not submitted, PoolCapacityError when a pool is too small.
+        recompute: chunk ids not to load unless hot (the caller recomputes their tokens): they
+        get a slotless entry (kv None, meta read from the shard: tokens, saliency, pos_base)
+        and no pinned entry, and their prefetch reads not yet started are cancelled.
+        counts: {"hot", "warm", "cold", "recompute"} chunk counts. Every entry is held until
+        `release`. Raises KeyError for a request not submitted, PoolCapacityError when a pool
+        is too small.
         """
         chunk_ids = list(self.queue.chunks(request_id) or ())
         if not chunk_ids:
@@ -74,20 +95,25 @@ class Tiers:
         self.host.check_fits(len(chunk_ids), f"request {request_id}")
         rank = self.queue.position(request_id)
         gpu: list[PoolEntry | None] = [self.gpu.get(cid) for cid in chunk_ids]
-        missing = [cid for cid, g in zip(chunk_ids, gpu) if g is None]
+        skip = {cid for cid, g in zip(chunk_ids[1:], gpu[1:]) if g is None and cid in set(recompute)}  # never the prefix
+        self.prefetcher.skip(request_id, skip)
+        missing = [cid for cid, g in zip(chunk_ids, gpu) if g is None and cid not in skip]
         host: dict[str, PoolEntry] = {}
         try:
-            counts = {"hot": len(chunk_ids) - len(missing), "warm": 0, "cold": 0}
+            counts = {"hot": len(chunk_ids) - len(missing) - len(skip), "warm": 0, "cold": 0, "recompute": len(skip)}
             host = dict(zip(missing, self.prefetcher.acquire(request_id, only=missing, counts=counts)))
             next_use = self.queue.next_use()
             for i, cid in enumerate(chunk_ids):
-                if gpu[i] is None:
+                if cid in skip:
+                    rec = self.prefetcher.store.record(cid)
+                    gpu[i] = PoolEntry(cid, -1, rec.n_tokens, 0, None, meta=self.prefetcher.reader.read_meta(cid))
+                elif gpu[i] is None:
                     h = host[cid]
                     gpu[i] = self.gpu.allocate(cid, h.n_tokens, rank, next_use)
                     gpu[i].meta = h.meta
                     self.gpu.mark_ready(gpu[i])  # filled on the copy stream; every user waits on it
         except BaseException:
-            for e in [g for g in gpu if g is not None]:
+            for e in [g for g in gpu if g is not None and g.kv is not None]:
                 self.gpu.release(e)
             for e in host.values():
                 self.host.release(e)
@@ -97,7 +123,8 @@ class Tiers:
     def release(self, request_id: str, pairs: list[tuple[PoolEntry, PoolEntry | None]]) -> None:
         """The request ran: release its entries (evictable again) and take it off the queue."""
         for g, h in pairs:
-            self.gpu.release(g)
+            if g.kv is not None:   # a recomputed chunk's entry holds no slot
+                self.gpu.release(g)
             if h is not None:
                 self.host.release(h)
         self.prefetcher.finish(request_id)

@@ -15,7 +15,8 @@ recompute, Cache); they differ only in how the KV arrives:
   once (`fusion.HostKV`; the CPU path).
 - `TieredSource`: store -> pinned host pool -> GPU pool with queue-driven prefetch and look-ahead
   eviction (`loader.tiers.Tiers`), layer-wise copies on CUDA side streams overlapped with the
-  recompute (`layerwise.LayerwiseLoad`).
+  recompute (`layerwise.LayerwiseLoad`); a chunk in neither pool is loaded or recomputed, as the
+  cold-load plan (`coldplan`) finds cheaper by the rates it measured (`TieredSource.rates`).
 
 A request names the store (release) it reads, so after a hot reload in-flight requests finish on
 the release they started with while new ones read the new one; chunk ids are content hashes, so a
@@ -42,9 +43,11 @@ class SourceStats:
     requests: int = 0
     bytes_loaded: dict = field(default_factory=lambda: {"disk": 0, "pinned": 0, "gpu": 0})
     hits: dict = field(default_factory=lambda: {"hot": 0, "warm": 0, "cold": 0})
+    chunks_recomputed: int = 0   # chunks in no pool that the cold-load plan recomputed instead of loading
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "bytes_loaded": dict(self.bytes_loaded), "hits": dict(self.hits)}
+        return {"requests": self.requests, "bytes_loaded": dict(self.bytes_loaded), "hits": dict(self.hits),
+                "chunks_recomputed": self.chunks_recomputed}
 
 
 class HostSource:
@@ -96,7 +99,8 @@ class TieredSource:
 
     def __init__(self, store: Store, lm: LoadedModel, host_bytes: int = 8 << 30, gpu_bytes: int = 4 << 30,
                  chunk_tokens: int | None = None, policy: str = "lookahead", verify: bool = False,
-                 drop_page_cache: bool = False, measure_stall: bool = False):
+                 drop_page_cache: bool = False, measure_stall: bool = False, cold_plan: bool = True):
+        from .coldplan import LoadRates
         from .layerwise import tiers_for
 
         chunk_tokens = chunk_tokens or max(r.n_tokens for r in store.records(include_prefix=True))
@@ -104,6 +108,8 @@ class TieredSource:
                                chunk_tokens=chunk_tokens, policy=policy, verify=verify,
                                drop_page_cache=drop_page_cache)
         self.measure_stall = measure_stall   # time the compute stream's waits on copies (benchmarks)
+        # chunks in neither pool: load or recompute, by these measured rates (`coldplan`; None: always load)
+        self.rates = LoadRates() if cold_plan else None
         self.stats = SourceStats()
 
     def submit(self, request_id: str, store: Store, chunk_ids) -> None:
@@ -122,9 +128,10 @@ class TieredSource:
         from .layerwise import fuse_layerwise
 
         result = fuse_layerwise(lm, self.tiers, request_id, question_ids, selector=selector, ratio=ratio,
-                                measure_stall=self.measure_stall)
+                                measure_stall=self.measure_stall, rates=self.rates)
         t = result.timings
         self.stats.requests += 1
+        self.stats.chunks_recomputed += int(t.get("recompute", 0))
         for tier in ("hot", "warm", "cold"):
             self.stats.hits[tier] += int(t.get(tier, 0))
         self.stats.bytes_loaded["pinned"] += int(t.get("h2d_bytes", 0))

@@ -326,6 +326,9 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
     ctx.used.clear()
     paid_before = sum(ctx.costs.values())
     t0 = time.perf_counter()
+    forced = getattr(source, "recompute_positions", None)  # [R] chunks recomputed instead of loaded (coldplan)
+    if selected is None and forced is not None and forced.numel() == prep.layout.context_len:
+        selected = forced  # every chunk is recomputed: nothing left to select
     if selected is None:
         depth = probe_depth(selector, lm.spec.n_layers)
         ctx.probe_layers = depth if prep.per_request else None
@@ -333,6 +336,8 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
             source.wait_all()  # an unknown selector may read any layer of ctx.kv
         budget = round(ratio * prep.layout.context_len)
         selected = select(ctx, budget)
+    if forced is not None and forced.numel():
+        selected = torch.cat((selected.long(), forced.to(selected.device))).unique()  # sorted, no repeats
     selected = selected.long() if on_device else selected.long().cpu()
     t_select = time.perf_counter()
     cache, logits = recompute(lm, source, prep.layout, source.context_tokens, prep.question_ids, selected,

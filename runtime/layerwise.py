@@ -15,7 +15,10 @@ Per layer group (`layer_groups`: layers 0 | 1 | 2-3 | 4-7 | 8-15 | ..., at most
 the group pinned -> its GPU slot (one copy per chunk and group: a chunk's layers
 are adjacent in its slot, so a group is one contiguous range; issue 11 item 4:
 one copy per chunk and layer, 1 MiB for Qwen2.5-7B, is bound by the cost of
-issuing it, at 42-61% of the pinned ceiling); per layer l, on a
+issuing it, at 42-61% of the pinned ceiling; `kvfuse.bench.copy_ceiling` compares
+the designs). Every group's copies are queued as soon as the first layers' work is
+(a few hundred copies, 2-5 ms of host time at 16k-32k), so the copy engine never
+waits for the host issuing gathers. Per layer l, on a
 second side stream, once its group's copies are done: gather all chunks' layer l into
 the fused buffer [L, 2, H_kv, N + Q, D] at their new positions, re-rotate the
 keys by each token's position delta on the GPU (cos/sin tables made once per
@@ -23,7 +26,7 @@ request), and record event l. (Two streams, so the copy engine never waits for
 the gather kernels.) The cache layers of the model (`kvcache.StreamedLayer`)
 make the compute stream wait on event l inside their `update()`, so layer l is
 computed as soon as it has landed while layer l+1 copies; the host never waits
-inside the layer loop. Copies are issued `depth` layers ahead of the compute
+inside the layer loop. Gathers are issued `depth` layers ahead of the compute
 from the layer hooks, so the host's cost of issuing them is spread over the
 recompute instead of delaying its start.
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from typing import Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -49,7 +53,9 @@ from kvfuse.loader.pool import PoolEntry
 from kvfuse.loader.store import Store
 from kvfuse.loader.tiers import Tiers
 
+from .coldplan import ChunkLoad, ColdPlan, LoadRates, plan_cold
 from .fusion import FusionResult, prepare_from, probe_depth, run
+from .guards import fused_tokens
 from .kvcache import StreamedLayer, cache_from_kv
 from .layout import FusedLayout
 from .model import LoadedModel, ModelSpec
@@ -130,6 +136,7 @@ class LayerwiseLoad:
         self.issued = 0
         self.groups = layer_groups(L)
         self.group_of = [i for i, (a, b) in enumerate(self.groups) for _ in range(a, b)]   # layer -> group
+        self.copied = 0   # groups whose copies are queued
         self.h2d_bytes = sum(h.kv[0].numel() * h.kv.element_size() * L for _, h in pairs if h is not None)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
@@ -157,7 +164,7 @@ class LayerwiseLoad:
         for l in range(self.issued, upto):
             gi = self.group_of[l]
             a, b = self.groups[gi]
-            if l == a:
+            if gi >= self.copied:
                 self._copy_group(gi, a, b)
             with torch.cuda.stream(self.stream) if cuda else nullcontext():
                 if cuda:
@@ -169,6 +176,9 @@ class LayerwiseLoad:
                 if cuda:
                     self.events[l].record(self.stream)
         self.issued = max(self.issued, upto)
+        if self.issued:  # the first layers are queued: the rest of the copies go now, to keep the copy engine busy
+            for gi in range(self.copied, len(self.groups)):
+                self._copy_group(gi, *self.groups[gi])
 
     def _copy_group(self, gi: int, a: int, b: int) -> None:
         """Warm/cold chunks' layers a..b-1, pinned -> GPU slot: one copy per chunk ([b-a, 2, H_kv, T, D],
@@ -180,6 +190,7 @@ class LayerwiseLoad:
                 torch._foreach_copy_([d for d, _ in moves], [s for _, s in moves], non_blocking=True)
             if cuda:
                 self.h2d_events[gi].record(self.h2d)
+        self.copied = gi + 1
 
     @property
     def stored(self) -> torch.Tensor:
@@ -245,22 +256,32 @@ class LayerwiseLoad:
 def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids: torch.Tensor,
                    selector: str = "a3", ratio: float = 0.15, selected: torch.Tensor | None = None,
                    depth: int = 4, measure_stall: bool = False, groups: int | None = None,
-                   attention: str | None = None) -> FusionResult:
+                   attention: str | None = None, rates: LoadRates | None = None,
+                   recompute: Sequence[str] = ()) -> FusionResult:
     """Fused prefill of a queued request ([prefix, *chunks]) with layer-wise loading.
 
     The fusion driver (`fusion.run`) over a `LayerwiseLoad`: same result as `fusion.fuse`
     over the same chunks (the selection may be given as `selected`, absolute positions, to
     skip the selector). Timings: open_s (tier lookup and disk waits), select_s,
-    recompute_s, total_s; counts hot/warm/cold; stall_ms and copy_ms with measure_stall.
+    recompute_s, total_s; counts hot/warm/cold/recompute; stall_ms and copy_ms with measure_stall.
     attention / groups: the recompute's attention backend (`recompute_attention`; default
     per device; groups > 1 selects `grouped` with that many query groups).
+    rates: with them, the cold-load plan (`coldplan.plan_cold`) decides for each chunk not
+    pinned whether to load or recompute it (timings["cold_plan"]: its choices, estimates and
+    rates), and the rates learn from this request. recompute: chunk ids to recompute instead of
+    loading, given (as with `selected`, the result is the fused result with their tokens selected).
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     t0 = time.perf_counter()
     question_ids = torch.as_tensor(question_ids).long()
+    plan, recompute = None, list(recompute)
+    if rates is not None:
+        plan, planned = plan_request_loads(tiers, request_id, len(question_ids), selector, ratio, rates, lm.spec.n_layers)
+        recompute += planned
     n_probe = probe_depth(selector, lm.spec.n_layers) if selected is None else 0
-    load = open_load(tiers, request_id, len(question_ids), lm.rope_inv_freq(), depth, measure_stall, first=n_probe)
+    load = open_load(tiers, request_id, len(question_ids), lm.rope_inv_freq(), depth, measure_stall, first=n_probe,
+                     recompute=recompute)
     load.timings["open_s"] = time.perf_counter() - t0
     try:
         prep = prepare_from(lm, load, question_ids, per_request=True)
@@ -268,4 +289,32 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
     finally:
         copy = load.close()
     result.timings.update(copy)
+    if plan is not None:
+        result.timings["cold_plan"] = plan.as_dict()
+        learn_rates(rates, plan, result, len(question_ids))
     return result
+
+
+def plan_request_loads(tiers: Tiers, request_id: str, n_question: int, selector: str, ratio: float,
+                       rates: LoadRates, n_layers: int) -> tuple[ColdPlan | None, list[str]]:
+    """The cold-load plan of a queued request (None when every chunk is pinned or hot) and
+    the chunk ids it recomputes."""
+    chunk_ids = list(tiers.queue.chunks(request_id) or ())
+    states = tiers.chunk_states(request_id)[1:]                      # the prefix is always loaded
+    if not any(s in ("reading", "cold") for s, _, _ in states):
+        return None, []
+    chunks = [ChunkLoad(s, n, b) for s, n, b in states]
+    base = fused_tokens(sum(c.n_tokens for c in chunks), n_question, selector, ratio, n_layers)
+    plan = plan_cold(chunks, rates, base)
+    return plan, [chunk_ids[1 + i] for i in plan.recompute]
+
+
+def learn_rates(rates: LoadRates, plan: ColdPlan, result: FusionResult, n_question: int) -> None:
+    """Feed what a planned request measured back into the rates: the disk wait of the chunks it
+    loaded from disk, its recompute's tokens per second and (with measure_stall) its copies."""
+    t = result.timings
+    if t.get("cold", 0) and plan.disk_bytes:
+        rates.observe_disk(plan.disk_bytes, t.get("open_s", 0.0))
+    rates.observe_prefill(result.n_recomputed + n_question, t.get("recompute_s", 0.0))
+    if "h2d_ms" in t:
+        rates.observe_h2d(t.get("h2d_bytes", 0), t["h2d_ms"] * 1e-3)
