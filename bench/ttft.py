@@ -5,6 +5,11 @@ full-prefill TTFT; fused TTFT with the chunks cold (on disk, page cache dropped)
 warm (pinned host pool) and hot (GPU pool); the load stall (time the compute stream
 waits on layer copies); the loader's throughput (a warm load alone, copies + gather +
 re-rotation) against the host->GPU ceiling measured in the same run.
+
+Cold runs use the cold-load plan (`runtime.coldplan`: load or recompute each chunk in no
+pool) with the rates this run measured (the store's cold disk read rate, the pinned
+ceiling, the full prefill's tokens per second); `cold.cold_plan` holds its choices and
+`cold_load_all` the same cold request with every chunk loaded (the behaviour without it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kvfuse.loader.store import Store
+from kvfuse.runtime.coldplan import LoadRates
 from kvfuse.runtime.engine import EngineConfig, FusionEngine
 from kvfuse.runtime.fusion import full_prefill
 from kvfuse.runtime.layerwise import open_load
@@ -83,6 +89,24 @@ def make_engine(store, lm, cfg, policy="lookahead", drop_page_cache=False) -> Fu
         drop_page_cache=drop_page_cache, measure_stall=True, warmup=False))  # the bench warms up itself
 
 
+def measure_disk_gbps(tiers, chunk_ids: list[str], workers: int) -> float:
+    """The store's cold read rate (GB/s): page cache dropped, `workers` threads reading whole
+    chunks by pread into pinned buffers, as the prefetcher does; the pages are dropped again."""
+    from concurrent.futures import ThreadPoolExecutor
+    reader, store = tiers.prefetcher.reader, tiers.prefetcher.store
+    ids = chunk_ids[: 2 * workers]
+    L, two, H, _, D = tiers.host.slot_shape
+    bufs = [torch.empty((L, two, H, store.record(c).n_tokens, D), dtype=tiers.host.dtype,
+                        pin_memory=tiers.device.type == "cuda") for c in ids]
+    reader.drop_cached_pages()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda cb: reader.read_into(cb[0], cb[1]), zip(ids, bufs)))
+    seconds = time.perf_counter() - t0
+    reader.drop_cached_pages()
+    return sum(b.numel() * b.element_size() for b in bufs) / seconds / 1e9
+
+
 class Runner:
     """Runs one request through the engine with its tiers in a given state (cold / warm / hot)."""
 
@@ -91,8 +115,10 @@ class Runner:
         self.tiers = engine.source.tiers
         self.n = 0
 
-    def fused(self, request: list[str], ratio: float, state: str) -> dict:
+    def fused(self, request: list[str], ratio: float, state: str, rates: LoadRates | None = None) -> dict:
+        """One request; state cold / warm / hot. rates: the cold-load plan's (None: load every chunk)."""
         t = self.tiers
+        self.engine.source.rates = rates
         if state == "cold":
             t.gpu.clear()
             t.host.clear()
@@ -131,8 +157,9 @@ def _summary(runs: list[dict]) -> dict:
     for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s"):
         if key in runs[0]:
             out[key] = median([r[key] for r in runs])
-    for key in ("hot", "warm", "cold", "n_selected", "h2d_bytes"):
-        out[key] = runs[-1].get(key)
+    for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan"):
+        if key in runs[-1]:
+            out[key] = runs[-1][key]
     return out
 
 
@@ -166,6 +193,8 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
           flush=True)
     engine = make_engine(store, lm, cfg)
     tiers = engine.source.tiers
+    disk_gbps = measure_disk_gbps(tiers, ids, cfg.workers)
+    print(f"  disk (page cache dropped, {cfg.workers} readers): {disk_gbps:.2f} GB/s", flush=True)
     gen = torch.Generator().manual_seed(1)
     question = torch.randint(0, lm.model.config.vocab_size, (cfg.question_tokens,), generator=gen)
     runner = Runner(engine, question, cfg.selector)
@@ -190,7 +219,13 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
                        "full_ms": median(full_ms), "full_runs_ms": [round(x, 2) for x in full_ms],
                        "loader_gbps": loader_gbps, "loader_fraction": loader_gbps / ceiling["pinned_gbps"],
                        "pipeline_gbps": pipeline_gbps}
-                row["cold"] = _summary([runner.fused(request, ratio, "cold")])
+                # the cold-load plan with this run's rates: disk, pinned ceiling, the full prefill's tokens/s
+                h2d = ceiling["pinned_gbps"] if ceiling["pinned_gbps"] == ceiling["pinned_gbps"] else 1e3  # CPU: nan
+                rates = LoadRates(disk_gbps=disk_gbps, h2d_gbps=h2d,
+                                  prefill_tok_s=len(tokens) / (median(full_ms) * 1e-3))
+                row["cold"] = _summary([runner.fused(request, ratio, "cold", rates)])
+                row["cold_load_all"] = _summary([runner.fused(request, ratio, "cold")])
+                row["cold_load_all"]["speedup"] = row["full_ms"] / row["cold_load_all"]["ttft_ms"]
                 runner.fused(request, ratio, "warm")  # pinned again after the cold run's evictions
                 row["warm"] = _summary([runner.fused(request, ratio, "warm") for _ in range(cfg.reps)])
                 runner.fused(request, ratio, "hot")
@@ -198,6 +233,10 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
                 for state in ("cold", "warm", "hot"):
                     row[state]["speedup"] = row["full_ms"] / row[state]["ttft_ms"]
                     row[state]["stall_fraction"] = row[state].get("stall_ms", 0.0) / row[state]["ttft_ms"]
+                plan = row["cold"].get("cold_plan") or {}
+                print(f"    r={ratio}: cold plan: {plan.get('recomputed', 0)} of {n} chunks recomputed "
+                      f"(est. {1e3 * plan.get('est_s', 0):.0f} ms, all loaded {1e3 * plan.get('load_all_s', 0):.0f} ms); "
+                      f"cold all loaded {row['cold_load_all']['ttft_ms']:7.1f} ms", flush=True)
                 print(f"    r={ratio}: cold {row['cold']['ttft_ms']:7.1f}  warm {row['warm']['ttft_ms']:7.1f} "
                       f"(x{row['warm']['speedup']:.2f}, stall {row['warm'].get('stall_ms', 0):.1f})  "
                       f"hot {row['hot']['ttft_ms']:7.1f} (x{row['hot']['speedup']:.2f}) ms", flush=True)
@@ -226,21 +265,28 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
 def check_targets(shapes: list[dict]) -> list[dict]:
     out = []
     for s in shapes:
-        if s["shape"] != TARGETS["shape"]:
-            continue
         for row in s["rows"]:
             if row["ratio"] != TARGETS["ratio"] or row["context"] not in TARGETS["speedup"]:
                 continue
             ctx, warm = row["context"], row["warm"]
+            # issue 11: every shape's loader at >= 80% of the ceiling, cold fused never slower than full prefill
+            out += [
+                {"what": ("" if s["shape"] == TARGETS["shape"] else f"{s['shape']} ") + f"loader / pinned ceiling at {ctx}",
+                 "target": f">= {TARGETS['loader_fraction']}",
+                 "measured": round(row["loader_fraction"], 3),
+                 "met": row["loader_fraction"] >= TARGETS["loader_fraction"]},
+                {"what": f"{s['shape']} cold fused / full prefill at {ctx}", "target": "<= 1.0",
+                 "measured": round(row["cold"]["ttft_ms"] / row["full_ms"], 3),
+                 "met": row["cold"]["ttft_ms"] <= row["full_ms"]},
+            ]
+            if s["shape"] != TARGETS["shape"]:
+                continue
             out += [
                 {"what": f"warm speed-up at {ctx}", "target": f">= {TARGETS['speedup'][ctx]}",
                  "measured": round(warm["speedup"], 2), "met": warm["speedup"] >= TARGETS["speedup"][ctx]},
                 {"what": f"load stall / fused TTFT at {ctx}", "target": f"< {TARGETS['stall_fraction']}",
                  "measured": round(warm["stall_fraction"], 3),
                  "met": warm["stall_fraction"] < TARGETS["stall_fraction"]},
-                {"what": f"loader / pinned ceiling at {ctx}", "target": f">= {TARGETS['loader_fraction']}",
-                 "measured": round(row["loader_fraction"], 3),
-                 "met": row["loader_fraction"] >= TARGETS["loader_fraction"]},
             ]
     return out
 
@@ -274,6 +320,18 @@ def markdown(result: dict) -> str:
                 f"{w.get('stall_ms', 0):.1f} ({100 * w['stall_fraction']:.1f}%) | "
                 f"{r['loader_gbps']:.1f} ({100 * r['loader_fraction']:.0f}%) | {r.get('pipeline_gbps', 0):.1f} |")
         lines.append("")
+        cold = [r for r in s["rows"] if r["cold"].get("cold_plan")]
+        if cold:
+            lines += ["Cold (page cache dropped, nothing pinned): the cold-load plan against loading every chunk:", "",
+                      "| context | ratio | full prefill ms | cold ms (plan) | chunks recomputed | plan's estimate ms | "
+                      "cold ms, all loaded | disk GB/s | prefill tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+            for r in cold:
+                p = r["cold"]["cold_plan"]
+                lines.append(f"| {r['context']} | {r['ratio']} | {r['full_ms']:.1f} | {r['cold']['ttft_ms']:.1f} | "
+                             f"{p['recomputed']} of {len(p['choices'])} | {1e3 * p['est_s']:.0f} | "
+                             f"{r['cold_load_all']['ttft_ms']:.1f} | {p['rates']['disk_gbps']:.2f} | "
+                             f"{p['rates']['prefill_tok_s']:.0f} |")
+            lines.append("")
         cmp = [(r, n, x) for r in s["rows"] for n, x in r.get("selectors", {}).items()]
         if cmp:
             lines += ["Warm fused TTFT by selector (the selection's own cost shows here):", "",

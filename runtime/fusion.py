@@ -327,8 +327,6 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
     paid_before = sum(ctx.costs.values())
     t0 = time.perf_counter()
     forced = getattr(source, "recompute_positions", None)  # [R] chunks recomputed instead of loaded (coldplan)
-    if selected is None and forced is not None and forced.numel() == prep.layout.context_len:
-        selected = forced  # every chunk is recomputed: nothing left to select
     if selected is None:
         depth = probe_depth(selector, lm.spec.n_layers)
         ctx.probe_layers = depth if prep.per_request else None

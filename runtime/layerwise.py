@@ -55,6 +55,7 @@ from kvfuse.loader.tiers import Tiers
 
 from .coldplan import ChunkLoad, ColdPlan, LoadRates, plan_cold
 from .fusion import FusionResult, prepare_from, probe_depth, run
+from .fusion import recompute as recompute_pass
 from .guards import fused_tokens
 from .kvcache import StreamedLayer, cache_from_kv
 from .layout import FusedLayout
@@ -284,8 +285,11 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
                      recompute=recompute)
     load.timings["open_s"] = time.perf_counter() - t0
     try:
-        prep = prepare_from(lm, load, question_ids, per_request=True)
-        result = run(prep, selector, ratio, selected=selected, attention=attention, groups=groups)
+        if selected is None and load.recompute_positions.numel() == load.layout.context_len > 0:
+            result = prefill_over_prefix(lm, load, question_ids)   # nothing loaded to select from
+        else:
+            prep = prepare_from(lm, load, question_ids, per_request=True)
+            result = run(prep, selector, ratio, selected=selected, attention=attention, groups=groups)
     finally:
         copy = load.close()
     result.timings.update(copy)
@@ -293,6 +297,26 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
         result.timings["cold_plan"] = plan.as_dict()
         learn_rates(rates, plan, result, len(question_ids))
     return result
+
+
+def prefill_over_prefix(lm: LoadedModel, load: "LayerwiseLoad", question_ids: torch.Tensor) -> FusionResult:
+    """Every chunk recomputed: a plain prefill of context + question over the stored prefix (the
+    model's own causal attention, as a full prefill runs it). Same function as recomputing every
+    context token over the fused cache, without the scattered-query machinery."""
+    t0 = time.perf_counter()
+    layout = load.layout
+    P, C = layout.prefix_len, layout.context_len
+    load.wait_all()                          # only the prefix was copied
+    prefix_only = FusedLayout(prefix_len=P, chunk_ids=(), chunk_lens=(), question_len=C + len(question_ids))
+    tokens = torch.cat((load.context_tokens, question_ids.to(load.context_tokens.device)))    # [C + Q]
+    cache, logits = recompute_pass(lm, load.stored[:, :, :, :P], prefix_only, tokens[:0], tokens,
+                                   torch.zeros(0, dtype=torch.long))
+    if lm.model.device.type == "cuda":
+        torch.cuda.current_stream(lm.model.device).synchronize()
+    t_done = time.perf_counter()
+    got = dict(load.timings)
+    return FusionResult(cache, logits, layout, torch.arange(P, P + C), timings={
+        **got, "select_s": 0.0, "recompute_s": t_done - t0, "total_s": sum(got.values()) + t_done - t0})
 
 
 def plan_request_loads(tiers: Tiers, request_id: str, n_question: int, selector: str, ratio: float,

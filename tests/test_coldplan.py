@@ -1,0 +1,144 @@
+"""Cold loads never slower than a full prefill (issue 11 item 3): the cost model that decides,
+per chunk in no pool, whether to load or recompute it, and the fused result when it recomputes."""
+
+import pytest
+import torch
+
+from kvfuse.runtime.coldplan import ChunkLoad, LoadRates, estimate_s, plan_cold
+from kvfuse.runtime.fusion import greedy
+from kvfuse.runtime.kvcache import cache_from_kv
+from kvfuse.runtime.model import cache_kwargs
+from kvfuse.runtime.layerwise import fuse_layerwise, layer_groups
+from test_layerwise import P, T, plain_logits, question, setup, tiers_for
+
+GB = 10**9
+
+
+def chunks(*states, n_tokens=100, nbytes=GB):
+    return [ChunkLoad(s, n_tokens, nbytes) for s in states]
+
+
+def test_slow_disk_recomputes_every_chunk_not_pinned():
+    # 1 GB at 0.5 GB/s = 2 s per chunk from disk; its 100 tokens recompute in 0.1 s
+    rates = LoadRates(disk_gbps=0.5, h2d_gbps=50, prefill_tok_s=1000)
+    plan = plan_cold(chunks("cold", "cold", "cold"), rates, base_tokens=0)
+    assert plan.choices == ["recompute"] * 3 and plan.recompute == [0, 1, 2]
+    assert plan.est_s == pytest.approx(0.3) and plan.load_all_s == pytest.approx(6 + 0.06)
+    assert plan.disk_bytes == 0 and plan.as_dict()["recomputed"] == 3
+
+
+def test_fast_disk_loads_and_pinned_chunks_are_always_loaded():
+    rates = LoadRates(disk_gbps=100, h2d_gbps=100, prefill_tok_s=100)   # 1 s of compute per chunk recomputed
+    plan = plan_cold(chunks("cold", "cold"), rates, base_tokens=50)
+    assert plan.choices == ["load", "load"] and plan.disk_bytes == 2 * GB
+    slow = LoadRates(disk_gbps=0.001, h2d_gbps=0.001, prefill_tok_s=1e9)   # loading anything is hopeless
+    assert plan_cold(chunks("hot", "warm", "cold"), slow, 0).choices == ["load", "load", "recompute"]
+
+
+def test_loads_from_the_front_and_recomputes_from_the_back():
+    # copies (1 s a chunk) overlap the compute (1 s a recomputed chunk): balance at half and half
+    rates = LoadRates(disk_gbps=1e9, h2d_gbps=1, prefill_tok_s=100)
+    plan = plan_cold(chunks("cold", "cold", "cold", "cold"), rates, base_tokens=0)
+    assert plan.choices == ["load", "load", "recompute", "recompute"]
+    assert plan.est_s == pytest.approx(2.0, rel=1e-6)
+    # a chunk pinned in the middle stays loaded; the back is recomputed first
+    plan = plan_cold(chunks("cold", "cold", "warm", "cold", "cold"), rates, base_tokens=50)
+    assert plan.choices == ["load", "load", "load", "recompute", "recompute"]
+
+
+def test_a_running_read_costs_half_its_bytes_and_may_be_recomputed():
+    rates = LoadRates(disk_gbps=1, h2d_gbps=1e9, prefill_tok_s=60)   # 100 tokens: 1.67 s; 1 GB read: 1 s
+    assert estimate_s(chunks("reading"), set(), rates, 0) == pytest.approx(0.5, rel=1e-6)
+    assert plan_cold(chunks("reading"), rates, 0).choices == ["load"]
+    assert plan_cold(chunks("cold"), rates, 0).choices == ["load"]
+    assert plan_cold(chunks("reading"), LoadRates(0.1, 1e9, 1000), 0).choices == ["recompute"]
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="unknown chunk state"):
+        plan_cold(chunks("lukewarm"), LoadRates(), 0)
+    with pytest.raises(ValueError, match="rates must be > 0"):
+        plan_cold(chunks("cold"), LoadRates(disk_gbps=0), 0)
+
+
+def test_rates_learn_from_observations():
+    rates = LoadRates(disk_gbps=2.0, alpha=0.5)
+    rates.observe_disk(4 * GB, 1.0)
+    assert rates.disk_gbps == pytest.approx(3.0)
+    rates.observe_disk(0, 1.0)                      # nothing read: nothing learnt
+    rates.observe_prefill(1000, 0.0)
+    assert rates.disk_gbps == pytest.approx(3.0) and rates.prefill_tok_s == LoadRates().prefill_tok_s
+
+
+def test_layer_groups_cover_every_layer_once():
+    for n in (1, 2, 4, 28, 32, 80):
+        groups = layer_groups(n)
+        assert [a for a, _ in groups] == [0, *[b for _, b in groups[:-1]]] and groups[-1][1] == n
+        assert groups[0] == (0, 1) and max(b - a for a, b in groups) <= 8
+    assert layer_groups(32) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 24), (24, 32)]
+
+
+# ---- end to end on the tiny model (CPU: the same code without streams) ----------------------------
+
+def no_prefetch(tiers):
+    """Nothing moves before the request runs: every chunk is cold when the plan looks."""
+    tiers.prefetcher._schedule = lambda cid: None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = [pytest.param("cpu", torch.float32, 1e-5, id="cpu"),
+           pytest.param("cuda", torch.bfloat16, 1e-2, id="cuda", marks=[pytest.mark.cuda, cuda])]
+
+
+@pytest.mark.parametrize("device,dtype,atol", DEVICES)
+def test_every_chunk_recomputed_equals_the_full_prefill(tmp_path_factory, device, dtype, atol):
+    lm, store, prefix, ids = setup(tmp_path_factory, device, dtype)
+    tiers = tiers_for(lm, store, device)
+    no_prefetch(tiers)
+    try:
+        q = question(lm)
+        tiers.submit("r", [prefix, *ids])
+        rates = LoadRates(disk_gbps=1e-6, h2d_gbps=50, prefill_tok_s=1e4)   # disk hopeless: recompute
+        got = fuse_layerwise(lm, tiers, "r", q, selector="a3", ratio=0.15, rates=rates)
+        plan = got.timings["cold_plan"]
+        assert plan["choices"] == ["recompute"] * len(ids) and got.timings["recompute"] == len(ids)
+        assert got.n_recomputed == len(ids) * T and tiers.prefetcher.disk_reads == 1   # the prefix alone
+        # a plain prefill of context + question over the stored prefix (the synthetic KV is random, so
+        # the prefix's own, not a prefill of its tokens): no stored chunk KV is used at all
+        tokens = torch.cat([*[store.read(c).tokens.long() for c in ids], q]).to(device)
+        cache = cache_from_kv(store.read(prefix).kv.to(device, dtype))
+        with torch.inference_mode():
+            out = lm.model(input_ids=tokens[None], position_ids=torch.arange(P, P + len(tokens), device=device)[None],
+                           **cache_kwargs(lm.model, cache), use_cache=True)
+        want = out.logits[0, -1].float()
+        torch.testing.assert_close(got.logits, want, atol=atol, rtol=0)
+        n = P + len(tokens)
+        assert greedy(lm, got.cache, got.logits, n, max_new_tokens=4) == greedy(lm, cache, want, n, max_new_tokens=4)
+        assert all(e.refs == 0 for e in tiers.gpu._entries.values()) and len(tiers.gpu) == 1
+        # the next request with a fast disk loads them all
+        tiers.submit("r2", [prefix, *ids])
+        again = fuse_layerwise(lm, tiers, "r2", q, selector="a3", ratio=0.15, rates=LoadRates(disk_gbps=1e6))
+        assert again.timings["cold_plan"]["choices"] == ["load"] * len(ids) and again.timings["cold"] == len(ids)
+    finally:
+        tiers.close()
+
+
+@pytest.mark.parametrize("device,dtype,atol", DEVICES)
+def test_mixed_load_and_recompute_equals_fusion_with_those_tokens_selected(tmp_path_factory, device, dtype, atol):
+    lm, store, prefix, ids = setup(tmp_path_factory, device, dtype)
+    tiers = tiers_for(lm, store, device)
+    no_prefetch(tiers)
+    try:
+        q = question(lm)
+        C = len(ids) * T
+        selected = torch.randperm(C, generator=torch.Generator().manual_seed(2))[: C // 5].sort().values + P
+        back = torch.arange(P + 3 * T, P + C)                     # chunks 3 and 4: recomputed
+        _, want, layout = plain_logits(lm, store, prefix, ids, q, torch.cat((selected, back)).unique())
+        tiers.submit("r", [prefix, *ids])
+        got = fuse_layerwise(lm, tiers, "r", q, selected=selected, recompute=ids[3:])
+        assert got.layout == layout and got.timings["recompute"] == 2 and got.timings["cold"] == 4  # with the prefix
+        assert torch.equal(got.recomputed, torch.cat((selected, back)).unique())
+        torch.testing.assert_close(got.logits, want, atol=atol, rtol=0)
+        assert ids[3] not in tiers.gpu and ids[3] not in tiers.host     # never read
+    finally:
+        tiers.close()
