@@ -4,6 +4,9 @@
 #   attention  per-layer recompute attention by backend (bench/attention.py) -> attention.{json,md}
 #   ttft       kvfuse bench ttft, issue 11's command -> ttft.{json,md}, profile.txt, profile trace
 #   serve      kvfuse bench serve -> serve.{json,md} (run it alone: 8 files at most come back)
+#   copy       the loader's host->GPU copies by design against the pinned ceiling, both shapes (bench/copy_ceiling.py)
+#              -> copy_ceiling.{json,md} (~1 minute)
+#   qwen       kvfuse bench ttft for the Qwen2.5-7B shape (loader share, cold plan) -> qwen/ttft.{json,md} (~3 minutes)
 #   bash bench/run_device.sh [phases, default tests,attention,ttft]
 # About 8 minutes for the default phases on an H200 (the tests ~2, attention ~1, ttft ~5).
 set -uo pipefail
@@ -28,7 +31,8 @@ has() { [[ ",$PHASES," == *",$1,"* ]]; }
 if has tests; then
   echo "== tests" | tee -a "$LOG"
   timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda -W ignore::FutureWarning \
-    tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py tests/test_engine_cuda.py 2>&1 | tail -30 | tee -a "$LOG"
+    tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py tests/test_engine_cuda.py tests/test_coldplan.py \
+    2>&1 | tail -30 | tee -a "$LOG"
 fi
 if has attention; then
   echo "== attention" | tee -a "$LOG"
@@ -41,8 +45,18 @@ if has ttft; then
     --compare-selectors epic,prophet,kvfuse,cacheblend --out "$OUT" 2>&1 | grep -v Warning | tee -a "$LOG"
   mv "$OUT"/profile_*.txt "$OUT/profile.txt" 2>/dev/null
 fi
+if has copy; then
+  echo "== copy ceiling" | tee -a "$LOG"
+  timeout 240 python3 -m kvfuse.bench.copy_ceiling --shapes llama3-8b,qwen2.5-7b --contexts 16384,32768 --reps 5 \
+    --out "$OUT" 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
+if has qwen; then
+  echo "== bench ttft qwen2.5-7b" | tee -a "$LOG"
+  timeout 330 python3 -m kvfuse.cli bench ttft --shapes qwen2.5-7b --contexts 16384,32768 --ratios 0.15 --reps 5 \
+    --compare-selectors none --profile none --out "$OUT/qwen" 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
 if has serve; then
   echo "== bench serve" | tee -a "$LOG"
   timeout 130 python3 -m kvfuse.cli bench serve --out "$OUT" 2>&1 | tee -a "$LOG"
 fi
-cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/serve.md 2>/dev/null
+cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/copy_ceiling.md "$OUT"/qwen/ttft.md "$OUT"/serve.md 2>/dev/null

@@ -131,3 +131,14 @@ def plan_cold(chunks: Sequence[ChunkLoad], rates: LoadRates, base_tokens: float)
     disk = sum(chunks[i].nbytes for i in cold if i not in chosen)
     return ColdPlan(choices=["recompute" if i in chosen else "load" for i in range(len(chunks))], est_s=costs[best_k],
                     load_all_s=costs[0], recompute_all_s=costs[-1], rates=rates.as_dict(), disk_bytes=disk)
+
+
+def cold_plan_notes(timings: dict) -> list[str]:
+    """What a request's cold-load plan (timings["cold_plan"], if any) changed, for its answer's notes."""
+    plan = timings.get("cold_plan")
+    if not plan or not plan["recomputed"]:
+        return []
+    return [f"cold load: recomputed {plan['recomputed']} of the {len(plan['choices'])} chunks instead of reading "
+            f"them from disk (estimated {1e3 * plan['est_s']:.0f} ms against {1e3 * plan['load_all_s']:.0f} ms "
+            f"loading every chunk, at {plan['rates']['disk_gbps']:.1f} GB/s from disk and "
+            f"{plan['rates']['prefill_tok_s']:.0f} prefill tokens/s)"]

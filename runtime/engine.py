@@ -34,6 +34,7 @@ from kvfuse.loader.format import dtype_name
 from kvfuse.loader.store import Store, read_current
 
 from .attention import use_kvfuse_attention
+from .coldplan import cold_plan_notes
 from .decode import DecodeBatch, DecodeRow, sample
 from .driver import make_source
 from .fusion import FusionResult, _eos_ids, full_prefill, greedy
@@ -409,7 +410,7 @@ class FusionEngine:
                                  ttft_s=now - work.submitted, release=work.view.release,
                                  doc_ids=[work.view.store.record(c).doc_id for c in work.chunk_ids],
                                  prefill_s=now - t0, fused=work.selector != "full", timings=dict(result.timings),
-                                 retrieval_scores=work.scores, notes=list(work.notes))
+                                 retrieval_scores=work.scores, notes=list(work.notes) + cold_plan_notes(result.timings))
             self.counters["tokens_reused"] += result.n_reused
             self.counters["tokens_recomputed"] += result.n_recomputed + len(work.question_ids)
             if work.compare:

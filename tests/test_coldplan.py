@@ -4,7 +4,7 @@ per chunk in no pool, whether to load or recompute it, and the fused result when
 import pytest
 import torch
 
-from kvfuse.runtime.coldplan import ChunkLoad, LoadRates, estimate_s, plan_cold
+from kvfuse.runtime.coldplan import ChunkLoad, LoadRates, cold_plan_notes, estimate_s, plan_cold
 from kvfuse.runtime.fusion import greedy
 from kvfuse.runtime.kvcache import cache_from_kv
 from kvfuse.runtime.model import cache_kwargs
@@ -23,6 +23,8 @@ def test_slow_disk_recomputes_every_chunk_not_pinned():
     rates = LoadRates(disk_gbps=0.5, h2d_gbps=50, prefill_tok_s=1000)
     plan = plan_cold(chunks("cold", "cold", "cold"), rates, base_tokens=0)
     assert plan.choices == ["recompute"] * 3 and plan.recompute == [0, 1, 2]
+    assert "recomputed 3 of the 3 chunks" in cold_plan_notes({"cold_plan": plan.as_dict()})[0]
+    assert cold_plan_notes({}) == []
     assert plan.est_s == pytest.approx(0.3) and plan.load_all_s == pytest.approx(6 + 0.06)
     assert plan.disk_bytes == 0 and plan.as_dict()["recomputed"] == 3
 
@@ -140,5 +142,27 @@ def test_mixed_load_and_recompute_equals_fusion_with_those_tokens_selected(tmp_p
         assert torch.equal(got.recomputed, torch.cat((selected, back)).unique())
         torch.testing.assert_close(got.logits, want, atol=atol, rtol=0)
         assert ids[3] not in tiers.gpu and ids[3] not in tiers.host     # never read
+    finally:
+        tiers.close()
+
+
+def test_warm_load_copies_once_per_chunk_and_layer_group(tmp_path_factory, monkeypatch):
+    """Issue 11 item 4: host -> GPU copies per chunk and layer group (1, 1, 2, ... layers), not per layer,
+    all queued once the first layers are; the fused KV is what the per-layer copies gave."""
+    from kvfuse.runtime.layerwise import LayerwiseLoad
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    tiers = tiers_for(lm, store, "cpu")
+    calls = []
+    real = LayerwiseLoad._copy_group
+    monkeypatch.setattr(LayerwiseLoad, "_copy_group", lambda self, gi, a, b: (calls.append((a, b)), real(self, gi, a, b)))
+    try:
+        q = question(lm)
+        tiers.submit("r", [prefix, *ids])
+        C = len(ids) * T
+        selected = torch.arange(P, P + C, 3)
+        got = fuse_layerwise(lm, tiers, "r", q, selected=selected)
+        assert calls == layer_groups(lm.spec.n_layers)
+        _, want, _ = plain_logits(lm, store, prefix, ids, q, selected)
+        torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
     finally:
         tiers.close()
