@@ -20,6 +20,8 @@ Takes the model's KV geometry as plain shapes and a dtype: the loader imports no
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from .pool import KVPool, PoolEntry
@@ -83,7 +85,8 @@ class Tiers:
         caller copies the pinned entry's bytes into it. Waits for disk reads still in flight.
         recompute: chunk ids not to load unless hot (the caller recomputes their tokens): they
         get a slotless entry (kv None, meta read from the shard: tokens, saliency, pos_base)
-        and no pinned entry, and their prefetch reads not yet started are cancelled.
+        and no pinned entry, and their prefetch reads not yet started are cancelled. The prefix
+        is skipped only when every other chunk is.
         counts: {"hot", "warm", "cold", "recompute"} chunk counts. Every entry is held until
         `release`. Raises KeyError for a request not submitted, PoolCapacityError when a pool
         is too small.
@@ -95,8 +98,13 @@ class Tiers:
         self.host.check_fits(len(chunk_ids), f"request {request_id}")
         rank = self.queue.position(request_id)
         gpu: list[PoolEntry | None] = [self.gpu.get(cid) for cid in chunk_ids]
-        skip = {cid for cid, g in zip(chunk_ids[1:], gpu[1:]) if g is None and cid in set(recompute)}  # never the prefix
+        wanted = set(recompute)
+        skip = {cid for cid, g in zip(chunk_ids[1:], gpu[1:]) if g is None and cid in wanted}
+        if gpu[0] is None and chunk_ids[0] in wanted and len(skip) == len(chunk_ids) - 1:
+            skip.add(chunk_ids[0])   # the prefix too, but only with every chunk: a plain prefill from the tokens
         self.prefetcher.skip(request_id, skip)
+        with ThreadPoolExecutor(8) as pool:   # small reads; not the prefetcher's threads, which may all be reading
+            metas = dict(zip(skip, pool.map(self.prefetcher.reader.read_meta, list(skip))))
         missing = [cid for cid, g in zip(chunk_ids, gpu) if g is None and cid not in skip]
         host: dict[str, PoolEntry] = {}
         try:
@@ -106,7 +114,7 @@ class Tiers:
             for i, cid in enumerate(chunk_ids):
                 if cid in skip:
                     rec = self.prefetcher.store.record(cid)
-                    gpu[i] = PoolEntry(cid, -1, rec.n_tokens, 0, None, meta=self.prefetcher.reader.read_meta(cid))
+                    gpu[i] = PoolEntry(cid, -1, rec.n_tokens, 0, None, meta=metas[cid])
                 elif gpu[i] is None:
                     h = host[cid]
                     gpu[i] = self.gpu.allocate(cid, h.n_tokens, rank, next_use)

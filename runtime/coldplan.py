@@ -15,7 +15,7 @@ recomputing the last k of them and loading the rest, and keeps the cheapest
 
 Cost of a choice, in seconds (what the layer-wise pass overlaps and what it doesn't):
 
-    disk    = (bytes of the cold chunks loaded + half the bytes of reads already running) / disk rate
+    disk    = (bytes of the cold chunks loaded + READ_LEFT x bytes of reads already running) / disk rate
     h2d     = bytes of every chunk not in the GPU pool that is loaded / pinned->GPU rate
     compute = (base_tokens + tokens of the recomputed chunks) / prefill tokens per second
     total   = disk + max(h2d, compute)       # reads finish before the pass; copies overlap compute
@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 STATES = ("hot", "warm", "reading", "cold")
+# Share of a running read still to come. The reads in flight share the disk and a request usually
+# plans right after its submit started them, so count them whole (1.0): erring towards waiting less.
+READ_LEFT = 1.0
 
 
 @dataclass
@@ -79,7 +82,7 @@ class ColdPlan:
     load_all_s: float            # estimate when every chunk is loaded (today's behaviour)
     recompute_all_s: float       # estimate when every chunk not pinned is recomputed
     rates: dict
-    disk_bytes: int = 0          # bytes the chosen plan reads from disk (cold chunks loaded, reads running)
+    disk_bytes: int = 0          # bytes the chosen plan waits for from disk (cold chunks loaded, reads running)
 
     @property
     def recompute(self) -> list[int]:
@@ -102,7 +105,7 @@ def estimate_s(chunks: Sequence[ChunkLoad], recompute: set[int], rates: LoadRate
         if c.state == "cold":
             disk += c.nbytes
         elif c.state == "reading":
-            disk += 0.5 * c.nbytes
+            disk += READ_LEFT * c.nbytes
         if c.state != "hot":
             h2d += c.nbytes
     return disk / (rates.disk_gbps * 1e9) + max(h2d / (rates.h2d_gbps * 1e9), tokens / rates.prefill_tok_s)

@@ -54,7 +54,7 @@ from kvfuse.loader.store import Store
 from kvfuse.loader.tiers import Tiers
 
 from .coldplan import ChunkLoad, ColdPlan, LoadRates, plan_cold
-from .fusion import FusionResult, prepare_from, probe_depth, run
+from .fusion import FusionResult, full_prefill, prepare_from, probe_depth, run
 from .fusion import recompute as recompute_pass
 from .guards import fused_tokens
 from .kvcache import StreamedLayer, cache_from_kv
@@ -126,10 +126,14 @@ class LayerwiseLoad:
         metas = [g.meta for g in chunks]
         self.context_tokens = torch.cat([m["tokens"].long() for m in metas])     # [C]
         # [R] absolute positions of the chunks recomputed instead of loaded (no slot: kv None)
-        spans = [torch.arange(s, s + g.n_tokens) for (g, _), s in zip(self.pairs, self.starts) if g.kv is None]
+        spans = [torch.arange(s, s + g.n_tokens) for (g, _), s in zip(self.pairs[1:], self.starts[1:]) if g.kv is None]
         self.recompute_positions = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+        # the prefix is recomputed only with every chunk (`Tiers.acquire`): then a plain prefill from its tokens
+        self.prefix_tokens = None if prefix.kv is not None else prefix.meta["tokens"].long()   # [P]
+        # with no chunk loaded the context span is never read (`prefill_over_prefix`): no zeroing, no rotation
+        self.any_loaded = any(g.kv is not None for g in chunks)
         for (g, _), s in zip(self.pairs, self.starts):
-            if g.kv is None:   # nothing stale (or NaN) where the recompute writes every layer's K/V
+            if g.kv is None and self.any_loaded:   # nothing stale (or NaN) where the recompute writes every layer
                 self.fused[:, :, :, s:s + g.n_tokens].zero_()
         self.saliency = torch.cat([m["saliency"] for m in metas], dim=-1)        # [S_sig, C]
         self.timings: dict = {}
@@ -171,9 +175,11 @@ class LayerwiseLoad:
                 if cuda:
                     self.stream.wait_event(self.h2d_events[gi])
                 loaded = [(g, s) for (g, _), s in zip(self.pairs, self.starts) if g.kv is not None]
-                dst = [self.fused[l, :, :, s:s + g.n_tokens] for g, s in loaded]
-                torch._foreach_copy_(dst, [g.kv[l] for g, _ in loaded])   # [2, H_kv, T, D] each
-                rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
+                if loaded:
+                    dst = [self.fused[l, :, :, s:s + g.n_tokens] for g, s in loaded]
+                    torch._foreach_copy_(dst, [g.kv[l] for g, _ in loaded])   # [2, H_kv, T, D] each
+                if self.any_loaded:
+                    rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
                 if cuda:
                     self.events[l].record(self.stream)
         self.issued = max(self.issued, upto)
@@ -306,11 +312,14 @@ def prefill_over_prefix(lm: LoadedModel, load: "LayerwiseLoad", question_ids: to
     t0 = time.perf_counter()
     layout = load.layout
     P, C = layout.prefix_len, layout.context_len
-    load.wait_all()                          # only the prefix was copied
-    prefix_only = FusedLayout(prefix_len=P, chunk_ids=(), chunk_lens=(), question_len=C + len(question_ids))
     tokens = torch.cat((load.context_tokens, question_ids.to(load.context_tokens.device)))    # [C + Q]
-    cache, logits = recompute_pass(lm, load.stored[:, :, :, :P], prefix_only, tokens[:0], tokens,
-                                   torch.zeros(0, dtype=torch.long))
+    if load.prefix_tokens is not None:       # nothing loaded at all: the full prefill itself
+        cache, logits = full_prefill(lm, torch.cat((load.prefix_tokens, tokens)))
+    else:
+        load.wait_all()                      # only the prefix was copied
+        prefix_only = FusedLayout(prefix_len=P, chunk_ids=(), chunk_lens=(), question_len=C + len(question_ids))
+        cache, logits = recompute_pass(lm, load.stored[:, :, :, :P], prefix_only, tokens[:0], tokens,
+                                       torch.zeros(0, dtype=torch.long))
     if lm.model.device.type == "cuda":
         torch.cuda.current_stream(lm.model.device).synchronize()
     t_done = time.perf_counter()
@@ -324,13 +333,16 @@ def plan_request_loads(tiers: Tiers, request_id: str, n_question: int, selector:
     """The cold-load plan of a queued request (None when every chunk is pinned or hot) and
     the chunk ids it recomputes."""
     chunk_ids = list(tiers.queue.chunks(request_id) or ())
-    states = tiers.chunk_states(request_id)[1:]                      # the prefix is always loaded
+    prefix_state, *states = tiers.chunk_states(request_id)
     if not any(s in ("reading", "cold") for s, _, _ in states):
         return None, []
     chunks = [ChunkLoad(s, n, b) for s, n, b in states]
     base = fused_tokens(sum(c.n_tokens for c in chunks), n_question, selector, ratio, n_layers)
     plan = plan_cold(chunks, rates, base)
-    return plan, [chunk_ids[1 + i] for i in plan.recompute]
+    ids = [chunk_ids[1 + i] for i in plan.recompute]
+    if len(ids) == len(chunks) and prefix_state[0] in ("reading", "cold"):
+        ids.insert(0, chunk_ids[0])   # nothing to load: don't wait for the prefix either (32 tokens to prefill)
+    return plan, ids
 
 
 def learn_rates(rates: LoadRates, plan: ColdPlan, result: FusionResult, n_question: int) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvfuse.runtime.coldplan import ChunkLoad, LoadRates, cold_plan_notes, estimate_s, plan_cold
-from kvfuse.runtime.fusion import greedy
+from kvfuse.runtime.fusion import full_prefill, greedy
 from kvfuse.runtime.kvcache import cache_from_kv
 from kvfuse.runtime.model import cache_kwargs
 from kvfuse.runtime.layerwise import fuse_layerwise, layer_groups
@@ -48,11 +48,10 @@ def test_loads_from_the_front_and_recomputes_from_the_back():
     assert plan.choices == ["load", "load", "load", "recompute", "recompute"]
 
 
-def test_a_running_read_costs_half_its_bytes_and_may_be_recomputed():
+def test_a_running_read_counts_whole_and_may_be_recomputed():
     rates = LoadRates(disk_gbps=1, h2d_gbps=1e9, prefill_tok_s=60)   # 100 tokens: 1.67 s; 1 GB read: 1 s
-    assert estimate_s(chunks("reading"), set(), rates, 0) == pytest.approx(0.5, rel=1e-6)
-    assert plan_cold(chunks("reading"), rates, 0).choices == ["load"]
-    assert plan_cold(chunks("cold"), rates, 0).choices == ["load"]
+    assert estimate_s(chunks("reading"), set(), rates, 0) == pytest.approx(1.0, rel=1e-6)
+    assert plan_cold(chunks("reading", "cold"), rates, 0).choices == ["load", "load"]
     assert plan_cold(chunks("reading"), LoadRates(0.1, 1e9, 1000), 0).choices == ["recompute"]
 
 
@@ -97,30 +96,37 @@ def test_every_chunk_recomputed_equals_the_full_prefill(tmp_path_factory, device
     lm, store, prefix, ids = setup(tmp_path_factory, device, dtype)
     tiers = tiers_for(lm, store, device)
     no_prefetch(tiers)
+    slow_disk = LoadRates(disk_gbps=1e-6, h2d_gbps=50, prefill_tok_s=1e4)   # loading is hopeless: recompute
     try:
         q = question(lm)
+        context = torch.cat([store.read(c).tokens.long() for c in ids])
         tiers.submit("r", [prefix, *ids])
-        rates = LoadRates(disk_gbps=1e-6, h2d_gbps=50, prefill_tok_s=1e4)   # disk hopeless: recompute
-        got = fuse_layerwise(lm, tiers, "r", q, selector="a3", ratio=0.15, rates=rates)
-        plan = got.timings["cold_plan"]
-        assert plan["choices"] == ["recompute"] * len(ids) and got.timings["recompute"] == len(ids)
-        assert got.n_recomputed == len(ids) * T and tiers.prefetcher.disk_reads == 1   # the prefix alone
-        # a plain prefill of context + question over the stored prefix (the synthetic KV is random, so
-        # the prefix's own, not a prefill of its tokens): no stored chunk KV is used at all
-        tokens = torch.cat([*[store.read(c).tokens.long() for c in ids], q]).to(device)
-        cache = cache_from_kv(store.read(prefix).kv.to(device, dtype))
-        with torch.inference_mode():
-            out = lm.model(input_ids=tokens[None], position_ids=torch.arange(P, P + len(tokens), device=device)[None],
-                           **cache_kwargs(lm.model, cache), use_cache=True)
-        want = out.logits[0, -1].float()
+        got = fuse_layerwise(lm, tiers, "r", q, selector="a3", ratio=0.15, rates=slow_disk)
+        assert got.timings["cold_plan"]["choices"] == ["recompute"] * len(ids)
+        # nothing pinned: not even the prefix is read, the full prefill runs from the tokens
+        assert got.timings["recompute"] == len(ids) + 1 and tiers.prefetcher.disk_reads == 0
+        assert got.n_recomputed == len(ids) * T and "recomputed 5 of the 5 chunks" in cold_plan_notes(got.timings)[0]
+        full_cache, want = full_prefill(lm, torch.cat([store.read(prefix).tokens.long(), context, q]))
         torch.testing.assert_close(got.logits, want, atol=atol, rtol=0)
-        n = P + len(tokens)
-        assert greedy(lm, got.cache, got.logits, n, max_new_tokens=4) == greedy(lm, cache, want, n, max_new_tokens=4)
-        assert all(e.refs == 0 for e in tiers.gpu._entries.values()) and len(tiers.gpu) == 1
+        n = got.layout.total_len
+        assert greedy(lm, got.cache, got.logits, n, max_new_tokens=4) == greedy(lm, full_cache, want, n, max_new_tokens=4)
         # the next request with a fast disk loads them all
         tiers.submit("r2", [prefix, *ids])
         again = fuse_layerwise(lm, tiers, "r2", q, selector="a3", ratio=0.15, rates=LoadRates(disk_gbps=1e6))
-        assert again.timings["cold_plan"]["choices"] == ["load"] * len(ids) and again.timings["cold"] == len(ids)
+        assert again.timings["cold_plan"]["choices"] == ["load"] * len(ids) and again.timings["cold"] == len(ids) + 1
+        # the prefix pinned, the chunks not: a plain prefill of context + question over the stored prefix
+        tiers.gpu.clear()
+        assert all(tiers.host.evict(c) for c in ids)
+        tiers.submit("r3", [prefix, *ids])
+        third = fuse_layerwise(lm, tiers, "r3", q, selector="a3", ratio=0.15, rates=slow_disk)
+        assert third.timings["recompute"] == len(ids) and third.timings["warm"] == 1
+        tokens = torch.cat([context, q]).to(device)
+        with torch.inference_mode():   # (the synthetic prefix KV is random: not a prefill of its tokens)
+            out = lm.model(input_ids=tokens[None], position_ids=torch.arange(P, P + len(tokens), device=device)[None],
+                           **cache_kwargs(lm.model, cache_from_kv(store.read(prefix).kv.to(device, dtype))),
+                           use_cache=True)
+        torch.testing.assert_close(third.logits, out.logits[0, -1].float(), atol=atol, rtol=0)
+        assert all(e.refs == 0 for e in tiers.gpu._entries.values()) and all(e.refs == 0 for e in tiers.host._entries.values())
     finally:
         tiers.close()
 
