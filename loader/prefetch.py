@@ -224,12 +224,14 @@ class Prefetcher:
 
     # ---- the queue -----------------------------------------------------------------
     def submit(self, request_id: str, chunk_ids) -> None:
-        """Enqueue a request and start reading its chunks that aren't pinned yet."""
+        """Enqueue a request and start reading its chunks that aren't pinned yet, last chunk first."""
         chunk_ids = list(dict.fromkeys(chunk_ids))
         for cid in chunk_ids:
             self.store.record(cid)  # unknown ids fail now, not on a worker
         self.queue.push(request_id, chunk_ids)
-        for cid in chunk_ids:
+        # from the back: a request that finds chunks cold may prefill its front from the tokens while
+        # the back is read (`kvfuse.runtime.coldplan`), so the reads that start first are the useful ones
+        for cid in reversed(chunk_ids):
             self._schedule(cid)
 
     def cancel(self, request_id: str) -> None:

@@ -85,8 +85,8 @@ class Tiers:
         caller copies the pinned entry's bytes into it. Waits for disk reads still in flight.
         recompute: chunk ids not to load unless hot (the caller recomputes their tokens): they
         get a slotless entry (kv None, meta read from the shard: tokens, saliency, pos_base)
-        and no pinned entry, and their prefetch reads not yet started are cancelled. The prefix
-        is skipped only when every other chunk is.
+        and no pinned entry, and their prefetch reads not yet started are cancelled (the prefix
+        too: then the caller provides the K/V of the prefix, e.g. prefilled from its tokens).
         counts: {"hot", "warm", "cold", "recompute"} chunk counts. Every entry is held until
         `release`. Raises KeyError for a request not submitted, PoolCapacityError when a pool
         is too small.
@@ -99,12 +99,9 @@ class Tiers:
         rank = self.queue.position(request_id)
         gpu: list[PoolEntry | None] = [self.gpu.get(cid) for cid in chunk_ids]
         wanted = set(recompute)
-        skip = {cid for cid, g in zip(chunk_ids[1:], gpu[1:]) if g is None and cid in wanted}
-        if gpu[0] is None and chunk_ids[0] in wanted and len(skip) == len(chunk_ids) - 1:
-            skip.add(chunk_ids[0])   # the prefix too, but only with every chunk: a plain prefill from the tokens
+        skip = {cid for cid, g in zip(chunk_ids, gpu) if g is None and cid in wanted}
         self.prefetcher.skip(request_id, skip)
-        with ThreadPoolExecutor(8) as pool:   # small reads; not the prefetcher's threads, which may all be reading
-            metas = dict(zip(skip, pool.map(self.prefetcher.reader.read_meta, list(skip))))
+        metas = self.read_metas(skip)
         missing = [cid for cid, g in zip(chunk_ids, gpu) if g is None and cid not in skip]
         host: dict[str, PoolEntry] = {}
         try:
@@ -121,17 +118,26 @@ class Tiers:
                     gpu[i].meta = h.meta
                     self.gpu.mark_ready(gpu[i])  # filled on the copy stream; every user waits on it
         except BaseException:
-            for e in [g for g in gpu if g is not None and g.kv is not None]:
+            for e in [g for g in gpu if g is not None and g.slot >= 0]:
                 self.gpu.release(e)
             for e in host.values():
                 self.host.release(e)
             raise
         return [(g, host.get(cid)) for cid, g in zip(chunk_ids, gpu)], counts
 
+    def read_metas(self, chunk_ids) -> dict[str, dict]:
+        """chunk id -> its tokens, saliency and pos_base, read from the shards (not the KV) on a
+        small thread pool of its own (the prefetcher's threads may all be busy reading KV)."""
+        ids = list(dict.fromkeys(chunk_ids))
+        if not ids:
+            return {}
+        with ThreadPoolExecutor(min(8, len(ids))) as pool:
+            return dict(zip(ids, pool.map(self.prefetcher.reader.read_meta, ids)))
+
     def release(self, request_id: str, pairs: list[tuple[PoolEntry, PoolEntry | None]]) -> None:
         """The request ran: release its entries (evictable again) and take it off the queue."""
         for g, h in pairs:
-            if g.kv is not None:   # a recomputed chunk's entry holds no slot
+            if g.slot >= 0:   # a recomputed chunk's entry holds no slot
                 self.gpu.release(g)
             if h is not None:
                 self.host.release(h)

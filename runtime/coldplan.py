@@ -1,36 +1,40 @@
 """Load a cold chunk's KV or recompute it? A cost model per request (issue 11 item 3).
 
     rates = LoadRates(disk_gbps=2.0, h2d_gbps=50.0, prefill_tok_s=28000.0)   # or learnt: observe_*()
-    plan = plan_cold(chunks, rates, base_tokens=fused_tokens(...))            # chunks: [ChunkLoad]
-    plan.recompute                     # indices of the chunks whose tokens are recomputed instead
+    plan = plan_cold(chunks, rates, n_prefix, n_question, fused_tokens)      # chunks: [ChunkLoad]
+    plan.front                         # the first `front` chunks are prefilled from their tokens, the rest loaded
     plan.as_dict()                     # choices, estimates and rates, for the answer's timings
 
 A chunk in neither pool must come from disk before the layer-wise pass can use it
-(`Tiers.acquire` waits for its read), while the recompute could produce its K/V
-instead: its tokens join the recompute set at every layer (the driver's existing
-recompute; at the limit every chunk recomputed is a full prefill). The plan loads
-from the front and recomputes from the back: for k = 0 .. (chunks not pinned) it costs
-recomputing the last k of them and loading the rest, and keeps the cheapest
-(the fewest recomputed on a tie: a loaded chunk stays pinned for later requests).
+(`Tiers.acquire` waits for its read); its K/V can be computed instead. The recompute
+of a chunk needs the K/V of every chunk before it at every layer, so a chunk at the
+back can only be computed once the front has arrived: nothing would overlap the disk
+(reads are chunk-major). A chunk at the *front* needs nothing: the plan prefills the
+prefix and the first k chunks from their tokens (a plain causal prefill, exact K/V) on
+the GPU while the other chunks are read from disk, then runs the fused pass over those
+with the front as its prefix. The prefetch reads a request's chunks from the back for
+this (`Prefetcher.submit`). For k = 0 .. n it costs (seconds):
 
-Cost of a choice, in seconds (what the layer-wise pass overlaps and what it doesn't):
+    k = 0      disk(all) + max(h2d(all), fused(C))                    # load everything (no plan)
+    0 < k < n  max(prefill(P + front), disk(back)) + max(h2d(back), fused(C_back))
+    k = n      prefill(P + C + Q)                                      # the full prefill, nothing read
 
-    disk    = (bytes of the cold chunks loaded + READ_LEFT x bytes of reads already running) / disk rate
-    h2d     = bytes of every chunk not in the GPU pool that is loaded / pinned->GPU rate
-    compute = (base_tokens + tokens of the recomputed chunks) / prefill tokens per second
-    total   = disk + max(h2d, compute)       # reads finish before the pass; copies overlap compute
+    disk(x)    = bytes of x's cold chunks (+ READ_LEFT x those being read) / disk rate
+    h2d(x)     = bytes of x's chunks not in the GPU pool / pinned -> GPU rate
+    prefill(n) = n / prefill tokens per second;  fused(C) = fused_tokens(C) / the same rate
 
-Chunks in the GPU pool ("hot") or pinned ("warm") are always loaded. A chunk whose read
-is running ("reading", e.g. the prefetch started it when the request was queued) may be
-recomputed too: its read finishes in the background and pins it for later requests. The rates are measured: `LoadRates.observe_*` keeps a moving average of what
-requests saw (the tiered source feeds it after every request), and a benchmark can set
-them from its own measurements. Pure arithmetic: no torch, no I/O.
+and keeps the cheapest (the fewest recomputed on a tie: loaded chunks stay pooled for
+later requests). A chunk being read ("reading") and recomputed finishes its read in the
+background and is pinned for later requests. The rates are measured: `LoadRates.observe_*`
+keeps a moving average of what requests saw (the tiered source feeds it after every
+request), and a benchmark sets them from its own measurements. Pure arithmetic: no
+torch, no I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 STATES = ("hot", "warm", "reading", "cold")
 # Share of a running read still to come. The reads in flight share the disk and a request usually
@@ -77,63 +81,67 @@ class ChunkLoad:
 
 @dataclass
 class ColdPlan:
-    choices: list[str]           # per chunk: "load" or "recompute"
+    choices: list[str]           # per chunk: "recompute" (the first `front`) or "load"
     est_s: float                 # the chosen plan's estimated time (s)
-    load_all_s: float            # estimate when every chunk is loaded (today's behaviour)
-    recompute_all_s: float       # estimate when every chunk not pinned is recomputed
+    load_all_s: float            # estimate when every chunk is loaded (the behaviour without a plan)
+    recompute_all_s: float       # estimate of the full prefill (every chunk recomputed)
     rates: dict
-    disk_bytes: int = 0          # bytes the chosen plan waits for from disk (cold chunks loaded, reads running)
+    disk_bytes: int = 0          # bytes the chosen plan waits for from disk (chunks loaded that are cold or reading)
+
+    @property
+    def front(self) -> int:
+        """Chunks recomputed: the first `front` of the prompt."""
+        return self.choices.count("recompute")
 
     @property
     def recompute(self) -> list[int]:
-        return [i for i, c in enumerate(self.choices) if c == "recompute"]
+        return list(range(self.front))
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["recomputed"] = len(self.recompute)
+        d["recomputed"] = self.front
         return d
 
 
-def estimate_s(chunks: Sequence[ChunkLoad], recompute: set[int], rates: LoadRates, base_tokens: float) -> float:
-    """Seconds the fused pass takes (the model above) when the chunks at `recompute` are recomputed."""
-    disk = h2d = 0.0
-    tokens = float(base_tokens)
-    for i, c in enumerate(chunks):
-        if i in recompute:
-            tokens += c.n_tokens
-            continue
-        if c.state == "cold":
-            disk += c.nbytes
-        elif c.state == "reading":
-            disk += READ_LEFT * c.nbytes
-        if c.state != "hot":
-            h2d += c.nbytes
-    return disk / (rates.disk_gbps * 1e9) + max(h2d / (rates.h2d_gbps * 1e9), tokens / rates.prefill_tok_s)
+def _disk_h2d(chunks: Sequence[ChunkLoad]) -> tuple[float, float]:
+    """(bytes to wait for from disk, bytes to copy pinned -> GPU) of loading `chunks`."""
+    disk = sum(c.nbytes * (1.0 if c.state == "cold" else READ_LEFT) for c in chunks if c.state in ("cold", "reading"))
+    return disk, sum(c.nbytes for c in chunks if c.state != "hot")
 
 
-def plan_cold(chunks: Sequence[ChunkLoad], rates: LoadRates, base_tokens: float) -> ColdPlan:
-    """Which cold chunks to recompute instead of loading (see the module doc).
+def estimate_s(chunks: Sequence[ChunkLoad], front: int, rates: LoadRates, n_prefix: int, n_question: int,
+               fused_tokens: Callable[[int], float]) -> float:
+    """Seconds to the first token when the prefix and the first `front` chunks are prefilled
+    from their tokens while the rest load, then fused (the model in the module doc)."""
+    tok_s, disk_bps, h2d_bps = rates.prefill_tok_s, rates.disk_gbps * 1e9, rates.h2d_gbps * 1e9
+    n_front = sum(c.n_tokens for c in chunks[:front])
+    if front == len(chunks):
+        return (n_prefix + n_front + n_question) / tok_s                 # the full prefill
+    back = chunks[front:]
+    disk, h2d = _disk_h2d(back)
+    first = (n_prefix + n_front) / tok_s if front else 0.0              # overlaps the disk reads of the back
+    fused = fused_tokens(sum(c.n_tokens for c in back)) / tok_s
+    return max(first, disk / disk_bps) + max(h2d / h2d_bps, fused)
 
-    chunks: the request's context chunks in prompt order (not the prefix); base_tokens: the
-    tokens the fused pass runs anyway (probes, selected, question: `guards.fused_tokens`).
-    Raises ValueError for an unknown state or a rate <= 0."""
+
+def plan_cold(chunks: Sequence[ChunkLoad], rates: LoadRates, n_prefix: int, n_question: int,
+              fused_tokens: Callable[[int], float] | float) -> ColdPlan:
+    """How many chunks, from the front, to prefill from their tokens instead of loading (module doc).
+
+    chunks: the request's context chunks in prompt order (not the prefix); fused_tokens(C): the
+    tokens the fused pass runs over C context tokens (probes, selected, question:
+    `guards.fused_tokens`), or a constant. Raises ValueError for an unknown state or a rate <= 0."""
     for c in chunks:
         if c.state not in STATES:
             raise ValueError(f"unknown chunk state {c.state!r}; one of {', '.join(STATES)}")
-    if min(rates.disk_gbps, rates.h2d_gbps, rates.prefill_tok_s) <= 0:
+    if not min(rates.disk_gbps, rates.h2d_gbps, rates.prefill_tok_s) > 0:
         raise ValueError(f"rates must be > 0, got {rates.as_dict()}")
-    cold = [i for i, c in enumerate(chunks) if c.state in ("reading", "cold")]
-    best_k, best = 0, None
-    costs = []
-    for k in range(len(cold) + 1):              # recompute the last k cold chunks
-        t = estimate_s(chunks, set(cold[len(cold) - k:]), rates, base_tokens)
-        costs.append(t)
-        if best is None or t < best:
-            best_k, best = k, t
-    chosen = set(cold[len(cold) - best_k:])
-    disk = sum(chunks[i].nbytes for i in cold if i not in chosen)
-    return ColdPlan(choices=["recompute" if i in chosen else "load" for i in range(len(chunks))], est_s=costs[best_k],
-                    load_all_s=costs[0], recompute_all_s=costs[-1], rates=rates.as_dict(), disk_bytes=disk)
+    fused = fused_tokens if callable(fused_tokens) else (lambda n, c=float(fused_tokens): c)
+    costs = [estimate_s(chunks, k, rates, n_prefix, n_question, fused) for k in range(len(chunks) + 1)]
+    best = min(range(len(costs)), key=lambda k: (costs[k], k))     # the fewest recomputed on a tie
+    return ColdPlan(choices=["recompute"] * best + ["load"] * (len(chunks) - best), est_s=costs[best],
+                    load_all_s=costs[0], recompute_all_s=costs[-1], rates=rates.as_dict(),
+                    disk_bytes=int(_disk_h2d(chunks[best:])[0]))
 
 
 def cold_plan_notes(timings: dict) -> list[str]:

@@ -57,7 +57,7 @@ from .coldplan import ChunkLoad, ColdPlan, LoadRates, plan_cold
 from .fusion import FusionResult, full_prefill, prepare_from, probe_depth, run
 from .fusion import recompute as recompute_pass
 from .guards import fused_tokens
-from .kvcache import StreamedLayer, cache_from_kv
+from .kvcache import StreamedLayer, cache_from_kv, kv_from_cache
 from .layout import FusedLayout
 from .model import LoadedModel, ModelSpec
 from .recompute_attention import plan_query_groups
@@ -132,6 +132,9 @@ class LayerwiseLoad:
         self.prefix_tokens = None if prefix.kv is not None else prefix.meta["tokens"].long()   # [P]
         # with no chunk loaded the context span is never read (`prefill_over_prefix`): no zeroing, no rotation
         self.any_loaded = any(g.kv is not None for g in chunks)
+        if prefix.kv is None and self.any_loaded:
+            raise ValueError("the prefix can be recomputed only with every chunk (a full prefill); to recompute "
+                             "a front of chunks, prefill [prefix, *front] and give its K/V as the prefix's entry")
         for (g, _), s in zip(self.pairs, self.starts):
             if g.kv is None and self.any_loaded:   # nothing stale (or NaN) where the recompute writes every layer
                 self.fused[:, :, :, s:s + g.n_tokens].zero_()
@@ -282,13 +285,24 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     t0 = time.perf_counter()
     question_ids = torch.as_tensor(question_ids).long()
-    plan, recompute = None, list(recompute)
-    if rates is not None:
-        plan, planned = plan_request_loads(tiers, request_id, len(question_ids), selector, ratio, rates, lm.spec.n_layers)
-        recompute += planned
     n_probe = probe_depth(selector, lm.spec.n_layers) if selected is None else 0
-    load = open_load(tiers, request_id, len(question_ids), lm.rope_inv_freq(), depth, measure_stall, first=n_probe,
-                     recompute=recompute)
+    chunk_ids = list(tiers.queue.chunks(request_id) or ())
+    plan, recompute, front_kv, prefix_pooled = None, list(recompute), None, True
+    if rates is not None:
+        plan, prefix_pooled = plan_request_loads(tiers, request_id, len(question_ids), selector, ratio, rates,
+                                                 lm.spec.n_layers)
+    front = plan.front if plan is not None else 0
+    if front and front == len(chunk_ids) - 1:       # every chunk: a full prefill (over the prefix if pooled)
+        recompute += chunk_ids[1:] if prefix_pooled else chunk_ids
+    elif front:                                     # prefill the front from its tokens while the back loads
+        recompute += chunk_ids[:1 + front]
+        front_kv, front_tokens = prefill_front(lm, tiers, request_id, chunk_ids[:1 + front])
+    pairs, counts = tiers.acquire(request_id, recompute=recompute)   # waits for the disk reads of the back
+    if front_kv is not None:   # the front's fresh K/V is the prefix of the fused pass over the back
+        meta = {"tokens": front_tokens, "saliency": None, "pos_base": 0}
+        pairs = [(PoolEntry(chunk_ids[0], -1, front_kv.shape[3], 0, front_kv, meta=meta), None), *pairs[1 + front:]]
+    load = LayerwiseLoad(tiers, request_id, pairs, len(question_ids), lm.rope_inv_freq(), depth, measure_stall,
+                         counts, first=n_probe)
     load.timings["open_s"] = time.perf_counter() - t0
     try:
         if selected is None and load.recompute_positions.numel() == load.layout.context_len > 0:
@@ -299,10 +313,29 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
     finally:
         copy = load.close()
     result.timings.update(copy)
+    if front_kv is not None:   # the front's tokens were recomputed too (they are the pass's prefix in its layout)
+        P = int(pairs_prefix_len(tiers, chunk_ids[0]))
+        result.recomputed = torch.cat((torch.arange(P, front_kv.shape[3]), result.recomputed))
+        result.timings["front_tokens"] = int(front_kv.shape[3])
     if plan is not None:
         result.timings["cold_plan"] = plan.as_dict()
         learn_rates(rates, plan, result, len(question_ids))
     return result
+
+
+def pairs_prefix_len(tiers: Tiers, prefix_id: str) -> int:
+    return tiers.prefetcher.store.record(prefix_id).n_tokens
+
+
+def prefill_front(lm: LoadedModel, tiers: Tiers, request_id: str, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill [prefix, *front chunks] from their tokens (queued on the GPU; the host returns at once):
+    (K/V [L, 2, H_kv, P', D] on the model's device, tokens [P'] int64). Their reads not yet started
+    are cancelled first, so the disk serves the chunks that will be loaded."""
+    tiers.prefetcher.skip(request_id, ids)
+    metas = tiers.read_metas(ids)
+    tokens = torch.cat([metas[c]["tokens"].long() for c in ids])                         # [P']
+    cache, _ = full_prefill(lm, tokens)
+    return kv_from_cache(cache).to(tiers.gpu.dtype), tokens
 
 
 def prefill_over_prefix(lm: LoadedModel, load: "LayerwiseLoad", question_ids: torch.Tensor) -> FusionResult:
@@ -329,20 +362,16 @@ def prefill_over_prefix(lm: LoadedModel, load: "LayerwiseLoad", question_ids: to
 
 
 def plan_request_loads(tiers: Tiers, request_id: str, n_question: int, selector: str, ratio: float,
-                       rates: LoadRates, n_layers: int) -> tuple[ColdPlan | None, list[str]]:
-    """The cold-load plan of a queued request (None when every chunk is pinned or hot) and
-    the chunk ids it recomputes."""
-    chunk_ids = list(tiers.queue.chunks(request_id) or ())
-    prefix_state, *states = tiers.chunk_states(request_id)
+                       rates: LoadRates, n_layers: int) -> tuple[ColdPlan | None, bool]:
+    """(the cold-load plan of a queued request, or None when every chunk is pooled; whether its
+    prefix is pooled: hot or warm)."""
+    (prefix_state, n_prefix, _), *states = tiers.chunk_states(request_id)
+    pooled = prefix_state in ("hot", "warm")
     if not any(s in ("reading", "cold") for s, _, _ in states):
-        return None, []
+        return None, pooled
     chunks = [ChunkLoad(s, n, b) for s, n, b in states]
-    base = fused_tokens(sum(c.n_tokens for c in chunks), n_question, selector, ratio, n_layers)
-    plan = plan_cold(chunks, rates, base)
-    ids = [chunk_ids[1 + i] for i in plan.recompute]
-    if len(ids) == len(chunks) and prefix_state[0] in ("reading", "cold"):
-        ids.insert(0, chunk_ids[0])   # nothing to load: don't wait for the prefix either (32 tokens to prefill)
-    return plan, ids
+    return plan_cold(chunks, rates, n_prefix, n_question,
+                     lambda n: fused_tokens(n, n_question, selector, ratio, n_layers)), pooled
 
 
 def learn_rates(rates: LoadRates, plan: ColdPlan, result: FusionResult, n_question: int) -> None:
@@ -351,6 +380,7 @@ def learn_rates(rates: LoadRates, plan: ColdPlan, result: FusionResult, n_questi
     t = result.timings
     if t.get("cold", 0) and plan.disk_bytes:
         rates.observe_disk(plan.disk_bytes, t.get("open_s", 0.0))
-    rates.observe_prefill(result.n_recomputed + n_question, t.get("recompute_s", 0.0))
+    if not plan.front or plan.front == len(plan.choices):   # one pass ran every recomputed token
+        rates.observe_prefill(result.n_recomputed + n_question, t.get("recompute_s", 0.0))
     if "h2d_ms" in t:
         rates.observe_h2d(t.get("h2d_bytes", 0), t["h2d_ms"] * 1e-3)

@@ -18,48 +18,56 @@ def chunks(*states, n_tokens=100, nbytes=GB):
     return [ChunkLoad(s, n_tokens, nbytes) for s in states]
 
 
-def test_slow_disk_recomputes_every_chunk_not_pinned():
-    # 1 GB at 0.5 GB/s = 2 s per chunk from disk; its 100 tokens recompute in 0.1 s
+def fused(n):   # tokens the fused pass runs over n context tokens: 20% of them + 10
+    return 0.2 * n + 10
+
+
+def test_slow_disk_runs_the_full_prefill():
+    # 1 GB at 0.5 GB/s = 2 s per chunk from disk; 100 tokens prefill in 0.1 s
     rates = LoadRates(disk_gbps=0.5, h2d_gbps=50, prefill_tok_s=1000)
-    plan = plan_cold(chunks("cold", "cold", "cold"), rates, base_tokens=0)
-    assert plan.choices == ["recompute"] * 3 and plan.recompute == [0, 1, 2]
+    plan = plan_cold(chunks("cold", "cold", "cold"), rates, n_prefix=10, n_question=10, fused_tokens=fused)
+    assert plan.choices == ["recompute"] * 3 and plan.front == 3 and plan.disk_bytes == 0
+    assert plan.est_s == pytest.approx(0.32) and plan.recompute_all_s == pytest.approx(0.32)
+    assert plan.load_all_s == pytest.approx(6 + max(3 / 50, 70 / 1000))
     assert "recomputed 3 of the 3 chunks" in cold_plan_notes({"cold_plan": plan.as_dict()})[0]
     assert cold_plan_notes({}) == []
-    assert plan.est_s == pytest.approx(0.3) and plan.load_all_s == pytest.approx(6 + 0.06)
-    assert plan.disk_bytes == 0 and plan.as_dict()["recomputed"] == 3
 
 
-def test_fast_disk_loads_and_pinned_chunks_are_always_loaded():
-    rates = LoadRates(disk_gbps=100, h2d_gbps=100, prefill_tok_s=100)   # 1 s of compute per chunk recomputed
-    plan = plan_cold(chunks("cold", "cold"), rates, base_tokens=50)
+def test_fast_disk_loads_every_chunk():
+    rates = LoadRates(disk_gbps=100, h2d_gbps=100, prefill_tok_s=100)
+    plan = plan_cold(chunks("cold", "cold"), rates, 10, 10, fused)
     assert plan.choices == ["load", "load"] and plan.disk_bytes == 2 * GB
-    slow = LoadRates(disk_gbps=0.001, h2d_gbps=0.001, prefill_tok_s=1e9)   # loading anything is hopeless
-    assert plan_cold(chunks("hot", "warm", "cold"), slow, 0).choices == ["load", "load", "recompute"]
+    assert plan.est_s == pytest.approx(0.02 + (0.2 * 200 + 10) / 100)
 
 
-def test_loads_from_the_front_and_recomputes_from_the_back():
-    # copies (1 s a chunk) overlap the compute (1 s a recomputed chunk): balance at half and half
-    rates = LoadRates(disk_gbps=1e9, h2d_gbps=1, prefill_tok_s=100)
-    plan = plan_cold(chunks("cold", "cold", "cold", "cold"), rates, base_tokens=0)
-    assert plan.choices == ["load", "load", "recompute", "recompute"]
-    assert plan.est_s == pytest.approx(2.0, rel=1e-6)
-    # a chunk pinned in the middle stays loaded; the back is recomputed first
-    plan = plan_cold(chunks("cold", "cold", "warm", "cold", "cold"), rates, base_tokens=50)
-    assert plan.choices == ["load", "load", "load", "recompute", "recompute"]
+def test_prefills_the_front_while_the_back_loads():
+    # 1 s per chunk from disk, 1 s per chunk to prefill, copies and the fused pass free:
+    # prefilling 2 chunks overlaps reading the other 2
+    rates = LoadRates(disk_gbps=1, h2d_gbps=1e9, prefill_tok_s=100)
+    plan = plan_cold(chunks("cold", "cold", "cold", "cold"), rates, 0, 0, 0.0)
+    assert plan.choices == ["recompute", "recompute", "load", "load"] and plan.recompute == [0, 1]
+    assert plan.est_s == pytest.approx(2.0) and plan.load_all_s == pytest.approx(4.0)
+    assert plan.recompute_all_s == pytest.approx(4.0) and plan.disk_bytes == 2 * GB
+    # pooled chunks at the back cost no disk: one chunk prefilled covers the other's read
+    plan = plan_cold(chunks("cold", "cold", "warm", "hot"), rates, 0, 0, 0.0)
+    assert plan.choices == ["recompute", "load", "load", "load"] and plan.est_s == pytest.approx(1.0)
+    # two chunks: one prefilled while the other is read
+    assert estimate_s(chunks("cold", "cold"), 1, rates, 0, 0, lambda n: 0.0) == pytest.approx(1.0)
+    assert plan_cold(chunks("cold", "cold"), rates, 0, 0, 0.0).choices == ["recompute", "load"]
 
 
-def test_a_running_read_counts_whole_and_may_be_recomputed():
+def test_a_running_read_counts_whole():
     rates = LoadRates(disk_gbps=1, h2d_gbps=1e9, prefill_tok_s=60)   # 100 tokens: 1.67 s; 1 GB read: 1 s
-    assert estimate_s(chunks("reading"), set(), rates, 0) == pytest.approx(1.0, rel=1e-6)
-    assert plan_cold(chunks("reading", "cold"), rates, 0).choices == ["load", "load"]
-    assert plan_cold(chunks("reading"), LoadRates(0.1, 1e9, 1000), 0).choices == ["recompute"]
+    assert estimate_s(chunks("reading"), 0, rates, 0, 0, lambda n: 0.0) == pytest.approx(1.0)
+    assert plan_cold(chunks("reading"), rates, 0, 0, 0.0).choices == ["load"]
+    assert plan_cold(chunks("reading"), LoadRates(0.1, 1e9, 1000), 0, 0, 0.0).choices == ["recompute"]
 
 
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="unknown chunk state"):
-        plan_cold(chunks("lukewarm"), LoadRates(), 0)
+        plan_cold(chunks("lukewarm"), LoadRates(), 0, 0, 0.0)
     with pytest.raises(ValueError, match="rates must be > 0"):
-        plan_cold(chunks("cold"), LoadRates(disk_gbps=0), 0)
+        plan_cold(chunks("cold"), LoadRates(disk_gbps=0), 0, 0, 0.0)
 
 
 def test_rates_learn_from_observations():
@@ -126,6 +134,38 @@ def test_every_chunk_recomputed_equals_the_full_prefill(tmp_path_factory, device
                            **cache_kwargs(lm.model, cache_from_kv(store.read(prefix).kv.to(device, dtype))),
                            use_cache=True)
         torch.testing.assert_close(third.logits, out.logits[0, -1].float(), atol=atol, rtol=0)
+        assert all(e.refs == 0 for e in tiers.gpu._entries.values()) and all(e.refs == 0 for e in tiers.host._entries.values())
+    finally:
+        tiers.close()
+
+
+@pytest.mark.parametrize("device,dtype,atol", DEVICES)
+def test_front_prefilled_while_the_back_loads_equals_fusion_over_that_prefix(tmp_path_factory, device, dtype, atol):
+    """The plan's mixed case: [prefix, front] prefilled from the tokens, the back loaded and fused
+    over it, as `fusion.fuse` with the front's fresh K/V as the prefix."""
+    from kvfuse.loader.store import ChunkData
+    from kvfuse.runtime.fusion import fuse
+    from kvfuse.runtime.kvcache import kv_from_cache
+    lm, store, prefix, ids = setup(tmp_path_factory, device, dtype)
+    tiers = tiers_for(lm, store, device)
+    no_prefetch(tiers)
+    try:
+        q = question(lm)
+        nbytes = lm.spec.kv_bytes_per_token() * T
+        # a chunk takes 1 s from disk and 1 s to prefill; copies are free: prefill some, load the rest
+        rates = LoadRates(disk_gbps=nbytes / 1e9, h2d_gbps=1e9, prefill_tok_s=T)
+        tiers.submit("r", [prefix, *ids])
+        got = fuse_layerwise(lm, tiers, "r", q, selector="epic", ratio=0.25, rates=rates)
+        k = got.timings["cold_plan"]["recomputed"]
+        assert 0 < k < len(ids) and got.timings["recompute"] == k + 1 and got.timings["cold"] == len(ids) - k
+        assert tiers.prefetcher.disk_reads == len(ids) - k and got.timings["front_tokens"] == P + k * T
+        front_tokens = torch.cat([store.read(c).tokens for c in [prefix, *ids[:k]]])
+        cache, _ = full_prefill(lm, front_tokens.long())
+        front = ChunkData("front", kv_from_cache(cache).cpu(), front_tokens, store.read(prefix).saliency, 0)
+        want = fuse(lm, front, [store.read(c) for c in ids[k:]], q, "epic", 0.25)
+        assert torch.equal(got.recomputed[k * T:], want.recomputed) and got.n_recomputed == k * T + want.n_recomputed
+        assert torch.equal(got.recomputed[:k * T], torch.arange(P, P + k * T))
+        torch.testing.assert_close(got.logits, want.logits, atol=atol, rtol=0)
         assert all(e.refs == 0 for e in tiers.gpu._entries.values()) and all(e.refs == 0 for e in tiers.host._entries.values())
     finally:
         tiers.close()
