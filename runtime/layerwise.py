@@ -34,10 +34,14 @@ The question probe (selectors that read question-to-context attention) runs
 only as deep as the selector reads (`a3`: layers 0..1), so the selection and
 the recompute start before the deeper layers have arrived.
 
-Chunks the cold-load plan (`coldplan`) recomputes instead of loading have no slot
-(`Tiers.acquire(..., recompute=...)`): their span of the fused buffer is zeroed
-and `recompute_positions` lists their tokens, which the driver adds to the
-selection, so every layer's K/V of those tokens is computed fresh.
+Chunks in no pool (with `rates`, `fuse_layerwise` asks the cold-load plan,
+`coldplan.plan_cold`): the prefix and the first k chunks are prefilled from their
+tokens on the GPU (`prefill_front`) while the others are read from disk, and
+their fresh K/V become the prefix entry of the load over the rest; with every
+chunk recomputed it is the full prefill (`prefill_over_prefix`). Chunks given as
+`recompute=` have no slot (`Tiers.acquire(..., recompute=...)`): their span of the
+fused buffer is zeroed and `recompute_positions` lists their tokens, which the
+driver adds to the selection, so every layer's K/V of those tokens is computed fresh.
 """
 
 from __future__ import annotations
@@ -276,10 +280,12 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
     recompute_s, total_s; counts hot/warm/cold/recompute; stall_ms and copy_ms with measure_stall.
     attention / groups: the recompute's attention backend (`recompute_attention`; default
     per device; groups > 1 selects `grouped` with that many query groups).
-    rates: with them, the cold-load plan (`coldplan.plan_cold`) decides for each chunk not
-    pinned whether to load or recompute it (timings["cold_plan"]: its choices, estimates and
-    rates), and the rates learn from this request. recompute: chunk ids to recompute instead of
-    loading, given (as with `selected`, the result is the fused result with their tokens selected).
+    rates: with them, when chunks are in no pool the cold-load plan (`coldplan.plan_cold`)
+    decides how many chunks from the front to prefill from their tokens while the rest load
+    (timings["cold_plan"]: choices, estimates, rates; "front_tokens"; the result's layout then
+    has [prefix, *front] as its prefix and `recomputed` starts with the front's positions), and
+    the rates learn from this request. recompute: chunk ids (not the prefix) to recompute instead
+    of loading (as with `selected`: the fused result with their tokens selected).
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
@@ -376,9 +382,10 @@ def plan_request_loads(tiers: Tiers, request_id: str, n_question: int, selector:
 
 def learn_rates(rates: LoadRates, plan: ColdPlan, result: FusionResult, n_question: int) -> None:
     """Feed what a planned request measured back into the rates: the disk wait of the chunks it
-    loaded from disk, its recompute's tokens per second and (with measure_stall) its copies."""
+    loaded from disk (when nothing ran meanwhile), its prefill's tokens per second (when one pass
+    ran them all) and (with measure_stall) its copies."""
     t = result.timings
-    if t.get("cold", 0) and plan.disk_bytes:
+    if t.get("cold", 0) and plan.disk_bytes and not plan.front:   # open_s was the wait for the reads alone
         rates.observe_disk(plan.disk_bytes, t.get("open_s", 0.0))
     if not plan.front or plan.front == len(plan.choices):   # one pass ran every recomputed token
         rates.observe_prefill(result.n_recomputed + n_question, t.get("recompute_s", 0.0))
