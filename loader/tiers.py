@@ -83,7 +83,7 @@ class Tiers:
         pairs[i] = (GPU entry, pinned entry or None) in the request's chunk order: None when
         the chunk was hot (its slot already holds it); otherwise the slot is fresh and the
         caller copies the pinned entry's bytes into it. Waits for disk reads still in flight.
-        recompute: chunk ids not to load unless hot (the caller recomputes their tokens): they
+        recompute: chunk ids not to load, even when pooled (the caller recomputes their tokens): they
         get a slotless entry (kv None, meta read from the shard: tokens, saliency, pos_base)
         and no pinned entry, and their prefetch reads not yet started are cancelled (the prefix
         too: then the caller provides the K/V of the prefix, e.g. prefilled from its tokens).
@@ -97,9 +97,8 @@ class Tiers:
         self.gpu.check_fits(len(chunk_ids), f"request {request_id}")
         self.host.check_fits(len(chunk_ids), f"request {request_id}")
         rank = self.queue.position(request_id)
-        gpu: list[PoolEntry | None] = [self.gpu.get(cid) for cid in chunk_ids]
-        wanted = set(recompute)
-        skip = {cid for cid, g in zip(chunk_ids, gpu) if g is None and cid in wanted}
+        skip = set(recompute) & set(chunk_ids)
+        gpu: list[PoolEntry | None] = [None if cid in skip else self.gpu.get(cid) for cid in chunk_ids]
         self.prefetcher.skip(request_id, skip)
         metas = self.read_metas(skip)
         missing = [cid for cid, g in zip(chunk_ids, gpu) if g is None and cid not in skip]
@@ -136,12 +135,16 @@ class Tiers:
 
     def release(self, request_id: str, pairs: list[tuple[PoolEntry, PoolEntry | None]]) -> None:
         """The request ran: release its entries (evictable again) and take it off the queue."""
+        self.release_entries(pairs)
+        self.prefetcher.finish(request_id)
+
+    def release_entries(self, pairs: list[tuple[PoolEntry, PoolEntry | None]]) -> None:
+        """Release entries of `acquire` (evictable again); entries without a slot hold nothing."""
         for g, h in pairs:
             if g.slot >= 0:   # a recomputed chunk's entry holds no slot
                 self.gpu.release(g)
             if h is not None:
                 self.host.release(h)
-        self.prefetcher.finish(request_id)
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -302,9 +302,10 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
         recompute += chunk_ids[1:] if prefix_pooled else chunk_ids
     elif front:                                     # prefill the front from its tokens while the back loads
         recompute += chunk_ids[:1 + front]
-        front_kv, front_tokens = prefill_front(lm, tiers, request_id, chunk_ids[:1 + front])
+        front_kv, front_tokens, n_prefix = prefill_front(lm, tiers, request_id, chunk_ids[:1 + front])
     pairs, counts = tiers.acquire(request_id, recompute=recompute)   # waits for the disk reads of the back
     if front_kv is not None:   # the front's fresh K/V is the prefix of the fused pass over the back
+        tiers.release_entries(pairs[:1 + front])   # hot ones among them were acquired: not used
         meta = {"tokens": front_tokens, "saliency": None, "pos_base": 0}
         pairs = [(PoolEntry(chunk_ids[0], -1, front_kv.shape[3], 0, front_kv, meta=meta), None), *pairs[1 + front:]]
     load = LayerwiseLoad(tiers, request_id, pairs, len(question_ids), lm.rope_inv_freq(), depth, measure_stall,
@@ -320,8 +321,7 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
         copy = load.close()
     result.timings.update(copy)
     if front_kv is not None:   # the front's tokens were recomputed too (they are the pass's prefix in its layout)
-        P = int(pairs_prefix_len(tiers, chunk_ids[0]))
-        result.recomputed = torch.cat((torch.arange(P, front_kv.shape[3]), result.recomputed))
+        result.recomputed = torch.cat((torch.arange(n_prefix, front_kv.shape[3]), result.recomputed))
         result.timings["front_tokens"] = int(front_kv.shape[3])
     if plan is not None:
         result.timings["cold_plan"] = plan.as_dict()
@@ -329,19 +329,16 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
     return result
 
 
-def pairs_prefix_len(tiers: Tiers, prefix_id: str) -> int:
-    return tiers.prefetcher.store.record(prefix_id).n_tokens
-
-
-def prefill_front(lm: LoadedModel, tiers: Tiers, request_id: str, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill_front(lm: LoadedModel, tiers: Tiers, request_id: str,
+                  ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Prefill [prefix, *front chunks] from their tokens (queued on the GPU; the host returns at once):
-    (K/V [L, 2, H_kv, P', D] on the model's device, tokens [P'] int64). Their reads not yet started
-    are cancelled first, so the disk serves the chunks that will be loaded."""
+    (K/V [L, 2, H_kv, P', D] on the model's device, tokens [P'] int64, the prefix's length). Their
+    reads not yet started are cancelled first, so the disk serves the chunks that will be loaded."""
     tiers.prefetcher.skip(request_id, ids)
     metas = tiers.read_metas(ids)
     tokens = torch.cat([metas[c]["tokens"].long() for c in ids])                         # [P']
     cache, _ = full_prefill(lm, tokens)
-    return kv_from_cache(cache).to(tiers.gpu.dtype), tokens
+    return kv_from_cache(cache).to(tiers.gpu.dtype), tokens, len(metas[ids[0]]["tokens"])
 
 
 def prefill_over_prefix(lm: LoadedModel, load: "LayerwiseLoad", question_ids: torch.Tensor) -> FusionResult:

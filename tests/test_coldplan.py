@@ -212,3 +212,21 @@ def test_warm_load_copies_once_per_chunk_and_layer_group(tmp_path_factory, monke
         torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
     finally:
         tiers.close()
+
+
+def test_a_pooled_chunk_the_plan_recomputes_is_not_held(tmp_path_factory):
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        q = question(lm)
+        tiers.submit("warmup", [prefix, ids[0]])
+        fuse_layerwise(lm, tiers, "warmup", q, selector="epic")          # prefix and ids[0] now hot
+        no_prefetch(tiers)
+        tiers.submit("r", [prefix, *ids[:3]])
+        got = fuse_layerwise(lm, tiers, "r", q, selector="epic", rates=LoadRates(disk_gbps=1e-6, prefill_tok_s=1e6))
+        assert got.timings["cold_plan"]["choices"] == ["recompute"] * 3    # ids[0] too: the rest must be prefilled
+        assert got.timings["recompute"] == 3 and got.timings["hot"] == 1   # the prefix, loaded from its slot
+        assert ids[0] in tiers.gpu and all(e.refs == 0 for e in tiers.gpu._entries.values())
+        assert all(e.refs == 0 for e in tiers.host._entries.values())
+    finally:
+        tiers.close()
