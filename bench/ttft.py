@@ -120,6 +120,7 @@ class Runner:
         t = self.tiers
         self.engine.source.rates = rates
         if state == "cold":
+            t.prefetcher.drain()   # reads a recomputing request left running would stay pinned
             t.gpu.clear()
             t.host.clear()
             t.prefetcher.reader.drop_cached_pages()
@@ -157,7 +158,7 @@ def _summary(runs: list[dict]) -> dict:
     for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s"):
         if key in runs[0]:
             out[key] = median([r[key] for r in runs])
-    for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan"):
+    for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan", "front_tokens"):
         if key in runs[-1]:
             out[key] = runs[-1][key]
     return out

@@ -20,7 +20,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -284,6 +284,12 @@ class Prefetcher:
                 fut = self._inflight.get(cid)
                 if fut is not None and cid not in others:
                     fut.cancel()
+
+    def drain(self) -> None:
+        """Wait for every read in flight (those a recomputing request left running, for example)."""
+        with self._lock:
+            futures = list(self._inflight.values())
+        wait(futures)
 
     def finish(self, request_id: str, entries: list[PoolEntry] = ()) -> None:
         """The request ran: release its entries and take it off the queue."""
