@@ -71,6 +71,7 @@ __all__ = ["LayerwiseLoad", "Tiers", "fuse_layerwise", "layer_groups", "open_loa
            "tiers_for"]
 
 MAX_GROUP = 8   # layers per host -> GPU copy at most (8 MiB for Llama-3-8B, 8 of its 32 layers)
+LEARN_DISK_BYTES = 256 << 20   # a request's disk wait teaches the plan's disk rate from this many bytes up
 
 
 def layer_groups(n_layers: int, max_group: int = MAX_GROUP) -> list[tuple[int, int]]:
@@ -382,7 +383,9 @@ def learn_rates(rates: LoadRates, plan: ColdPlan, result: FusionResult, n_questi
     loaded from disk (when nothing ran meanwhile), its prefill's tokens per second (when one pass
     ran them all) and (with measure_stall) its copies."""
     t = result.timings
-    if t.get("cold", 0) and plan.disk_bytes and not plan.front:   # open_s was the wait for the reads alone
+    # open_s was the wait for the reads alone (nothing prefilled meanwhile), and long enough that the
+    # fixed costs in it don't make the disk look slow (which would make the plan recompute needlessly)
+    if t.get("cold", 0) and plan.disk_bytes >= LEARN_DISK_BYTES and not plan.front:
         rates.observe_disk(plan.disk_bytes, t.get("open_s", 0.0))
     if not plan.front or plan.front == len(plan.choices):   # one pass ran every recomputed token
         rates.observe_prefill(result.n_recomputed + n_question, t.get("recompute_s", 0.0))

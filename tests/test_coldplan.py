@@ -230,3 +230,17 @@ def test_a_pooled_chunk_the_plan_recomputes_is_not_held(tmp_path_factory):
         assert all(e.refs == 0 for e in tiers.host._entries.values())
     finally:
         tiers.close()
+
+
+def test_learn_rates_ignores_small_disk_waits():
+    from kvfuse.runtime.coldplan import ColdPlan
+    from kvfuse.runtime.fusion import FusionResult
+    from kvfuse.runtime.layerwise import LEARN_DISK_BYTES, learn_rates
+    rates = LoadRates(disk_gbps=2.0, prefill_tok_s=1000, alpha=0.5)
+    plan = ColdPlan(["load"], 1.0, 1.0, 1.0, {}, disk_bytes=LEARN_DISK_BYTES // 2)
+    res = FusionResult(None, None, None, torch.arange(100), {"cold": 1, "open_s": 10.0, "recompute_s": 0.05})
+    learn_rates(rates, plan, res, n_question=0)
+    assert rates.disk_gbps == 2.0 and rates.prefill_tok_s == pytest.approx(1500)   # 100 tokens in 50 ms
+    plan.disk_bytes = 4 * 10**9
+    learn_rates(rates, plan, res, n_question=0)
+    assert rates.disk_gbps == pytest.approx(0.5 * 2.0 + 0.5 * 0.4)
