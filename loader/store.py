@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from . import format as fmt
+from .fs import local_dir, remote_of
 from .errors import (
     CorruptShardError,
     ModelMismatchError,
@@ -117,7 +118,7 @@ class Store:
         lease is written. Raises NoReleaseError, StoreError (damaged: the file is named),
         UnsafePathError.
         """
-        cache_dir = Path(cache_dir)
+        cache_dir = local_dir(cache_dir)  # a URL: its local mirror, metadata pulled (loader/fs.py)
         if not cache_dir.is_dir():
             raise NoReleaseError(f"no cache folder at {cache_dir}; build one with `kvfuse build-cache`.")
         for attempt in range(3):
@@ -249,6 +250,11 @@ class Store:
         if path.parent != folder:
             raise UnsafePathError(f"shard {shard} is a link to {path}, outside the shards folder {folder}; refusing it.")
         where = f"shard {path.name} in {folder}" + (f" (holding chunk {chunk_id})" if chunk_id else "")
+        if not path.exists() and (remote := remote_of(self.cache_dir)) is not None:
+            try:  # object storage: download once into the local shard cache
+                remote.fetch(f"{fmt.SHARDS_DIR}/{path.name}")
+            except FileNotFoundError:
+                pass
         if not path.exists():
             if not (self.cache_dir / fmt.RELEASES_DIR / f"{self.release}.json").exists():
                 raise NoReleaseError(
@@ -368,8 +374,8 @@ def verify_release(cache_dir: str | Path, release: str | None = None, checksums:
     """Check a release end to end: CURRENT, manifest digest, index digest, every shard's size and
     header digest and (with checksums) every chunk's bytes. Never raises for damage: each
     problem names its file and the chunks it affects."""
-    cache_dir = Path(cache_dir)
     if store is None:
+        cache_dir = local_dir(cache_dir)
         try:
             store = Store.open(cache_dir, release, lease=False)
         except StoreError as e:
