@@ -33,7 +33,7 @@ def endpoint():
     host, port = server.get_host_and_port()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
             mp.setenv(key, value)
         mp.delenv("AWS_PROFILE", raising=False)
         yield f"http://{host}:{port}"
@@ -46,8 +46,7 @@ def bucket(endpoint):
     name = f"kv-{uuid.uuid4().hex[:12]}"
     fs = s3fs.S3FileSystem(endpoint_url=endpoint)
     fs.mkdir(name)
-    kvfs.configure(storage_options={"endpoint_url": endpoint})
-    yield fs, name
+    yield fs, name  # the store finds the server by AWS_ENDPOINT_URL (or --storage-options)
     kvfs.configure(storage_options={})
     kvfs._mirrors.clear()
 
@@ -76,8 +75,9 @@ def use_mirror(root) -> None:
     kvfs.configure(local_cache=root)
 
 
-def test_build_ask_refresh_gc_cycle_on_s3_from_the_cli(tmp_path, bucket, endpoint, model_dir):
+def test_build_ask_refresh_gc_cycle_on_s3_from_the_cli(tmp_path, bucket, endpoint, model_dir, monkeypatch):
     fs, name = bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # only --storage-options finds the server
     url = f"s3://{name}/kv"
     opts = ["--storage-options", json.dumps({"endpoint_url": endpoint})]
     docs = make_docs(n=5, words=40)
