@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -219,6 +220,19 @@ class Remote:
             return None, None
         except Exception as e:
             raise self._error(f"cannot read {rel} of", e) from e
+
+    def header_digest(self, rel: str, digest) -> tuple[int, str]:
+        """(size, digest(header bytes)) of a safetensors object, read by two range requests.
+        FileNotFoundError if absent, ValueError if it is too short for its header."""
+        key = self.key(rel)
+        size = int(self.fs.info(key)["size"])
+        head = self.fs.cat_file(key, start=0, end=8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"header length {n} runs past the end of the {size}-byte object")
+        return size, digest(head + self.fs.cat_file(key, start=8, end=8 + n))
 
     def pull(self) -> None:
         """Bring the mirror up to date: CURRENT and the history always, the other metadata when new

@@ -39,6 +39,7 @@ from .manifest import (
     manifest_path,
     read_current,
     read_index,
+    header_digest,
     read_manifest,
     shard_header_digest,
 )
@@ -230,19 +231,22 @@ class Store:
         """Distinct chunks (stored KV), the prefix included."""
         return len(self._records)
 
-    def shard_path(self, shard: str, chunk_id: str | None = None) -> Path:
+    def shard_path(self, shard: str, chunk_id: str | None = None, fetch: bool = True) -> Path:
         """The shard's file, checked once per reader: inside the shards folder (which may be a
         link to another disk), and of the size and header digest its manifest records.
+        A cache on object storage downloads the shard first; with fetch=False a shard not yet
+        downloaded is checked in the bucket (size + header read by range) and not downloaded.
         Raises UnsafePathError, CorruptShardError."""
         with self._lock:
             path = self._checked.get(shard)
         if path is None:
-            path = self._check_shard(shard, chunk_id)
-            with self._lock:
-                self._checked[shard] = path
+            path = self._check_shard(shard, chunk_id, fetch)
+            if path.exists():
+                with self._lock:
+                    self._checked[shard] = path
         return path
 
-    def _check_shard(self, shard: str, chunk_id: str | None) -> Path:
+    def _check_shard(self, shard: str, chunk_id: str | None, fetch: bool = True) -> Path:
         if not fmt.is_safe_name(shard):
             raise UnsafePathError(f"shard name {shard!r} is not a plain file name; refusing it.")
         folder = (self.cache_dir / fmt.SHARDS_DIR).resolve()  # a symlinked shards/ folder is fine
@@ -250,12 +254,14 @@ class Store:
         if path.parent != folder:
             raise UnsafePathError(f"shard {shard} is a link to {path}, outside the shards folder {folder}; refusing it.")
         where = f"shard {path.name} in {folder}" + (f" (holding chunk {chunk_id})" if chunk_id else "")
-        if not path.exists() and (remote := remote_of(self.cache_dir)) is not None:
+        remote = None if path.exists() else remote_of(self.cache_dir)
+        if remote is not None and fetch:
             try:  # object storage: download once into the local shard cache
                 remote.fetch(f"{fmt.SHARDS_DIR}/{path.name}")
             except FileNotFoundError:
                 pass
-        if not path.exists():
+            remote = None
+        if not path.exists() and remote is None:
             if not (self.cache_dir / fmt.RELEASES_DIR / f"{self.release}.json").exists():
                 raise NoReleaseError(
                     f"release {self.release} was collected by `kvfuse gc` while this reader held it (shard "
@@ -265,7 +271,8 @@ class Store:
         want = self.manifest.get("shards", {}).get(shard)
         if want is not None:
             try:
-                size, head = shard_header_digest(path)
+                size, head = shard_header_digest(path) if remote is None else \
+                    remote.header_digest(f"{fmt.SHARDS_DIR}/{path.name}", header_digest)
             except (OSError, ValueError) as e:
                 note_damage(self.cache_dir, shard)
                 raise CorruptShardError(f"{where} cannot be read: {e}. {_repair_advice(self.cache_dir)}") from e
@@ -387,7 +394,7 @@ def verify_release(cache_dir: str | Path, release: str | None = None, checksums:
     for shard, recs in sorted(by_shard.items()):
         ids = sorted(r.chunk_id for r in recs)
         try:
-            store.shard_path(shard)
+            store.shard_path(shard, fetch=checksums)  # object storage: header by range read unless checksummed
             if checksums:
                 store._handle(shard, ids[0])
         except StoreError as e:

@@ -21,7 +21,8 @@ from kvfuse.runtime.model import load_model
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
-CFG = BuildConfig(chunk_tokens=16, progress=False, neighbour_tokens=40, shard_bytes=1 << 14)
+# isolated chunks (no enrichment pass: the storage path is the same) and several shards per build
+CFG = BuildConfig(chunk_tokens=16, progress=False, enrich=False, shard_bytes=1 << 14)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +81,10 @@ def test_build_ask_refresh_gc_cycle_on_s3_from_the_cli(tmp_path, bucket, endpoin
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # only --storage-options finds the server
     url = f"s3://{name}/kv"
     opts = ["--storage-options", json.dumps({"endpoint_url": endpoint})]
-    docs = make_docs(n=5, words=40)
+    docs = make_docs(n=3, words=40)
     corpus = write_docs(tmp_path / "c.jsonl", docs)
     build = ["build-cache", corpus, "--cache", url, "--in-process", "--model", model_dir, "--chunk-tokens", 16,
-             "--neighbour-tokens", 40, "--shard-mb", 1, *opts]
+             "--no-enrich", "--shard-mb", 1, *opts]
     r = cli(*build, "--local-cache", tmp_path / "builder")
     assert r.exit_code == 0, r.output + repr(r.exception)
     first = current(fs, url)
@@ -126,7 +127,7 @@ def test_a_publisher_killed_mid_publish_leaves_the_previous_release_readable(tmp
     fs, name = bucket
     url = f"s3://{name}/kv"
     use_mirror(tmp_path / "a")
-    docs = make_docs(n=4, words=40)
+    docs = make_docs(n=3, words=40)
     first = build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG).release
 
     class Killed(BaseException):  # like SIGKILL: nothing after it runs, no except clause catches it
@@ -164,7 +165,7 @@ def test_two_concurrent_publishers_exactly_one_wins(tmp_path, bucket, lm, monkey
     fs, name = bucket
     url = f"s3://{name}/kv"
     use_mirror(tmp_path / "a")
-    docs = make_docs(n=4, words=40)
+    docs = make_docs(n=3, words=40)
     first = build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG).release
     swap, raced = kvfs.Remote.swap_current, {}
 
@@ -185,7 +186,11 @@ def test_two_concurrent_publishers_exactly_one_wins(tmp_path, bucket, lm, monkey
     assert raced["a"] != raced["b"] != first
     assert current(fs, url) == raced["b"]
     assert not fs.exists(f"{name}/kv/releases/{raced['a']}.json")  # the loser's release is not listed
-    use_mirror(tmp_path / "fresh")
+    first_shards = {r.shard for r in Store.open(tmp_path / "a" / "s3" / name / "kv", first, lease=False)
+                    .records(include_prefix=True)}
+    b_shards = tmp_path / "b" / "s3" / name / "kv" / fmt.SHARDS_DIR  # B refreshed on a fresh machine:
+    assert not {p.name.removesuffix(fmt.SHARD_SUFFIX) for p in b_shards.glob(f"*{fmt.SHARD_SUFFIX}")} & first_shards
+    use_mirror(tmp_path / "fresh")  # it checked the shards it reused by range reads, downloading none
     for release in (first, raced["b"]):  # nothing lost: both published releases read back whole
         report = verify_release(url, release)
         assert report.ok and report.chunks > 1, report.problems
@@ -210,7 +215,7 @@ def test_dask_workers_write_shards_to_the_object_store(tmp_path, bucket, model_d
     seen = SEEN_BY_WORKERS
     seen.clear()
     monkeypatch.setattr(dask_job, "worker_dir", _spy_worker_dir)
-    corpus = write_docs(tmp_path / "c.jsonl", make_docs(n=4, words=40))
+    corpus = write_docs(tmp_path / "c.jsonl", make_docs(n=3, words=40))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as lc, \
             Client(lc) as client:
         report = dask_job.build_on_dask(client, corpus, url, dask_job.ModelLoader(str(model_dir)), CFG,
