@@ -95,6 +95,12 @@ def local_dir(cache: str | Path, pull: bool = True) -> Path:
     return remote.local
 
 
+def current_of(url: str) -> str | None:
+    """The release CURRENT names in the bucket now (one GET; the mirror is not pulled), None if none."""
+    data, _ = Remote.of(url).get(fmt.CURRENT_FILE)
+    return (data or b"").decode("utf-8", "replace").strip() or None
+
+
 def remote_of(cache_dir: str | Path) -> "Remote | None":
     """The Remote whose mirror cache_dir is (in this process), else None: a plain local cache."""
     if is_url(cache_dir):
@@ -237,10 +243,10 @@ class Remote:
     def pull(self) -> None:
         """Bring the mirror up to date: CURRENT and the history always, the other metadata when new
         or changed; files deleted remotely are deleted here (shards too). Shards are not downloaded."""
+        data, self.current_tag = self.get(fmt.CURRENT_FILE)  # first: the listing then holds all it names
         objs = self.listing()
         for sub in METADATA_DIRS:
             (self.local / sub).mkdir(parents=True, exist_ok=True)
-        data, self.current_tag = self.get(fmt.CURRENT_FILE)
         _write_local(self.local / fmt.CURRENT_FILE, data, objs.get(fmt.CURRENT_FILE))
         hist, _ = self.get(HISTORY_FILE)
         _write_local(self.local / HISTORY_FILE, hist, objs.get(HISTORY_FILE))

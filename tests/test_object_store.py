@@ -225,3 +225,42 @@ def test_dask_workers_write_shards_to_the_object_store(tmp_path, bucket, model_d
     use_mirror(tmp_path / "reader")
     store = Store.open(url, lease=False)
     assert len(store) == report.chunks + 1 and verify_release(url).ok
+
+
+def test_a_shard_name_taken_by_other_bytes_is_never_overwritten(tmp_path, bucket):
+    from kvfuse.loader.writer import _upload_shard
+
+    fs, name = bucket
+    use_mirror(tmp_path / "m")
+    remote = kvfs.Remote.of(f"s3://{name}/kv")
+    ours = tmp_path / "shard"
+    ours.write_bytes(b"ours")
+    fs.pipe(f"{name}/kv/shards/s-1.safetensors", b"theirs")  # another publisher's shard, same name
+    got = _upload_shard(remote, ours, "s-1", {"bytes": 4, "chunks": {"c": "1"}})
+    assert got.startswith("s-1-") and fs.cat(f"{name}/kv/shards/s-1.safetensors") == b"theirs"
+    assert fs.cat(f"{name}/kv/shards/{got}.safetensors") == b"ours"
+    assert json.loads(fs.cat(f"{name}/kv/shards/{got}.sums.json")) == {"bytes": 4, "chunks": {"c": "1"}}
+    # the same bytes already there (same sums): reused under their name, nothing uploaded
+    assert _upload_shard(remote, ours, got, {"bytes": 4, "chunks": {"c": "1"}}) == got
+
+
+def test_the_engine_hot_reloads_a_release_published_from_another_machine(tmp_path, bucket, lm):
+    from kvfuse.runtime.engine import EngineConfig, FusionEngine
+
+    fs, name = bucket
+    url = f"s3://{name}/kv"
+    docs = make_docs(n=3, words=40)
+    use_mirror(tmp_path / "builder")
+    first = build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG).release
+    use_mirror(tmp_path / "server")
+    engine = FusionEngine(url, lm, config=EngineConfig(reload_interval_s=0))
+    try:
+        assert engine.release == first
+        docs["fresh"] = "tokyo is the capital of japan"
+        use_mirror(tmp_path / "builder")
+        second = build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG).release
+        use_mirror(tmp_path / "server")
+        after = engine.ask("tokyo japan", top_k=1, max_new_tokens=2)
+        assert after.release == second == engine.release and after.doc_ids == ["fresh"]
+    finally:
+        engine.close()
