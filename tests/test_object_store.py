@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_model_dir
+from test_integrity_build import lm, model_dir  # noqa: F401  (the tiny model fixtures)
 from test_refresh import make_docs, write_docs
 
 from kvfuse.cli.main import main
@@ -16,7 +16,6 @@ from kvfuse.loader import format as fmt
 from kvfuse.loader import fs as kvfs
 from kvfuse.loader.store import Store, verify_release
 from kvfuse.pipeline.build import BuildConfig, build_cache
-from kvfuse.runtime.model import load_model
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -50,16 +49,6 @@ def bucket(endpoint):
     yield fs, name  # the store finds the server by AWS_ENDPOINT_URL (or --storage-options)
     kvfs.configure(storage_options={})
     kvfs._mirrors.clear()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def lm(model_dir):
-    return load_model(str(model_dir))
 
 
 def cli(*args):
