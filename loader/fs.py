@@ -108,22 +108,16 @@ def remote_of(cache_dir: str | Path) -> "Remote | None":
     return _mirrors.get(Path(cache_dir)) if _mirrors else None
 
 
-def location(cache_dir: str | Path) -> str:
-    """What to hand another machine (a Dask worker) for cache_dir: its URL, or the local path."""
-    remote = remote_of(cache_dir)
-    return remote.url if remote is not None else str(cache_dir)
-
-
-def worker_location(cache_dir: str | Path) -> str | tuple[str, dict, str]:
+def worker_location(cache_dir: str | Path) -> str | tuple[str, dict, str | None]:
     """What a Dask task needs to write into cache_dir on another machine: the local path as a string,
-    or (URL, storage options, mirror root) so the worker uploads its shards itself."""
+    or (URL, storage options, mirror root if one was set) so the worker uploads its shards itself."""
     remote = remote_of(cache_dir)
     if remote is None:
         return str(cache_dir)
-    return remote.url, storage_options(), str(local_cache_root())
+    return remote.url, remote.options, _config["local_cache"] or os.environ.get(LOCAL_CACHE_ENV)
 
 
-def worker_dir(where: str | tuple[str, dict, str]) -> Path:
+def worker_dir(where: str | tuple[str, dict, str | None]) -> Path:
     """The folder a task writes shards into, from worker_location's value (on the worker)."""
     if isinstance(where, str):
         return Path(where)
@@ -154,6 +148,7 @@ class Remote:
     options: dict = field(default_factory=dict)  # the storage options fs was made with
     current_tag: str | None = None   # CURRENT's ETag (S3) or bytes (others) when last pulled; None: absent
     _fetch_lock: threading.Lock = field(default_factory=threading.Lock)
+    _fetching: dict = field(default_factory=dict)   # rel -> its download lock
 
     @classmethod
     def of(cls, url: str) -> "Remote":
@@ -266,7 +261,9 @@ class Remote:
         path = self.local / rel
         if path.exists():
             return path
-        with self._fetch_lock:
+        with self._fetch_lock:  # one download per file; different files download in parallel
+            lock = self._fetching.setdefault(rel, threading.Lock())
+        with lock:
             if not path.exists():
                 self._download(rel, path, None)
         return path

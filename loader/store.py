@@ -23,7 +23,6 @@ import torch
 from safetensors import safe_open
 
 from . import format as fmt
-from .fs import local_dir, remote_of
 from .errors import (
     CorruptShardError,
     ModelMismatchError,
@@ -32,14 +31,15 @@ from .errors import (
     UnknownChunkError,
     UnsafePathError,
 )
+from .fs import local_dir, remote_of
 from .manifest import (
     ChunkRecord,
+    header_digest,
     index_digest,
     list_releases,
     manifest_path,
     read_current,
     read_index,
-    header_digest,
     read_manifest,
     shard_header_digest,
 )

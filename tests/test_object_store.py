@@ -47,7 +47,7 @@ def bucket(endpoint):
     fs = s3fs.S3FileSystem(endpoint_url=endpoint)
     fs.mkdir(name)
     yield fs, name  # the store finds the server by AWS_ENDPOINT_URL (or --storage-options)
-    kvfs.configure(storage_options={})
+    kvfs._config.update(storage_options=None, local_cache=None)
     kvfs._mirrors.clear()
 
 
