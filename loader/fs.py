@@ -28,6 +28,7 @@ import json
 import os
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,9 @@ from .manifest import HISTORY_FILE
 
 LOCAL_CACHE_ENV = "KVFUSE_LOCAL_CACHE"          # root of the mirrors (the local shard cache)
 STORAGE_OPTIONS_ENV = "KVFUSE_STORAGE_OPTIONS"  # JSON, e.g. {"endpoint_url": "http://127.0.0.1:9000"}
-METADATA_DIRS = (fmt.RELEASES_DIR, fmt.INDEX_DIR, fmt.SHARDS_DIR, "embeddings")
+EMBEDDINGS_DIR = "embeddings"                   # the relate stage's files (gc and relate import it from here)
+METADATA_DIRS = (fmt.RELEASES_DIR, fmt.INDEX_DIR, fmt.SHARDS_DIR, EMBEDDINGS_DIR)
+IN_FLIGHT_S = 3600.0  # a mirror file missing from the bucket is deleted by pull() once older than this
 
 _config: dict = {"storage_options": None, "local_cache": None}
 _mirrors: dict[Path, "Remote"] = {}   # mirror folder -> its Remote (this process)
@@ -237,7 +240,8 @@ class Remote:
 
     def pull(self) -> None:
         """Bring the mirror up to date: CURRENT and the history always, the other metadata when new
-        or changed; files deleted remotely are deleted here (shards too). Shards are not downloaded."""
+        or changed; files deleted from the bucket are deleted here (shards too) once older than
+        IN_FLIGHT_S (embedding files are kept: a build's cache). Shards are not downloaded."""
         data, self.current_tag = self.get(fmt.CURRENT_FILE)  # first: the listing then holds all it names
         objs = self.listing()
         for sub in METADATA_DIRS:
@@ -251,10 +255,18 @@ class Remote:
             path = self.local / rel
             if not path.exists() or path.stat().st_size != obj.size:
                 self._download(rel, path, obj)
+        now = time.time()
         for sub in METADATA_DIRS:
+            if sub == EMBEDDINGS_DIR:  # a build's cache, written here long before its publish uploads it
+                continue
             for path in (self.local / sub).iterdir():
-                if not path.name.startswith(".") and f"{sub}/{path.name}" not in objs:
-                    path.unlink(missing_ok=True)
+                if path.name.startswith(".") or f"{sub}/{path.name}" in objs:
+                    continue
+                try:  # a young file may be a publish in flight from another process using this mirror
+                    if now - path.stat().st_mtime > IN_FLIGHT_S:
+                        path.unlink()
+                except FileNotFoundError:
+                    pass
 
     def fetch(self, rel: str) -> Path:
         """The local copy of rel, downloaded first if missing (tmp + rename). FileNotFoundError if absent."""

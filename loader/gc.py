@@ -30,12 +30,12 @@ from pathlib import Path
 
 from . import format as fmt
 from .errors import StoreError
-from .fs import Remote, local_dir, remote_of
+from .fs import EMBEDDINGS_DIR, Remote, local_dir, remote_of
 from .manifest import DIGEST_SUFFIX, SUMS_SUFFIX, list_releases, read_current, read_history, read_manifest
 from .store import LEASE_TTL_S, LEASES_DIR, Store
 from .writer import cache_lock, remove_stale_tmp
 
-EMBEDDINGS_DIR = "embeddings"  # written by the pipeline's relate stage; a release lists its files
+# EMBEDDINGS_DIR ("embeddings"): written by the pipeline's relate stage; a release lists its files
 DEFAULT_GRACE_S = 6 * 3600.0
 
 
