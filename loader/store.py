@@ -119,14 +119,14 @@ class Store:
         lease is written. Raises NoReleaseError, StoreError (damaged: the file is named),
         UnsafePathError.
         """
-        cache_dir = local_dir(cache_dir)  # a URL: its local mirror, metadata pulled (loader/fs.py)
+        given, cache_dir = cache_dir, local_dir(cache_dir)  # a URL: its local mirror, metadata pulled (loader/fs.py)
         if not cache_dir.is_dir():
             raise NoReleaseError(f"no cache folder at {cache_dir}; build one with `kvfuse build-cache`.")
         for attempt in range(3):
             name = release or read_current(cache_dir)
             if name is None:
                 raise NoReleaseError(
-                    f"{cache_dir} has no current release (no {fmt.CURRENT_FILE} file); "
+                    f"{given} has no current release (no {fmt.CURRENT_FILE} file); "
                     "build one with `kvfuse build-cache CORPUS --cache DIR`."
                 )
             held = _Lease.take(cache_dir, name) if lease else None  # before reading: gc then keeps it
