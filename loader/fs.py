@@ -240,8 +240,8 @@ class Remote:
 
     def pull(self) -> None:
         """Bring the mirror up to date: CURRENT and the history always, the other metadata when new
-        or changed; files deleted from the bucket are deleted here (shards too) once older than
-        IN_FLIGHT_S (embedding files are kept: a build's cache). Shards are not downloaded."""
+        or changed; files deleted from the bucket are deleted here (manifests and indexes once older
+        than IN_FLIGHT_S; embedding files are kept: a build's cache). Shards are not downloaded."""
         data, self.current_tag = self.get(fmt.CURRENT_FILE)  # first: the listing then holds all it names
         objs = self.listing()
         for sub in METADATA_DIRS:
@@ -262,8 +262,9 @@ class Remote:
             for path in (self.local / sub).iterdir():
                 if path.name.startswith(".") or f"{sub}/{path.name}" in objs:
                     continue
-                try:  # a young file may be a publish in flight from another process using this mirror
-                    if now - path.stat().st_mtime > IN_FLIGHT_S:
+                try:  # a young index or manifest may be a publish in flight from another process using
+                    # this mirror; a shard (or its sums) lands here only after its upload
+                    if sub == fmt.SHARDS_DIR or now - path.stat().st_mtime > IN_FLIGHT_S:
                         path.unlink()
                 except FileNotFoundError:
                     pass

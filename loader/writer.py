@@ -326,6 +326,13 @@ def _publish_remote(remote: Remote, cache_dir: Path, release: str, manifest: dic
             remote.put(rel, cache_dir / rel, create_only=True)  # immutable, named by content: there or ours
     mpath = manifest_path(cache_dir, release)
     files = [manifest["index"], f"{fmt.RELEASES_DIR}/{mpath.name}{DIGEST_SUFFIX}", f"{fmt.RELEASES_DIR}/{mpath.name}"]
+    objs = remote.listing()  # every shard the release names must be in the bucket (a concurrent gc?)
+    for shard, entry in manifest.get("shards", {}).items():
+        obj = objs.get(f"{fmt.SHARDS_DIR}/{shard}{fmt.SHARD_SUFFIX}")
+        if obj is None or obj.size != int(entry["bytes"]):
+            raise StoreError(f"shard {shard} of release {release} is {'missing from' if obj is None else 'changed in'} "
+                             f"{remote.url} (collected by a concurrent `kvfuse gc`?); nothing was published. Rerun "
+                             "the build: it recomputes what is gone.")
     uploaded = []
     try:
         for rel in files:

@@ -14,6 +14,7 @@ from test_refresh import make_docs, write_docs
 from kvfuse.cli.main import main
 from kvfuse.loader import format as fmt
 from kvfuse.loader import fs as kvfs
+from kvfuse.loader.gc import collect
 from kvfuse.loader.store import Store, verify_release
 from kvfuse.pipeline.build import BuildConfig, build_cache
 
@@ -54,6 +55,11 @@ def bucket(endpoint):
 def cli(*args):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
     return result
+
+
+def exists(fs, path: str) -> bool:
+    fs.invalidate_cache()  # s3fs caches listings
+    return fs.exists(path)
 
 
 def current(fs, url: str) -> str:
@@ -104,7 +110,7 @@ def test_build_ask_refresh_gc_cycle_on_s3_from_the_cli(tmp_path, bucket, endpoin
     # gc on the bucket: the first release goes, every shard the second uses stays
     r = cli("gc", url, "--keep", 1, "--grace", "0", *opts, "--local-cache", tmp_path / "reader")
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert "deleted 1 releases" in r.output and not fs.exists(f"{name}/kv/releases/{first}.json")
+    assert "deleted 1 releases" in r.output and not exists(fs, f"{name}/kv/releases/{first}.json")
     kvfs._mirrors.clear()
     r = cli("verify", url, *opts, "--local-cache", tmp_path / "third")  # a fresh machine reads it all
     assert r.exit_code == 0 and f"release {second}: OK" in r.output, r.output
@@ -118,6 +124,8 @@ def test_a_publisher_killed_mid_publish_leaves_the_previous_release_readable(tmp
     use_mirror(tmp_path / "a")
     docs = make_docs(n=3, words=40)
     first = build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG).release
+    shards = f"{name}/kv/{fmt.SHARDS_DIR}"
+    before = set(fs.ls(shards, refresh=True))
 
     class Killed(BaseException):  # like SIGKILL: nothing after it runs, no except clause catches it
         pass
@@ -137,7 +145,8 @@ def test_a_publisher_killed_mid_publish_leaves_the_previous_release_readable(tmp
     docs["d0"] = "the blue bird is on the tree by the water " * 3
     with pytest.raises(Killed):
         build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG)
-    assert fs.ls(f"{name}/kv/shards")  # its new shards were uploaded ...
+    orphans = set(fs.ls(shards, refresh=True)) - before
+    assert orphans                     # its new shards were uploaded ...
     assert current(fs, url) == first   # ... but CURRENT never moved
     monkeypatch.setattr(kvfs.Remote, "put", put)
     monkeypatch.setattr(kvfs.Remote, "swap_current", swap)
@@ -145,9 +154,15 @@ def test_a_publisher_killed_mid_publish_leaves_the_previous_release_readable(tmp
     use_mirror(tmp_path / "fresh")  # another machine reads the previous release, whole
     report = verify_release(url)
     assert report.ok and report.release == first and report.chunks > 1
-    use_mirror(tmp_path / "a")      # and a rerun publishes
+    young = collect(url, keep=1)  # default grace: unreferenced shards may be a publish in flight
+    assert not young.shards and orphans <= set(fs.ls(shards, refresh=True))
+    assert collect(url, keep=1, grace_s=0).shards and not orphans & set(fs.ls(shards, refresh=True))
+    assert verify_release(url).ok
+    use_mirror(tmp_path / "a")      # a rerun on the killed machine publishes, recomputing what gc took
     again = build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG)
     assert current(fs, url) == again.release != first
+    use_mirror(tmp_path / "fresh")
+    assert verify_release(url).ok
 
 
 def test_two_concurrent_publishers_exactly_one_wins(tmp_path, bucket, lm, monkeypatch):
@@ -174,7 +189,7 @@ def test_two_concurrent_publishers_exactly_one_wins(tmp_path, bucket, lm, monkey
         build_cache(write_docs(tmp_path / "c.jsonl", docs), url, lm, CFG)
     assert raced["a"] != raced["b"] != first
     assert current(fs, url) == raced["b"]
-    assert not fs.exists(f"{name}/kv/releases/{raced['a']}.json")  # the loser's release is not listed
+    assert not exists(fs, f"{name}/kv/releases/{raced['a']}.json")  # the loser's release is not listed
     first_shards = {r.shard for r in Store.open(tmp_path / "a" / "s3" / name / "kv", first, lease=False)
                     .records(include_prefix=True)}
     b_shards = tmp_path / "b" / "s3" / name / "kv" / fmt.SHARDS_DIR  # B refreshed on a fresh machine:
