@@ -12,9 +12,10 @@ The rest of the store keeps working on a local folder. For a URL that folder is 
 manifests, indexes, shard sums and embeddings into it (one listing, then only what
 changed); shards are downloaded when first read, so the pread readers and the
 prefetcher read local files. A writer writes into the mirror as before and uploads
-each file once: shards when they are flushed (create-only, under a unique name),
-then the index and manifest, then CURRENT with a conditional write (S3 `If-Match`
-on the ETag seen when the build started, `If-None-Match: *` when there was none).
+each file once: shards when they are flushed (create-only: a name taken by other
+bytes gets a unique suffix, so no object is ever replaced), then the index and
+manifest (create-only), then CURRENT with a conditional write (S3 `If-Match` on the
+ETag seen when the build started, `If-None-Match: *` when there was none).
 Local paths never go through this module: `local_dir(path)` is `Path(path)`.
 
 Credentials and endpoint come from the standard places (AWS_ENDPOINT_URL,
@@ -136,8 +137,7 @@ def _precondition_failed(e: Exception) -> bool:
 @dataclass
 class _Obj:
     size: int
-    mtime: float
-    etag: str | None
+    mtime: float  # unix seconds (S3: LastModified)
 
 
 @dataclass
@@ -208,7 +208,7 @@ class Remote:
                 continue
             mtime = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
             mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
-            out[rel] = _Obj(int(info.get("size") or 0), mtime, info.get("ETag"))
+            out[rel] = _Obj(int(info.get("size") or 0), mtime)
         return out
 
     def get(self, rel: str) -> tuple[bytes | None, str | None]:
