@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from kvfuse.cli.storage import CachePath, storage_options
+
 
 def _load(model: str, dtype: str | None):
     from kvfuse.runtime.model import load_model
@@ -21,7 +23,9 @@ def main():
 
 @main.command("build-cache")
 @click.argument("corpus", type=click.Path(exists=True))
-@click.option("--cache", "cache_dir", required=True, type=click.Path(), help="Cache folder (created if missing).")
+@click.option("--cache", "cache_dir", required=True, type=CachePath(),
+              help="Cache folder (created if missing), or an object-storage URL (s3://bucket/prefix).")
+@storage_options
 @click.option("--model", default="smollm2-135m", show_default=True, help="Packaged name, transformers folder or .gguf.")
 @click.option("--dtype", default=None, help="KV/model dtype (default float32 on CPU, bfloat16 on GPU).")
 @click.option("--chunk-tokens", default=512, show_default=True, type=click.IntRange(16, 1 << 16))
@@ -76,7 +80,8 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
 
 
 @main.command()
-@click.argument("cache_dir", type=click.Path(exists=True))
+@click.argument("cache_dir", type=CachePath(exists=True))
+@storage_options
 @click.option("--keep", required=True, type=click.IntRange(1),
               help="Keep the N releases most recently current (publish history) and CURRENT.")
 @click.option("--grace", default="6h", show_default=True,
@@ -95,7 +100,8 @@ def gc(cache_dir, keep, grace, dry_run):
 
 
 @main.command()
-@click.argument("cache_dir", type=click.Path())
+@click.argument("cache_dir", type=CachePath())
+@storage_options
 @click.option("--release", default=None, help="A release id (default: CURRENT).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(cache_dir, release, as_json):
@@ -103,7 +109,7 @@ def inspect(cache_dir, release, as_json):
     from kvfuse.loader.store import Store, list_releases
     with Store.open(cache_dir, release, lease=False) as store:
         stats = store.stats()
-    stats["releases"] = list_releases(cache_dir)
+    stats["releases"] = list_releases(store.cache_dir)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
@@ -114,7 +120,8 @@ def inspect(cache_dir, release, as_json):
 
 
 @main.command()
-@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache_dir", type=CachePath(exists=True, file_okay=False))
+@storage_options
 @click.option("--release", default=None, help="A release id (default: CURRENT).")
 @click.option("--quick", is_flag=True, help="Only sizes and headers of the shards, no chunk checksums.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -142,7 +149,8 @@ def verify(cache_dir, release, quick, as_json):
 
 
 @main.command()
-@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache_dir", type=CachePath(exists=True, file_okay=False))
+@storage_options
 @click.argument("question")
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--dtype", default=None)

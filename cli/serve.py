@@ -6,9 +6,12 @@ import signal
 
 import click
 
+from kvfuse.cli.storage import CachePath, storage_options
+
 
 @click.command("serve")
-@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache_dir", type=CachePath(exists=True, file_okay=False))
+@storage_options
 @click.option("--model", default="smollm2-135m", show_default=True, help="The model the cache was built with.")
 @click.option("--dtype", default=None, help="Model/KV dtype (default float32 on CPU, bfloat16 on GPU).")
 @click.option("--host", default="127.0.0.1", show_default=True,

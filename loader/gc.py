@@ -30,11 +30,12 @@ from pathlib import Path
 
 from . import format as fmt
 from .errors import StoreError
+from .fs import EMBEDDINGS_DIR, Remote, local_dir, remote_of
 from .manifest import DIGEST_SUFFIX, SUMS_SUFFIX, list_releases, read_current, read_history, read_manifest
 from .store import LEASE_TTL_S, LEASES_DIR, Store
 from .writer import cache_lock, remove_stale_tmp
 
-EMBEDDINGS_DIR = "embeddings"  # written by the pipeline's relate stage; a release lists its files
+# EMBEDDINGS_DIR ("embeddings"): written by the pipeline's relate stage; a release lists its files
 DEFAULT_GRACE_S = 6 * 3600.0
 
 
@@ -128,7 +129,7 @@ def _kept(cache_dir: Path, releases: list[str], keep: int, grace_s: float, now: 
 def collect(cache_dir: str | Path, keep: int, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcReport:
     """Delete what no kept release needs; see the module docstring. Returns what was (or, with
     dry_run, would be) deleted. Raises ValueError (keep < 1), FileNotFoundError (not a cache)."""
-    cache_dir = Path(cache_dir)
+    cache_dir = local_dir(cache_dir)  # a URL: its mirror, metadata pulled; deletions go to the bucket
     if keep < 1:
         raise ValueError(f"--keep must be at least 1 (got {keep}): the current release is always kept.")
     if not (cache_dir / fmt.RELEASES_DIR).is_dir():
@@ -149,6 +150,11 @@ def collect(cache_dir: str | Path, keep: int, dry_run: bool = False, grace_s: fl
             except StoreError as e:
                 raise StoreError(f"kept release {release} cannot be read, so gc cannot tell which files it "
                                  f"needs; nothing was deleted. {e}") from e
+
+        if (remote := remote_of(cache_dir)) is not None:
+            _collect_remote(remote, report, releases, reasons, shards_used, embeddings_used, indexes_used,
+                            grace_s, now, dry_run)
+            return report
 
         def delete(path: Path, into: list[str] | None) -> None:
             if path.exists():
@@ -187,3 +193,48 @@ def collect(cache_dir: str | Path, keep: int, dry_run: bool = False, grace_s: fl
         if not dry_run:
             remove_stale_tmp(cache_dir)
     return report
+
+
+def _collect_remote(remote: Remote, report: GcReport, releases: list[str], reasons: dict, shards_used: set,
+                    embeddings_used: set, indexes_used: set, grace_s: float, now: float, dry_run: bool) -> None:
+    """gc of a cache on object storage, from one listing of the bucket. Other hosts' readers hold no
+    lease here, and a publisher holds no lock: unreferenced shards and embedding files younger than
+    grace_s (an upload in flight) are kept, as are releases never current and younger than that."""
+    objs = remote.listing()
+    doomed: list[str] = []
+
+    def delete(rel: str, into: list[str] | None, name: str) -> None:
+        if rel in objs:
+            doomed.append(rel)
+            report.bytes_freed += objs[rel].size
+            if into is not None:
+                into.append(name)
+
+    for release in releases:
+        if release in reasons:
+            continue
+        rel = f"{fmt.RELEASES_DIR}/{release}.json"
+        try:
+            index = read_manifest(remote.local, release)["index"]
+        except StoreError:
+            index = f"{fmt.INDEX_DIR}/{release}.parquet"
+        delete(rel, report.releases, release)  # manifest first: no reader opens a release whose index is gone
+        delete(rel + DIGEST_SUFFIX, None, "")
+        if index not in indexes_used and fmt.is_safe_name(Path(index).name):
+            delete(f"{fmt.INDEX_DIR}/{Path(index).name}", None, "")
+    old = {rel for rel, obj in objs.items() if now - obj.mtime >= grace_s}
+    for rel in sorted(objs):
+        folder, _, name = rel.partition("/")
+        if folder == fmt.SHARDS_DIR and name.endswith(fmt.SHARD_SUFFIX):
+            shard = name.removesuffix(fmt.SHARD_SUFFIX)
+            if shard not in shards_used and rel in old:
+                delete(rel, report.shards, shard)
+                delete(f"{fmt.SHARDS_DIR}/{shard}{SUMS_SUFFIX}", None, "")
+        elif folder == fmt.SHARDS_DIR and name.endswith(SUMS_SUFFIX):  # sums of a shard gone
+            shard = name.removesuffix(SUMS_SUFFIX)
+            if shard not in shards_used and rel in old and f"{fmt.SHARDS_DIR}/{shard}{fmt.SHARD_SUFFIX}" not in objs:
+                delete(rel, None, "")
+        elif folder == EMBEDDINGS_DIR and name.endswith(".parquet") and name not in embeddings_used and rel in old:
+            delete(rel, report.embeddings, name)
+    if not dry_run:
+        remote.remove(list(dict.fromkeys(doomed)))

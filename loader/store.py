@@ -31,8 +31,10 @@ from .errors import (
     UnknownChunkError,
     UnsafePathError,
 )
+from .fs import local_dir, remote_of
 from .manifest import (
     ChunkRecord,
+    header_digest,
     index_digest,
     list_releases,
     manifest_path,
@@ -117,14 +119,14 @@ class Store:
         lease is written. Raises NoReleaseError, StoreError (damaged: the file is named),
         UnsafePathError.
         """
-        cache_dir = Path(cache_dir)
+        given, cache_dir = cache_dir, local_dir(cache_dir)  # a URL: its local mirror, metadata pulled (loader/fs.py)
         if not cache_dir.is_dir():
             raise NoReleaseError(f"no cache folder at {cache_dir}; build one with `kvfuse build-cache`.")
         for attempt in range(3):
             name = release or read_current(cache_dir)
             if name is None:
                 raise NoReleaseError(
-                    f"{cache_dir} has no current release (no {fmt.CURRENT_FILE} file); "
+                    f"{given} has no current release (no {fmt.CURRENT_FILE} file); "
                     "build one with `kvfuse build-cache CORPUS --cache DIR`."
                 )
             held = _Lease.take(cache_dir, name) if lease else None  # before reading: gc then keeps it
@@ -229,19 +231,22 @@ class Store:
         """Distinct chunks (stored KV), the prefix included."""
         return len(self._records)
 
-    def shard_path(self, shard: str, chunk_id: str | None = None) -> Path:
+    def shard_path(self, shard: str, chunk_id: str | None = None, fetch: bool = True) -> Path:
         """The shard's file, checked once per reader: inside the shards folder (which may be a
         link to another disk), and of the size and header digest its manifest records.
+        A cache on object storage downloads the shard first; with fetch=False a shard not yet
+        downloaded is checked in the bucket (size + header read by range) and not downloaded.
         Raises UnsafePathError, CorruptShardError."""
         with self._lock:
             path = self._checked.get(shard)
         if path is None:
-            path = self._check_shard(shard, chunk_id)
-            with self._lock:
-                self._checked[shard] = path
+            path = self._check_shard(shard, chunk_id, fetch)
+            if path.exists():
+                with self._lock:
+                    self._checked[shard] = path
         return path
 
-    def _check_shard(self, shard: str, chunk_id: str | None) -> Path:
+    def _check_shard(self, shard: str, chunk_id: str | None, fetch: bool = True) -> Path:
         if not fmt.is_safe_name(shard):
             raise UnsafePathError(f"shard name {shard!r} is not a plain file name; refusing it.")
         folder = (self.cache_dir / fmt.SHARDS_DIR).resolve()  # a symlinked shards/ folder is fine
@@ -249,7 +254,14 @@ class Store:
         if path.parent != folder:
             raise UnsafePathError(f"shard {shard} is a link to {path}, outside the shards folder {folder}; refusing it.")
         where = f"shard {path.name} in {folder}" + (f" (holding chunk {chunk_id})" if chunk_id else "")
-        if not path.exists():
+        remote = None if path.exists() else remote_of(self.cache_dir)
+        if remote is not None and fetch:
+            try:  # object storage: download once into the local shard cache
+                remote.fetch(f"{fmt.SHARDS_DIR}/{path.name}")
+            except FileNotFoundError:
+                pass
+            remote = None
+        if not path.exists() and remote is None:
             if not (self.cache_dir / fmt.RELEASES_DIR / f"{self.release}.json").exists():
                 raise NoReleaseError(
                     f"release {self.release} was collected by `kvfuse gc` while this reader held it (shard "
@@ -259,7 +271,8 @@ class Store:
         want = self.manifest.get("shards", {}).get(shard)
         if want is not None:
             try:
-                size, head = shard_header_digest(path)
+                size, head = shard_header_digest(path) if remote is None else \
+                    remote.header_digest(f"{fmt.SHARDS_DIR}/{path.name}", header_digest)
             except (OSError, ValueError) as e:
                 note_damage(self.cache_dir, shard)
                 raise CorruptShardError(f"{where} cannot be read: {e}. {_repair_advice(self.cache_dir)}") from e
@@ -368,8 +381,8 @@ def verify_release(cache_dir: str | Path, release: str | None = None, checksums:
     """Check a release end to end: CURRENT, manifest digest, index digest, every shard's size and
     header digest and (with checksums) every chunk's bytes. Never raises for damage: each
     problem names its file and the chunks it affects."""
-    cache_dir = Path(cache_dir)
     if store is None:
+        cache_dir = local_dir(cache_dir)
         try:
             store = Store.open(cache_dir, release, lease=False)
         except StoreError as e:
@@ -381,7 +394,7 @@ def verify_release(cache_dir: str | Path, release: str | None = None, checksums:
     for shard, recs in sorted(by_shard.items()):
         ids = sorted(r.chunk_id for r in recs)
         try:
-            store.shard_path(shard)
+            store.shard_path(shard, fetch=checksums)  # object storage: header by range read unless checksummed
             if checksums:
                 store._handle(shard, ids[0])
         except StoreError as e:

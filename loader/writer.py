@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import filecmp
+import json
 import os
 import re
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +27,11 @@ from safetensors.torch import save_file
 
 from . import format as fmt
 from .errors import StoreError
+from .fs import PublishConflict, Remote, remote_of
 from .manifest import (
-    append_history, list_releases, move_into_place, read_current, read_shard_sums, shard_header_digest, tmp_name,
-    write_atomic, write_current, write_index, write_manifest, write_shard_sums,
+    DIGEST_SUFFIX, SUMS_SUFFIX, append_history, list_releases, manifest_path, move_into_place,
+    read_current, read_shard_sums, shard_header_digest, tmp_name, write_atomic, write_current, write_index,
+    write_manifest, write_shard_sums,
 )
 from .manifest import fsync_dir  # noqa: F401  (re-exported)
 
@@ -149,6 +153,10 @@ class ShardWriter:
                 _save_file(self._tensors, tmp, self.metadata)
                 # the header this writer just wrote, read back before the file is published
                 size, header = shard_header_digest(tmp)
+                if (remote := remote_of(self.cache_dir)) is not None:  # object storage: upload before publishing
+                    shard = _upload_shard(remote, tmp, shard, {"bytes": size, "header": header,
+                                                               "metadata": self.metadata, "chunks": dict(self._pending)})
+                    path = self.cache_dir / fmt.SHARDS_DIR / f"{shard}{fmt.SHARD_SUFFIX}"
                 # Same content = same name: a rerun needn't replace a shard whose bytes are the
                 # same, but replaces a torn or corrupt one (its chunks were recomputed: here).
                 same = path.exists() and path.stat().st_size == size and filecmp.cmp(tmp, path, shallow=False)
@@ -166,6 +174,24 @@ class ShardWriter:
         self.written.extend(done)
         self._tensors, self._pending, self._bytes = {}, [], 0
         return done
+
+
+def _upload_shard(remote: Remote, tmp: Path, shard: str, sums: dict) -> str:
+    """Upload a shard (create-only) and then its sums; returns the name it got. An object of that
+    name holding other bytes (another publisher's) is never replaced: this one gets a unique name."""
+    name = shard
+    for _ in range(3):
+        if remote.put(f"{fmt.SHARDS_DIR}/{name}{fmt.SHARD_SUFFIX}", tmp, create_only=True):
+            remote.put(f"{fmt.SHARDS_DIR}/{name}{SUMS_SUFFIX}", json.dumps(sums, sort_keys=True).encode())
+            return name
+        theirs, _ = remote.get(f"{fmt.SHARDS_DIR}/{name}{SUMS_SUFFIX}")
+        try:
+            if theirs is not None and json.loads(theirs) == sums:
+                return name  # the same bytes (sizes, header, every chunk checksum) are there already
+        except ValueError:
+            pass
+        name = f"{shard}-{uuid.uuid4().hex[:8]}"
+    raise StoreError(f"cannot upload shard {shard} to {remote.url}: its names kept being taken.")
 
 
 def _save_file(tensors: dict, path: Path, metadata: dict) -> None:
@@ -277,9 +303,49 @@ def publish_release(cache_dir: Path, rows: list[dict], manifest: dict, shards: d
     }
     try:
         write_manifest(cache_dir, manifest)
+        if (remote := remote_of(cache_dir)) is not None:
+            _publish_remote(remote, cache_dir, release, manifest)
         write_current(cache_dir, release)
     except OSError as e:
         raise StoreError(f"cannot publish release {release} in {cache_dir}: {e.strerror or e}. The previous "
                          "release is still current; free space and rerun.") from e
-    append_history(cache_dir, release)
+    if remote is not None:
+        remote.append_history(json.dumps({"release": release, "at": time.time()}) + "\n")
+    else:
+        append_history(cache_dir, release)
     return release
+
+
+def _publish_remote(remote: Remote, cache_dir: Path, release: str, manifest: dict) -> None:
+    """Upload a release written into the mirror: embeddings it lists, then its index and manifest
+    (create-only), then CURRENT (conditional). On a conflict the index and manifest it uploaded
+    are deleted again and PublishConflict is raised; CURRENT is untouched."""
+    for name in manifest.get("embeddings", []):
+        rel = f"embeddings/{name}"
+        if fmt.is_safe_name(name) and (cache_dir / rel).exists():
+            remote.put(rel, cache_dir / rel, create_only=True)  # immutable, named by content: there or ours
+    mpath = manifest_path(cache_dir, release)
+    files = [manifest["index"], f"{fmt.RELEASES_DIR}/{mpath.name}{DIGEST_SUFFIX}", f"{fmt.RELEASES_DIR}/{mpath.name}"]
+    objs = remote.listing()  # every shard the release names must be in the bucket (a concurrent gc?)
+    for shard, entry in manifest.get("shards", {}).items():
+        obj = objs.get(f"{fmt.SHARDS_DIR}/{shard}{fmt.SHARD_SUFFIX}")
+        if obj is None or obj.size != int(entry["bytes"]):
+            raise StoreError(f"shard {shard} of release {release} is {'missing from' if obj is None else 'changed in'} "
+                             f"{remote.url} (collected by a concurrent `kvfuse gc`?); nothing was published. Rerun "
+                             "the build: it recomputes what is gone.")
+    uploaded = []
+    try:
+        for rel in files:
+            if not remote.put(rel, cache_dir / rel, create_only=True):
+                raise PublishConflict(f"another publisher took the release name {release} in {remote.url} first; "
+                                      "nothing of this build was published. Rerun the build.")
+            uploaded.append(rel)
+        remote.swap_current(release)
+    except PublishConflict:
+        try:
+            remote.remove(uploaded)
+        except StoreError:
+            pass
+        for rel in files:
+            (cache_dir / rel).unlink(missing_ok=True)
+        raise

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from kvfuse.loader import format as fmt
 from kvfuse.loader.errors import NoReleaseError, StoreError
+from kvfuse.loader.fs import local_dir
 from kvfuse.loader.manifest import index_row, list_releases, read_current, read_history
 from kvfuse.loader.store import DAMAGE_FILE, Store, verify_release
 from kvfuse.loader.writer import (
@@ -238,7 +239,7 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
     """read -> chunk -> relate -> precompute (+ write shards) -> publish, the model work done by `stages`."""
     t0 = time.perf_counter()
     clock = _StageClock()
-    cache_dir = Path(cache_dir)
+    cache_dir = local_dir(cache_dir)  # an object-storage URL: its local mirror (loader/fs.py)
     if config.enrich:
         check_embedder(config.embedder)
     docs = corpus if isinstance(corpus, list) else read_corpus(corpus)

@@ -33,6 +33,7 @@ import torch
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 from tqdm import tqdm
 
+from kvfuse.loader.fs import is_url, worker_dir, worker_location
 from kvfuse.runtime.model import LoadedModel, load_model
 
 from .build import (
@@ -128,9 +129,9 @@ def unretryable(e: BaseException) -> bool:
     return False
 
 
-def precompute_task(prefix_ids, jobs: list[Job], cache_dir: str, metadata: dict, shard_bytes: int):
-    try:
-        return compute_jobs(_plugin().model(), prefix_ids, jobs, Path(cache_dir), metadata, shard_bytes)
+def precompute_task(prefix_ids, jobs: list[Job], cache_dir: str | tuple, metadata: dict, shard_bytes: int):
+    try:  # cache_dir: a path, or (URL, storage options, mirror root): shards go to the object store from here
+        return compute_jobs(_plugin().model(), prefix_ids, jobs, worker_dir(cache_dir), metadata, shard_bytes)
     except Exception as e:
         if unretryable(e):
             return Unretryable(str(e))
@@ -197,7 +198,8 @@ class DaskStages:
     def precompute(self, ctx: BuildContext, jobs: list[Job], cache_dir: Path):
         batches = _batches(jobs, lambda j: j.cost, self.cluster.task_tokens)
         meta = ctx.shard_metadata()
-        futures = [self._submit(precompute_task, ctx.prefix_ids, b, str(cache_dir), meta, self.config.shard_bytes)
+        futures = [self._submit(precompute_task, ctx.prefix_ids, b, worker_location(cache_dir), meta,
+                                   self.config.shard_bytes)
                    for b in batches]
         failed = _follow(futures, [sum(j.cost for j in b) for b in batches], "prefill", "tok", self.config.progress)
         if failed:
@@ -258,4 +260,5 @@ def build_on_dask(client: Client, corpus: str | Path | list[Document], cache_dir
     if getattr(client, "_kvfuse_plugin", None) != plugin:  # same model on the same client: keep it loaded
         client.register_plugin(ModelPlugin(*plugin), name=PLUGIN_NAME)
         client._kvfuse_plugin = plugin
-    return run_build(corpus, Path(cache_dir).absolute(), DaskStages(client, config, cluster), config)
+    cache_dir = cache_dir if is_url(cache_dir) else Path(cache_dir).absolute()
+    return run_build(corpus, cache_dir, DaskStages(client, config, cluster), config)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from kvfuse.loader.fs import current_of, is_url
 from kvfuse.loader.format import dtype_name
 from kvfuse.loader.store import Store, read_current
 
@@ -140,7 +141,7 @@ class FusionEngine:
     def __init__(self, cache_dir, lm: LoadedModel, release: str | None = None, verify: bool = True,
                  config: EngineConfig | None = None):
         self.config = config or EngineConfig(verify=verify)
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = cache_dir if is_url(cache_dir) else Path(cache_dir)  # a URL: one GET of CURRENT per reload check
         self.lm = lm
         self.pinned = release is not None
         use_kvfuse_attention(lm.model)
@@ -291,7 +292,7 @@ class FusionEngine:
         if now - self._checked < self.config.reload_interval_s:
             return self._view
         self._checked = now
-        current = read_current(self.cache_dir)
+        current = current_of(self.cache_dir) if is_url(self.cache_dir) else read_current(self.cache_dir)
         if current is None or current == self._view.release:
             return self._view
         view = ReleaseView(Store.open(self.cache_dir, current), self.lm, self.config.verify)

