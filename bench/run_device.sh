@@ -4,6 +4,8 @@
 #   attention  per-layer recompute attention by backend (bench/attention.py) -> attention.{json,md}
 #   ttft       kvfuse bench ttft, issue 11's command -> ttft.{json,md}, profile.txt, profile trace
 #   serve      kvfuse bench serve -> serve.{json,md} (run it alone: 8 files at most come back)
+#   build      the build's CUDA tests (staging, write path = sequential path on the GPU) and
+#              bench/build_throughput.py gpu (issue 14) -> build_throughput_gpu.{json,md} (needs dask + distributed)
 #   bash bench/run_device.sh [phases, default tests,attention,ttft]
 # About 8 minutes for the default phases on an H200 (the tests ~2, attention ~1, ttft ~5).
 set -uo pipefail
@@ -45,4 +47,11 @@ if has serve; then
   echo "== bench serve" | tee -a "$LOG"
   timeout 130 python3 -m kvfuse.cli bench serve --out "$OUT" 2>&1 | tee -a "$LOG"
 fi
-cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/serve.md 2>/dev/null
+if has build; then
+  echo "== build" | tee -a "$LOG"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda -W ignore::FutureWarning \
+    tests/test_shard_writer.py tests/test_build.py 2>&1 | tail -15 | tee -a "$LOG"
+  timeout 420 python3 -m kvfuse.bench.build_throughput gpu --shape llama3-8b --chunks 64 --rounds 3 --workdir /tmp/bt \
+    --out "$OUT/build_throughput_gpu" 2>&1 | grep -v Warning | tail -20 | tee -a "$LOG"
+fi
+cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/serve.md "$OUT"/build_throughput_gpu.md 2>/dev/null

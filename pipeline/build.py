@@ -38,12 +38,12 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import shutil
-from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
@@ -163,8 +163,11 @@ def embed_items(lm: LoadedModel, prefix_ids, items: list[tuple[str, tuple[int, .
     if embedder == "minilm":
         vecs = (minilm or MiniLM()).embed([text for _, _, text in items])  # [N, 384]
         return {cid: v for (cid, _, _), v in zip(items, vecs)}
+    if not items:
+        return {}
     prefix_kv = prefill_prefix(lm, prefix_ids)
-    return {cid: embed_chunk(lm, prefix_kv, ids, keep, prefix_ids) for cid, ids, _ in items}
+    vecs = torch.stack([embed_chunk(lm, prefix_kv, ids, keep, prefix_ids, to_cpu=False) for _, ids, _ in items])
+    return {cid: v.clone() for (cid, _, _), v in zip(items, vecs.cpu())}  # one sync per batch; own storage each
 
 
 class Computed(list):

@@ -11,7 +11,8 @@ keeps the chunk's KV here and the prefill takes it back:
     prefill_chunk(lm, prefix_kv, ids, neighbour_ids, isolated=iso)
 
 Entries stay on the model's device (GPU memory on a GPU worker), one process
-(one Dask worker) each, and are bounded by `max_bytes`: once full, later chunks
+(one Dask worker) each, and are bounded by `max_bytes` (at most a quarter of
+the RAM; on a GPU a quarter of its memory stays free): once full, later chunks
 are not kept and their isolated pass simply runs again (so the output is the
 same whatever the budget or the worker a task lands on; only the time differs).
 The build takes each entry once, and clears what is left when it is done.
@@ -21,11 +22,13 @@ SDPA), so the kept KV is bit-identical to the pass it replaces.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
 
 _SDPA = ("sdpa", "kvfuse")
+GPU_RESERVE = 0.25  # fraction of the GPU's memory always left free for the prefill
 
 
 class IsolatedKV:
@@ -38,7 +41,12 @@ class IsolatedKV:
         self._lock = threading.Lock()
 
     def configure(self, max_bytes: int) -> "IsolatedKV":
-        self.max_bytes = max_bytes
+        """Set the budget: max_bytes, and never more than a quarter of this machine's RAM."""
+        try:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            ram = max_bytes * 4
+        self.max_bytes = min(max_bytes, ram // 4)
         return self
 
     def accepts(self, lm) -> bool:
@@ -52,6 +60,10 @@ class IsolatedKV:
     def put(self, lm, prefix_ids, chunk_ids, kv: torch.Tensor) -> bool:
         """Keep kv [L, 2, H_kv, T, D] if it fits; returns whether it was kept."""
         size = kv.numel() * kv.element_size()
+        if kv.is_cuda:  # a full GPU would slow (or stop) the prefill that follows: keep a reserve
+            free, total = torch.cuda.mem_get_info(kv.device)
+            if free - size < GPU_RESERVE * total:
+                return False
         with self._lock:
             if self._bytes + size > self.max_bytes:
                 return False

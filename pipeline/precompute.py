@@ -66,9 +66,9 @@ def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.T
 
 @torch.inference_mode()
 def embed_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, keep: IsolatedKV | None = None,
-                prefix_ids=()) -> torch.Tensor:
+                prefix_ids=(), to_cpu: bool = True) -> torch.Tensor:
     """The "model" embedder: mean of the final hidden states of the chunk prefilled alone
-    after the shared prefix. Returns [hidden] float32 on the CPU.
+    after the shared prefix. Returns [hidden] float32 on the CPU (to_cpu=False: on the model's device).
 
     That pass is exactly the isolated pass an enriched chunk needs for kv_deviation: with
     `keep` (and the prefix's token ids, prefix_kv's key there), its KV [L, 2, H_kv, T, D]
@@ -79,7 +79,8 @@ def embed_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, keep: Isola
     if keep is not None and keep.accepts(lm):
         P = prefix_kv.shape[3]
         keep.put(lm, prefix_ids, chunk_ids, kv_from_cache(cache, P, P + len(chunk)))
-    return hidden.float().mean(0).cpu()
+    emb = hidden.float().mean(0)
+    return emb.cpu() if to_cpu else emb
 
 
 @torch.inference_mode()

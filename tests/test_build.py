@@ -162,9 +162,13 @@ def assert_same_chunks(got: Store, want: Store) -> None:
         assert torch.equal(a.tokens, b.tokens)
 
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _CUDA])])
 @pytest.mark.parametrize("enrich", [False, True], ids=["isolated", "enriched"])
-def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, monkeypatch, enrich):
-    lm = load_model(str(model_dir))
+def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, monkeypatch, enrich, device):
+    lm = load_model(str(model_dir), device=device)  # cuda: pinned staging, side-stream copies, events
     cfg = BuildConfig(chunk_tokens=16, progress=False, enrich=enrich, neighbour_tokens=40,
                       shard_bytes=40_000)  # ~5 chunks a shard: several shards, the last ones cut smaller
     docs = corpus(tmp_path / "c.jsonl", n_docs=4)

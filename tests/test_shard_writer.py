@@ -110,7 +110,8 @@ def test_stager_on_the_cpu_hands_back_the_tensors():
     assert ready is None and out.data_ptr() == kv.data_ptr()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_stager_copies_into_pinned_memory_without_blocking():
     stager = HostStager("cuda")
     kv = torch.randn(32, 2, 8, 512, 128, device="cuda", dtype=torch.bfloat16)
