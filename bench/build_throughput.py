@@ -117,8 +117,7 @@ def run_cpu(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="kvfuse-bench-"))
     try:
         for rnd in range(args.rounds):
-            for kind, cfg in (("isolated", BuildConfig(enrich=False, progress=False)),
-                              ("enriched", BuildConfig(enrich=True, progress=False))):
+            for kind, cfg in (("isolated", _config(args, enrich=False)), ("enriched", _config(args, enrich=True))):
                 load = os.getloadavg()[0]
                 plain = plain_prefill(lm, chunks)
                 rows.append({"round": rnd, "kind": "plain", **plain, "load1": load})
@@ -131,17 +130,17 @@ def run_cpu(args) -> dict:
             from kvfuse.pipeline.dask_job import ClusterConfig, ModelLoader, build_on_dask, open_client
             cluster = ClusterConfig(workers=1, torch_threads=args.threads)
             with open_client(cluster) as client:
-                build_on_dask(client, docs[:1], tmp / "warm", ModelLoader(args.model), BuildConfig(enrich=False, progress=False), cluster)
+                build_on_dask(client, docs[:1], tmp / "warm", ModelLoader(args.model), _config(args, enrich=False), cluster)
                 plain = plain_prefill(lm, chunks)
                 rows.append({"round": "dask", "kind": "plain", **plain, "load1": os.getloadavg()[0]})
-                report = build_on_dask(client, docs, tmp / "dask", ModelLoader(args.model),
-                                       BuildConfig(enrich=False, progress=False), cluster)
+                report = build_on_dask(client, docs, tmp / "dask", ModelLoader(args.model), _config(args, enrich=False),
+                                       cluster)
                 rows.append({"round": "dask", **_build_row("isolated (Dask, 1 worker)", report),
                              "load1": os.getloadavg()[0], "vs_plain": report.tokens / report.seconds / plain["tokens_per_s"]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"model": args.model, "corpus": f"{len(docs)} Paul Graham essays, {len(chunks)} chunks of <= 512 tokens",
-            "torch_threads": torch.get_num_threads(), "rows": rows}
+            "torch_threads": torch.get_num_threads(), "shard_writers": args.shard_writers, "rows": rows}
 
 
 def run_gpu(args) -> dict:
@@ -154,13 +153,12 @@ def run_gpu(args) -> dict:
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="kvfuse-bench-"))
     with open_client(cluster) as client:
         t0 = time.perf_counter()
-        build_on_dask(client, docs[:1], tmp / "warm", loader, BuildConfig(progress=False), cluster)
+        build_on_dask(client, docs[:1], tmp / "warm", loader, _config(args, enrich=True), cluster)
         rows.append({"kind": "warm-up (model load + 1 doc)", "seconds": time.perf_counter() - t0})
         gpu = {"resources": {"GPU": 1}} if args.gpus else {}
         chunks = client.submit(_worker_chunks, docs, pure=False, **gpu).result()
         for rnd in range(args.rounds):
-            for kind, cfg in (("isolated", BuildConfig(enrich=False, progress=False)),
-                              ("enriched", BuildConfig(enrich=True, progress=False))):
+            for kind, cfg in (("isolated", _config(args, enrich=False)), ("enriched", _config(args, enrich=True))):
                 plain = client.submit(_worker_plain, chunks, pure=False, **gpu).result()
                 rows.append({"round": rnd, "kind": "plain", **plain})
                 report = build_on_dask(client, docs, tmp / f"{kind}{rnd}", loader, cfg, cluster)
@@ -170,8 +168,12 @@ def run_gpu(args) -> dict:
                 print(json.dumps(rows[-2:]), flush=True)
                 shutil.rmtree(tmp / f"{kind}{rnd}")
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"model": f"{args.shape} shape, random bf16 weights", "gpus": args.gpus,
+    return {"model": f"{args.shape} shape, random bf16 weights", "gpus": args.gpus, "shard_writers": args.shard_writers,
             "corpus": f"{len(docs)} docs of random words, {len(chunks)} chunks of <= 512 tokens", "rows": rows}
+
+
+def _config(args, enrich: bool) -> BuildConfig:
+    return BuildConfig(enrich=enrich, progress=False, shard_writers=args.shard_writers)
 
 
 def _worker_chunks(docs):
@@ -231,6 +233,8 @@ def main(argv=None) -> None:
     cpu.add_argument("--threads", type=int, default=None,
                      help="torch threads for both plain prefill and the build (1 is steadiest on a shared machine)")
     cpu.add_argument("--out", default="bench/results/build_throughput_cpu")
+    cpu.add_argument("--shard-writers", type=int, default=BuildConfig.shard_writers,
+                     help="threads writing shards while the model computes (BuildConfig.shard_writers)")
     gpu = sub.add_parser("gpu")
     gpu.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     gpu.add_argument("--chunks", type=int, default=64)
@@ -238,6 +242,8 @@ def main(argv=None) -> None:
     gpu.add_argument("--rounds", type=int, default=2)
     gpu.add_argument("--workdir", default=None, help="where the caches are built (default: a temp folder)")
     gpu.add_argument("--out", default="bench/results/build_throughput_gpu")
+    gpu.add_argument("--shard-writers", type=int, default=BuildConfig.shard_writers,
+                     help="threads writing shards while the model computes (BuildConfig.shard_writers)")
     args = p.parse_args(argv)
     result = run_cpu(args) if args.mode == "cpu" else run_gpu(args)
     write_results(result, Path(args.out), "python " + " ".join(sys.argv))

@@ -7,6 +7,8 @@
 #   copy       the loader's host->GPU copies by design against the pinned ceiling, both shapes (bench/copy_ceiling.py)
 #              -> copy_ceiling.{json,md} (~1 minute)
 #   qwen       kvfuse bench ttft for the Qwen2.5-7B shape (loader share, cold plan) -> qwen/ttft.{json,md} (~3 minutes)
+#   build      the build's CUDA tests (staging, write path = sequential path on the GPU) and
+#              bench/build_throughput.py gpu (issue 14) -> build_throughput_gpu.{json,md} (needs dask + distributed)
 #   bash bench/run_device.sh [phases, default tests,attention,ttft]
 # About 8 minutes for the default phases on an H200 (the tests ~2, attention ~1, ttft ~5).
 set -uo pipefail
@@ -59,4 +61,12 @@ if has serve; then
   echo "== bench serve" | tee -a "$LOG"
   timeout 130 python3 -m kvfuse.cli bench serve --out "$OUT" 2>&1 | tee -a "$LOG"
 fi
-cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/copy_ceiling.md "$OUT"/qwen/ttft.md "$OUT"/serve.md 2>/dev/null
+if has build; then
+  echo "== build" | tee -a "$LOG"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda -W ignore::FutureWarning \
+    tests/test_shard_writer.py tests/test_build.py 2>&1 | tail -15 | tee -a "$LOG"
+  timeout 420 python3 -m kvfuse.bench.build_throughput gpu --shape llama3-8b --chunks 64 --rounds 3 --workdir /tmp/bt \
+    --out "$OUT/build_throughput_gpu" 2>&1 | grep -v Warning | tail -20 | tee -a "$LOG"
+fi
+cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/copy_ceiling.md "$OUT"/qwen/ttft.md "$OUT"/serve.md \
+  "$OUT"/build_throughput_gpu.md 2>/dev/null

@@ -38,8 +38,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import json
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -54,8 +53,9 @@ from kvfuse.loader.errors import NoReleaseError, StoreError
 from kvfuse.loader.fs import local_dir
 from kvfuse.loader.manifest import index_row, list_releases, read_current, read_history
 from kvfuse.loader.store import DAMAGE_FILE, Store, verify_release
+from kvfuse.loader.shard_writer import ShardWriterPool
 from kvfuse.loader.writer import (
-    ShardWriter, WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
+    WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
     verify_leftover,
 )
 from kvfuse.runtime.model import LoadedModel, ModelSpec
@@ -63,8 +63,10 @@ from kvfuse.runtime.prompt import PROMPT_RULE, PromptTemplate
 
 from .chunker import Chunk, chunk_document
 from .corpus import Document, read_corpus
+from .isolated_kv import ISOLATED_KV, IsolatedKV
 from .precompute import embed_chunk, prefill_chunk, prefill_prefix
 from .relate import EmbeddingCache, MiniLM, check_embedder, top_neighbours
+from .staging import HostStager
 
 CHUNKER_KIND = "paragraph-sentence-v1"
 
@@ -80,6 +82,9 @@ class BuildConfig:
     embedder: str = "model"      # "model": mean-pooled final hidden states of the model itself
     verify: bool = False         # checksum every reused chunk (else size + header; always after a failed read)
     max_kv_gb: float | None = 64.0  # refuse a release whose KV would exceed this (None: no limit)
+    shard_writers: int = 2       # threads checksumming + writing shards while the model computes
+    isolated_kv_gb: float = 8.0  # enriched + "model" embedder: isolated KV kept from the embedding pass
+                                 # for kv_deviation, per worker, on the model's device (0: run that pass twice)
 
 
 @dataclass
@@ -90,7 +95,7 @@ class BuildReport:
     reused: int
     tokens: int          # tokens of the computed chunks (what was stored)
     seconds: float
-    prefilled: int = 0   # tokens run through the model: embeddings + neighbours + isolated passes
+    prefilled: int = 0   # tokens run through the model: embeddings + neighbours + isolated passes not kept
     embedded: int = 0    # chunk contents embedded (not found in the embedding cache)
     stage_seconds: dict = field(default_factory=dict)  # context, chunk, relate, precompute, publish
     notes: list[str] = field(default_factory=list)     # what the build found wrong and did about it
@@ -152,41 +157,56 @@ def chunk_docs(lm: LoadedModel, docs: Iterable[Document], chunk_tokens: int) -> 
 
 
 def embed_items(lm: LoadedModel, prefix_ids, items: list[tuple[str, tuple[int, ...], str]],
-                embedder: str = "model", minilm: MiniLM | None = None) -> dict[str, torch.Tensor]:
-    """content_id -> embedding [hidden] for (content_id, token_ids, text) items."""
+                embedder: str = "model", minilm: MiniLM | None = None,
+                keep: IsolatedKV | None = None) -> dict[str, torch.Tensor]:
+    """content_id -> embedding [hidden] for (content_id, token_ids, text) items. With keep (the
+    "model" embedder), each chunk's isolated KV is kept there for compute_jobs (pipeline/isolated_kv.py)."""
     if embedder == "minilm":
         vecs = (minilm or MiniLM()).embed([text for _, _, text in items])  # [N, 384]
         return {cid: v for (cid, _, _), v in zip(items, vecs)}
+    if not items:
+        return {}
     prefix_kv = prefill_prefix(lm, prefix_ids)
-    return {cid: embed_chunk(lm, prefix_kv, ids) for cid, ids, _ in items}
+    vecs = torch.stack([embed_chunk(lm, prefix_kv, ids, keep, prefix_ids, to_cpu=False) for _, ids, _ in items])
+    return {cid: v.clone() for (cid, _, _), v in zip(items, vecs.cpu())}  # one sync per batch; own storage each
+
+
+class Computed(list):
+    """compute_jobs' WrittenChunks, and how many chunk tokens' isolated pass was taken from the embedding pass."""
+
+    isolated_kept_tokens: int = 0
 
 
 def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, metadata: dict[str, str],
-                 shard_bytes: int, on_done=None) -> list[WrittenChunk]:
+                 shard_bytes: int, on_done=None, writers: int = 2, keep: IsolatedKV | None = None) -> Computed:
     """Prefill every job and write it into complete shards under cache_dir; returns where each went.
 
-    One writer thread copies each chunk's KV to the host, checksums it and writes
-    shards while the model computes the next chunks (at most `depth` chunks wait).
+    The model thread only computes: each chunk's KV and saliency leave the GPU by an
+    asynchronous copy into pinned memory (pipeline/staging.py), and `writers` threads
+    checksum, serialise and fsync whole shards meanwhile (loader/shard_writer.py). An
+    enriched chunk whose isolated KV the embedding pass kept in `keep` skips that pass.
     """
     prefix_kv = prefill_prefix(lm, prefix_ids)  # [L, 2, H_kv, P, D]
-    writer = ShardWriter(Path(cache_dir), metadata, shard_bytes)
-    pending: deque = deque()
-    depth = 2
-    with ThreadPoolExecutor(1, thread_name_prefix="kvfuse-writer") as pool:
+    stager = HostStager(prefix_kv.device)
+    S = len(fmt.SALIENCY_SIGNALS)
+    per_token = lm.spec.kv_bytes_per_token() + 4 + 2 * S  # kv + tok + sal bytes
+    left = sum(len(j.token_ids) for j in jobs) * per_token
+    out = Computed()
+    with ShardWriterPool(Path(cache_dir), metadata, shard_bytes, writers) as pool:
         for job in jobs:
             if job.is_prefix:
-                kv, sal = prefix_kv, torch.zeros(len(fmt.SALIENCY_SIGNALS), len(job.token_ids))
+                kv, sal = prefix_kv, torch.zeros(S, len(job.token_ids), dtype=torch.float16)
             else:
-                kv, sal = prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids, to_cpu=False)
-            pending.append(pool.submit(writer.add, job.chunk_id, kv, torch.tensor(job.token_ids), sal))
-            while len(pending) > depth:
-                pending.popleft().result()
+                iso = keep.take(lm, prefix_ids, job.token_ids) if keep is not None and job.neighbour_ids else None
+                out.isolated_kept_tokens += 0 if iso is None else len(job.token_ids)
+                kv, sal = prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids, to_cpu=False, isolated=iso)
+            (kv, sal), ready = stager.stage(kv, sal)
+            left -= len(job.token_ids) * per_token
+            pool.add(job.chunk_id, kv, torch.tensor(job.token_ids), sal, ready=ready, bytes_after=left)
             if on_done:
                 on_done(job)
-        for fut in pending:
-            fut.result()
-        pool.submit(writer.flush).result()
-    return writer.written
+    out.extend(pool.written)
+    return out
 
 
 class LocalStages:
@@ -205,15 +225,21 @@ class LocalStages:
     def embed(self, ctx: BuildContext, items) -> Iterator[dict[str, torch.Tensor]]:
         minilm = MiniLM() if self.config.embedder == "minilm" and items else None
         batch = 256  # persisted per batch, so a crash loses at most one batch
+        keep = ISOLATED_KV.configure(int(self.config.isolated_kv_gb * 2**30))
         with tqdm(total=len(items), desc="embed", unit="chunk", disable=not self.config.progress) as bar:
             for i in range(0, len(items), batch):
-                yield embed_items(self.lm, ctx.prefix_ids, items[i:i + batch], self.config.embedder, minilm)
+                yield embed_items(self.lm, ctx.prefix_ids, items[i:i + batch], self.config.embedder, minilm, keep)
                 bar.update(len(items[i:i + batch]))
 
-    def precompute(self, ctx: BuildContext, jobs: list[Job], cache_dir: Path) -> list[WrittenChunk]:
+    def precompute(self, ctx: BuildContext, jobs: list[Job], cache_dir: Path) -> Computed:
         with tqdm(total=sum(j.cost for j in jobs), desc="prefill", unit="tok", disable=not self.config.progress) as bar:
             return compute_jobs(self.lm, ctx.prefix_ids, jobs, cache_dir, ctx.shard_metadata(),
-                                self.config.shard_bytes, on_done=lambda j: bar.update(j.cost))
+                                self.config.shard_bytes, on_done=lambda j: bar.update(j.cost),
+                                writers=self.config.shard_writers, keep=ISOLATED_KV)
+
+    def release(self) -> None:
+        """Drop the isolated KV the embedding pass kept and the build did not take."""
+        ISOLATED_KV.clear()
 
 
 # ---------------------------------------------------------------- the driver
@@ -257,7 +283,7 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
     text_of = {cid: c.text for cid, c in zip(plan.content, chunks)}
     check_kv_size(sum(len(t) for t in tokens_of.values()) + P, spec.kv_bytes_per_token(), config.max_kv_gb)
 
-    with cache_lock(cache_dir):
+    with cache_lock(cache_dir), _released(stages):
         init_cache_dir(cache_dir)
         remove_stale_tmp(cache_dir)
         reuse = _Reuse.of_base_release(cache_dir, spec.fingerprint, ctx.dtype, config.verify)
@@ -306,8 +332,24 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
     wanted = {r["chunk_id"] for r in rows}
     return BuildReport(release, len(rows) - 1, len(computed), len(rows) - 1 - len(computed),
                        sum(len(j.token_ids) for j in computed), time.perf_counter() - t0,
-                       prefilled=sum(j.cost for j in computed) + plan.embedded_tokens, embedded=plan.embedded,
+                       prefilled=sum(j.cost for j in computed) + plan.embedded_tokens - _kept_tokens(written),
+                       embedded=plan.embedded,
                        stage_seconds=clock.laps, notes=reuse.notes, repaired=sorted(reuse.bad & wanted))
+
+
+@contextmanager
+def _released(stages):
+    """Whatever happens, the stages drop what they kept between embedding and precompute."""
+    try:
+        yield
+    finally:
+        release = getattr(stages, "release", None)
+        if release is not None:
+            release()
+
+
+def _kept_tokens(written) -> int:
+    return getattr(written, "isolated_kept_tokens", 0)
 
 
 class _StageClock:

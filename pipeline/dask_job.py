@@ -37,9 +37,10 @@ from kvfuse.loader.fs import is_url, worker_dir, worker_location
 from kvfuse.runtime.model import LoadedModel, load_model
 
 from .build import (
-    BuildConfig, BuildContext, BuildReport, Job, chunk_docs, compute_jobs, embed_items, run_build,
+    BuildConfig, BuildContext, BuildReport, Computed, Job, chunk_docs, compute_jobs, embed_items, run_build,
 )
 from .corpus import Document
+from .isolated_kv import ISOLATED_KV
 from .relate import MiniLM
 
 SCHEDULER_ENV = "KVFUSE_SCHEDULER"
@@ -102,11 +103,18 @@ def chunk_task(docs: list[Document], chunk_tokens: int):
     return chunk_docs(_plugin().model(), docs, chunk_tokens)
 
 
-def embed_task(prefix_ids, items, embedder: str) -> dict[str, torch.Tensor]:
+def embed_task(prefix_ids, items, embedder: str, keep_bytes: int = 0) -> dict[str, torch.Tensor]:
+    """Embeddings of items; with keep_bytes, their isolated KV is kept on this worker for precompute_task."""
     plugin = _plugin()
     if embedder == "minilm" and plugin.minilm is None:
         plugin.minilm = MiniLM()
-    return embed_items(plugin.model(), prefix_ids, items, embedder, plugin.minilm)
+    keep = ISOLATED_KV.configure(keep_bytes) if keep_bytes else None
+    return embed_items(plugin.model(), prefix_ids, items, embedder, plugin.minilm, keep)
+
+
+def release_task() -> None:
+    """Drop the isolated KV this worker kept and no precompute task took."""
+    ISOLATED_KV.clear()
 
 
 @dataclass(frozen=True)
@@ -129,9 +137,11 @@ def unretryable(e: BaseException) -> bool:
     return False
 
 
-def precompute_task(prefix_ids, jobs: list[Job], cache_dir: str | tuple, metadata: dict, shard_bytes: int):
+def precompute_task(prefix_ids, jobs: list[Job], cache_dir: str | tuple, metadata: dict, shard_bytes: int,
+                    writers: int = 2):
     try:  # cache_dir: a path, or (URL, storage options, mirror root): shards go to the object store from here
-        return compute_jobs(_plugin().model(), prefix_ids, jobs, worker_dir(cache_dir), metadata, shard_bytes)
+        return compute_jobs(_plugin().model(), prefix_ids, jobs, worker_dir(cache_dir), metadata, shard_bytes,
+                            writers=writers, keep=ISOLATED_KV)
     except Exception as e:
         if unretryable(e):
             return Unretryable(str(e))
@@ -189,7 +199,8 @@ class DaskStages:
 
     def embed(self, ctx: BuildContext, items):
         batches = _batches(items, lambda it: len(it[1]), 8192)
-        futures = {self._submit(embed_task, ctx.prefix_ids, b, self.config.embedder): len(b) for b in batches}
+        keep = int(self.config.isolated_kv_gb * 2**30)
+        futures = {self._submit(embed_task, ctx.prefix_ids, b, self.config.embedder, keep): len(b) for b in batches}
         with tqdm(total=len(items), desc="embed", unit="chunk", disable=not self.config.progress) as bar:
             for fut in as_completed(futures):
                 yield fut.result()
@@ -199,7 +210,7 @@ class DaskStages:
         batches = _batches(jobs, lambda j: j.cost, self.cluster.task_tokens)
         meta = ctx.shard_metadata()
         futures = [self._submit(precompute_task, ctx.prefix_ids, b, worker_location(cache_dir), meta,
-                                   self.config.shard_bytes)
+                                self.config.shard_bytes, self.config.shard_writers)
                    for b in batches]
         failed = _follow(futures, [sum(j.cost for j in b) for b in batches], "prefill", "tok", self.config.progress)
         if failed:
@@ -211,7 +222,16 @@ class DaskStages:
         if stopped:
             raise RuntimeError(f"{len(stopped)} of {len(futures)} precompute tasks stopped on an error a retry can't "
                                f"fix: {stopped[0].message}")
-        return [w for part in parts for w in part]
+        out = Computed(w for part in parts for w in part)
+        out.isolated_kept_tokens = sum(getattr(p, "isolated_kept_tokens", 0) for p in parts)
+        return out
+
+    def release(self) -> None:
+        """Every worker drops the isolated KV it kept (a worker that died took it along)."""
+        try:
+            self.client.run(release_task)
+        except Exception:  # a worker gone or unreachable: nothing of it to free
+            pass
 
 
 def _follow(futures, sizes, desc, unit, progress) -> list[BaseException]:

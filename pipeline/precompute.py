@@ -3,7 +3,9 @@
     prefix_kv = prefill_prefix(lm, prefix_ids)                       # [L, 2, H_kv, P, D]
     kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids)               # isolated
     kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids, neighbour_ids)  # FusionRAG-enriched
-    emb = embed_chunk(lm, prefix_kv, chunk_ids)                      # [hidden] float32
+    emb = embed_chunk(lm, prefix_kv, chunk_ids, keep, prefix_ids)   # [hidden] float32, keeps the isolated KV
+    kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids, neighbour_ids,  # enriched, without rerunning that pass
+                            isolated=keep.take(lm, prefix_ids, chunk_ids))
 
 A chunk is prefilled over the stored prefix cache (exactly what prefix caching
 does), so at ratio 0 with the chunk at its stored position the fused cache is
@@ -33,6 +35,8 @@ from kvfuse.runtime.kvcache import cache_from_kv, kv_from_cache
 from kvfuse.runtime.model import LoadedModel, cache_kwargs
 from kvfuse.runtime.rope import rerotate_keys
 
+from .isolated_kv import IsolatedKV
+
 
 @torch.inference_mode()
 def prefill_prefix(lm: LoadedModel, prefix_ids) -> torch.Tensor:
@@ -49,6 +53,8 @@ def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.T
     P = prefix_kv.shape[3]
     cache = cache_from_kv(prefix_kv.to(device))
     positions = torch.arange(P, P + len(ids), device=device)[None]
+    if device.type == "cuda":  # a pinned, non-blocking copy: no wait for the previous chunk's kernels
+        ids = ids.pin_memory().to(device, non_blocking=True)
     if recorder is None:
         out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, **cache_kwargs(lm.model.model, cache), use_cache=True)
     else:
@@ -59,21 +65,34 @@ def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.T
 
 
 @torch.inference_mode()
-def embed_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids) -> torch.Tensor:
+def embed_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, keep: IsolatedKV | None = None,
+                prefix_ids=(), to_cpu: bool = True) -> torch.Tensor:
     """The "model" embedder: mean of the final hidden states of the chunk prefilled alone
-    after the shared prefix. Returns [hidden] float32 on the CPU."""
-    _, hidden = _prefill_after_prefix(lm, prefix_kv, torch.as_tensor(chunk_ids).long())
-    return hidden.float().mean(0).cpu()
+    after the shared prefix. Returns [hidden] float32 on the CPU (to_cpu=False: on the model's device).
+
+    That pass is exactly the isolated pass an enriched chunk needs for kv_deviation: with
+    `keep` (and the prefix's token ids, prefix_kv's key there), its KV [L, 2, H_kv, T, D]
+    is kept there, on the model's device, for prefill_chunk.
+    """
+    chunk = torch.as_tensor(chunk_ids).long()
+    cache, hidden = _prefill_after_prefix(lm, prefix_kv, chunk)
+    if keep is not None and keep.accepts(lm):
+        P = prefix_kv.shape[3]
+        keep.put(lm, prefix_ids, chunk_ids, kv_from_cache(cache, P, P + len(chunk)))
+    emb = hidden.float().mean(0)
+    return emb.cpu() if to_cpu else emb
 
 
 @torch.inference_mode()
 def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour_ids=(),
-                  to_cpu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """KV of `chunk_ids` prefilled after [prefix][neighbours]; returns (kv [L,2,H_kv,T,D], saliency [S,T]).
+                  to_cpu: bool = True, isolated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV of `chunk_ids` prefilled after [prefix][neighbours]; returns (kv [L,2,H_kv,T,D], saliency [S,T] float16).
 
     With neighbours the chunk is also prefilled alone (for kv_deviation), so an
-    enriched chunk costs T + (E + T) prefilled tokens. to_cpu=False leaves kv on
-    the model's device (the build's writer thread copies it, overlapping compute).
+    enriched chunk costs T + (E + T) prefilled tokens, unless `isolated` (that
+    pass's KV [L, 2, H_kv, T, D], kept by embed_chunk) is given: then E + T.
+    to_cpu=False leaves kv and saliency on the model's device and syncs nothing
+    (the build copies them out on a side stream, overlapping the next chunk).
     """
     if lm.model.config._attn_implementation != IMPLEMENTATION:
         use_kvfuse_attention(lm.model)  # records attention for the saliency prior
@@ -85,14 +104,17 @@ def prefill_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, neighbour
     kv = kv_from_cache(cache, P + E, P + E + T)  # [L, 2, H_kv, T, D]
     del cache
 
-    saliency = torch.zeros(len(SALIENCY_SIGNALS), T)
     probs = torch.stack([recorder.maps[l] for l in sorted(recorder.maps)])  # [L, T, P+E+T]
     received = probs[:, :, P + E:].float().mean(0).sum(0)                  # [T]
-    saliency[0] = (received / torch.arange(T, 0, -1, device=received.device)).cpu()
+    saliency = torch.zeros(len(SALIENCY_SIGNALS), T, device=received.device)  # float32, rounded once below
+    saliency[0] = received / torch.arange(T, 0, -1, device=received.device)
     if E:
-        iso_cache, _ = _prefill_after_prefix(lm, prefix_kv, chunk)
-        saliency[1] = kv_deviation(kv, kv_from_cache(iso_cache, P, P + T), E, lm.rope_inv_freq()).cpu()
-    return (kv.cpu() if to_cpu else kv), saliency.to(torch.float16)
+        if isolated is None:
+            iso_cache, _ = _prefill_after_prefix(lm, prefix_kv, chunk)
+            isolated = kv_from_cache(iso_cache, P, P + T)
+        saliency[1] = kv_deviation(kv, isolated.to(kv.device), E, lm.rope_inv_freq())
+    saliency = saliency.to(torch.float16)
+    return (kv.cpu(), saliency.cpu()) if to_cpu else (kv, saliency)
 
 
 def saliency_layers(n_layers: int, most: int = 8) -> set[int]:

@@ -1,5 +1,7 @@
-"""build-cache on a tiny random model: bad input, resume after SIGKILL, model mismatch."""
+"""build-cache on a tiny random model: bad input, resume after SIGKILL, model mismatch, and the
+write path (staging, shard-writer threads, kept isolated pass) storing what the sequential one did."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,10 +13,15 @@ import pytest
 import torch
 from conftest import tiny_model_dir
 
+from kvfuse.loader import format as fmt
 from kvfuse.loader.errors import ModelMismatchError
 from kvfuse.loader.store import Store, read_current
+from kvfuse.loader.writer import ShardWriter
+from kvfuse.pipeline import build
 from kvfuse.pipeline.build import BuildConfig, build_cache
 from kvfuse.pipeline.corpus import CorpusError
+from kvfuse.pipeline.isolated_kv import ISOLATED_KV
+from kvfuse.pipeline.precompute import prefill_chunk, prefill_prefix
 from kvfuse.runtime.engine import FusionEngine
 from kvfuse.runtime.model import load_model
 from kvfuse.runtime.prompt import PromptTemplate
@@ -127,3 +134,52 @@ def test_sigkill_mid_build_keeps_previous_release_and_rerun_completes(tmp_path, 
     assert {r.chunk_id for r in new.records()} == {r.chunk_id for r in clean.records()}
     for rec in clean.records():
         assert torch.equal(new.read(rec.chunk_id).kv, clean.read(rec.chunk_id).kv)
+
+
+def sequential_compute_jobs(lm, prefix_ids, jobs, cache_dir, metadata, shard_bytes, **_):
+    """The write path before issue 14: each chunk prefilled (its isolated pass rerun), copied to
+    the host, checksummed and written by one ShardWriter, in turn."""
+    prefix_kv = prefill_prefix(lm, prefix_ids)
+    writer = ShardWriter(cache_dir, metadata, shard_bytes)
+    for job in jobs:
+        if job.is_prefix:
+            kv, sal = prefix_kv, torch.zeros(len(fmt.SALIENCY_SIGNALS), len(job.token_ids))
+        else:
+            kv, sal = prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids)
+        writer.add(job.chunk_id, kv, torch.tensor(job.token_ids), sal)
+    writer.flush()
+    return writer.written
+
+
+def assert_same_chunks(got: Store, want: Store) -> None:
+    """Same chunks, index checksums, and byte-identical KV, tokens and saliency."""
+    assert {r.chunk_id for r in got.records(include_prefix=True)} == {r.chunk_id for r in want.records(include_prefix=True)}
+    for rec in want.records(include_prefix=True):
+        a, b = got.read(rec.chunk_id), want.read(rec.chunk_id)
+        assert got.record(rec.chunk_id).checksum == rec.checksum
+        assert torch.equal(a.kv.view(torch.uint8), b.kv.view(torch.uint8))
+        assert torch.equal(a.saliency.view(torch.uint8), b.saliency.view(torch.uint8))
+        assert torch.equal(a.tokens, b.tokens)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _CUDA])])
+@pytest.mark.parametrize("enrich", [False, True], ids=["isolated", "enriched"])
+def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, monkeypatch, enrich, device):
+    lm = load_model(str(model_dir), device=device)  # cuda: pinned staging, side-stream copies, events
+    cfg = BuildConfig(chunk_tokens=16, progress=False, enrich=enrich, neighbour_tokens=40,
+                      shard_bytes=40_000)  # ~5 chunks a shard: several shards, the last ones cut smaller
+    docs = corpus(tmp_path / "c.jsonl", n_docs=4)
+    new = build_cache(docs, tmp_path / "new", lm, cfg)
+    assert len(ISOLATED_KV) == 0  # what the embedding pass kept was taken or dropped
+    with monkeypatch.context() as m:
+        m.setattr(build, "compute_jobs", sequential_compute_jobs)
+        old = build_cache(docs, tmp_path / "old", lm, dataclasses.replace(cfg, isolated_kv_gb=0))
+    got, want = Store.open(tmp_path / "new"), Store.open(tmp_path / "old")
+    assert len(list((tmp_path / "new" / fmt.SHARDS_DIR).glob(f"*{fmt.SHARD_SUFFIX}"))) > 2
+    assert_same_chunks(got, want)
+    enriched_tokens = sum(r.n_tokens for r in got.records() if r.neighbours)
+    assert (enriched_tokens > 0) == enrich
+    assert new.computed == old.computed and old.prefilled - new.prefilled == enriched_tokens  # isolated pass run once

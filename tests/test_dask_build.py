@@ -1,12 +1,13 @@
 """The build as a real Dask job (LocalCluster, worker processes): same release as in-process,
-and a worker or the driver killed mid-job, then a rerun, gives the release of an uninterrupted build."""
+and a worker or the driver killed mid-job, then a rerun, gives the release of an uninterrupted build;
+the isolated pass kept from the embedding pass changes no byte."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cloudpickle
 import pytest
@@ -141,6 +142,22 @@ def test_driver_killed_mid_job_then_rerun_gives_the_uninterrupted_release(tmp_pa
     assert report.reused >= done - 1  # the shards written before the kill (one may hold the prefix) are reused
     assert report.computed < ref.computed
     assert_same_release(Store.open(cache), want)
+
+
+def _kept_isolated_kv() -> int:
+    from kvfuse.pipeline.isolated_kv import ISOLATED_KV  # the worker's own (imported there, not pickled)
+    return len(ISOLATED_KV)
+
+
+def test_dask_build_keeps_the_isolated_pass_and_stores_the_same_bytes(tmp_path, client, model_dir):
+    corpus = write_docs(tmp_path / "c.jsonl", make_docs(n=8))
+    loader = ModelLoader(str(model_dir))
+    kept = build_on_dask(client, corpus, tmp_path / "kept", loader, CFG, CLUSTER)
+    assert set(client.run(_kept_isolated_kv).values()) == {0}  # taken by precompute or dropped after the build
+    rerun = build_on_dask(client, corpus, tmp_path / "rerun", loader, replace(CFG, isolated_kv_gb=0, shard_writers=1),
+                          CLUSTER)
+    assert kept.computed == rerun.computed and kept.prefilled < rerun.prefilled
+    assert_same_release(Store.open(tmp_path / "kept"), Store.open(tmp_path / "rerun"))
 
 
 def test_cli_build_cache_on_the_scheduler_named_by_the_env_var(tmp_path, client, model_dir, reference, monkeypatch):

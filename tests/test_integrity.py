@@ -319,8 +319,8 @@ def sigkill_at_marker(script: str, cache: Path, marker: Path) -> None:
 
     proc = subprocess.Popen([sys.executable, "-c", script, str(cache), str(marker), str(Path(__file__).parent)])
     try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
+        deadline = time.monotonic() + 180   # the script imports torch: slow on a loaded 2-core machine
+        while not (marker.exists() and marker.stat().st_size):   # written, not just created
             assert proc.poll() is None and time.monotonic() < deadline, "the script never reached its marker"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
