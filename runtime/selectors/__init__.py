@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch
 
-from . import a3, cacheblend, epic, full, kvfuse, prophet, qattn, reuse
-from .base import SelectionContext
+from . import a3, cacheblend, epic, full, gradual, kvfuse, prophet, qattn, reuse
+from .base import LayerPlan, SelectionContext
 
-Selector = Callable[[SelectionContext, int], torch.Tensor]
+Selector = Callable[[SelectionContext, int], "torch.Tensor | LayerPlan"]
 
 SELECTORS: dict[str, Selector] = {
     "full": full.select,
@@ -25,6 +25,9 @@ SELECTORS: dict[str, Selector] = {
     "qattn": qattn.select,
     "prophet": prophet.select,
     "kvfuse": kvfuse.select,
+    "kvfuse-gradual": gradual.select,
+    "kvfuse-1probe": gradual.one_probe,
+    **gradual.VARIANTS,
 }
 
 DEFAULT = "kvfuse"
@@ -37,4 +40,4 @@ def get_selector(name: str) -> Selector:
         raise ValueError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}") from None
 
 
-__all__ = ["DEFAULT", "SELECTORS", "SelectionContext", "Selector", "get_selector"]
+__all__ = ["DEFAULT", "SELECTORS", "LayerPlan", "SelectionContext", "Selector", "get_selector"]
