@@ -79,4 +79,5 @@ VARIANTS = {   # dev variants (docs/selectors.md)
     "g-a3-2half": _variant(levels=((0.0, 1.5), (0.5, 0.5))),
     "g-fused": _variant(probe="fused"),
     "g-a3-w4": _variant(window=4),
+    "g-flat": _variant(levels=((0.0, 1.0),)),     # control: the same S_0 rule, no narrowing
 }
