@@ -88,6 +88,8 @@ def probe_depth(selector: str, n_layers: int) -> int:
     """Layers 0..d-1 a selector's plain question probe reads (n_layers: all). ValueError if unknown."""
     fn = get_selector(selector)
     depth = PROBE_LAYERS[selector] if selector in PROBE_LAYERS else getattr(fn, "probe_layers", None)
+    if depth is None and getattr(fn, "probe_share", None) is not None:   # a share of the layers, from layer 0
+        depth = max(1, round(fn.probe_share * n_layers))
     return n_layers if depth is None else min(n_layers, depth)
 
 

@@ -14,7 +14,7 @@ from kvfuse.runtime.selectors import SELECTORS, LayerPlan, get_selector
 from kvfuse.runtime.selectors import gradual
 from kvfuse.runtime.selectors.base import layer_schedule
 from kvfuse.runtime.selectors.cacheblend import deviation
-from kvfuse.runtime.selectors import kvfuse
+from kvfuse.runtime.selectors import kvfuse, kvfuse_staged
 from kvfuse.runtime.selectors.kvfuse import chunk_budgets
 
 PREFIX = [2, 10, 11, 12]
@@ -138,29 +138,59 @@ def test_kvfuse_chunk_budgets():
     assert sum(chunk_budgets(torch.rand(7), [3, 50, 8, 20, 1, 9, 30], 40)) == 40
 
 
-def test_kvfuse_refines_in_stages(lm, prompt):
+def test_kvfuse_staged_refines_in_stages(lm, prompt):
     prep = prepare(lm, *prompt)
     seen = []
     attend = prep.ctx.attend
     prep.ctx.attend = lambda sel: seen.append(sel.clone()) or attend(sel)
-    sel = run(prep, "kvfuse", 0.3).recomputed
+    sel = run(prep, "kvfuse-staged", 0.3).recomputed
     budget = round(0.3 * prep.layout.context_len)
-    starts = kvfuse.chunk_starts(prep.ctx, budget)
+    starts = kvfuse_staged.chunk_starts(prep.ctx, budget)
     assert starts.numel() > 0 and torch.isin(starts, sel).all()
-    assert starts.numel() <= budget * kvfuse.START_SHARE
+    assert starts.numel() <= budget * kvfuse_staged.START_SHARE
     # one probe per stage, each over the tokens chosen before it (a growing subset of the result)
     rest = budget - starts.numel()
-    assert [s.numel() for s in seen] == [starts.numel() + round(rest * k / kvfuse.STAGES) for k in range(kvfuse.STAGES)]
+    stages = kvfuse_staged.STAGES
+    assert [s.numel() for s in seen] == [starts.numel() + round(rest * k / stages) for k in range(stages)]
     assert all(bool(torch.isin(s, sel).all()) for s in seen)
 
 
+def test_kvfuse_runs_one_plain_probe_and_splits_by_chunk(lm, prompt):
+    """The default: chunk starts, then the rest by the plain probe's relevance with per-chunk budgets;
+    the question probe is its only model pass besides the recompute."""
+    prep = prepare(lm, *prompt)
+    seen = []
+    attend = prep.ctx.attend
+    prep.ctx.attend = lambda sel: seen.append(sel.numel()) or attend(sel)
+    budget = round(0.3 * prep.layout.context_len)
+    sel = run(prep, "kvfuse", 0.3).recomputed
+    assert seen == [0]                                                     # one probe, of the question alone
+    starts = kvfuse.chunk_starts(prep.ctx, budget)
+    assert starts.numel() > 0 and torch.isin(starts, sel).all() and sel.numel() == budget
+    rel = kvfuse.relevance(prep.ctx)
+    owner = prep.layout.chunk_index()
+    free = torch.bincount(owner, minlength=len(LENS)) - torch.bincount(owner[starts - prep.layout.prefix_len],
+                                                                      minlength=len(LENS))
+    chunk_rel = torch.zeros(len(LENS)).index_add_(0, owner, rel.float())
+    want = torch.tensor(chunk_budgets(chunk_rel, free.tolist(), budget - starts.numel()))
+    got = torch.bincount(owner[sel - prep.layout.prefix_len], minlength=len(LENS)) - (free.new_tensor(LENS) - free)
+    assert torch.equal(got, want)
+
+
+def test_kvfuse_probe_share_sets_the_request_probe_depth(lm, monkeypatch):
+    from kvfuse.runtime.fusion import probe_depth
+    assert probe_depth("kvfuse", 32) == 32
+    monkeypatch.setattr(kvfuse.select, "probe_share", 0.5)
+    assert probe_depth("kvfuse", 32) == 16 and probe_depth("kvfuse-staged", 32) == 32
+
+
 @pytest.mark.parametrize("option", [{"CHUNK_BUDGET": True}, {"SPAN": 4}, {"PRIOR_EXP": 1.0}])
-def test_kvfuse_options_keep_the_contract(lm, prompt, monkeypatch, option):
+def test_kvfuse_staged_options_keep_the_contract(lm, prompt, monkeypatch, option):
     for k, v in option.items():
-        monkeypatch.setattr(kvfuse, k, v)
+        monkeypatch.setattr(kvfuse_staged, k, v)
     prep = prepare(lm, *prompt)
     for ratio in (0.1, 0.4, 1.0):
-        sel = run(prep, "kvfuse", ratio).recomputed
+        sel = run(prep, "kvfuse-staged", ratio).recomputed
         assert sel.numel() == round(ratio * prep.layout.context_len)
         assert torch.equal(sel, sel.unique())
         assert ((sel >= prep.layout.prefix_len) & (sel < prep.layout.question_start)).all()
@@ -229,7 +259,7 @@ def test_gradual_selector_plans_chunk_starts_then_probe_picks(lm, prompt):
     prep = prepare(lm, *prompt)
     budget = round(0.3 * prep.layout.context_len)
     plan = gradual.plan(prep.ctx, budget)
-    starts = kvfuse.chunk_starts(prep.ctx, budget)
+    starts = kvfuse_staged.chunk_starts(prep.ctx, budget)
     assert plan.keep == layer_schedule(list(gradual.LEVELS), lm.spec.n_layers, budget, prep.layout.context_len)
     assert torch.isin(starts, plan.initial).all() and torch.equal(plan.pinned, starts)
     assert plan.initial.numel() > budget > plan.keep[-1]

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import a3, cacheblend, epic, full, gradual, kvfuse, prophet, qattn, reuse
+from . import a3, cacheblend, epic, full, gradual, kvfuse, kvfuse_staged, prophet, qattn, reuse
 from .base import LayerPlan, SelectionContext
 
 Selector = Callable[[SelectionContext, int], "torch.Tensor | LayerPlan"]
@@ -24,10 +24,10 @@ SELECTORS: dict[str, Selector] = {
     "a3": a3.select,
     "qattn": qattn.select,
     "prophet": prophet.select,
-    "kvfuse": kvfuse.select,
-    "kvfuse-gradual": gradual.select,
-    "kvfuse-1probe": gradual.one_probe,
-    **gradual.VARIANTS,
+    "kvfuse": kvfuse.select,                  # one question probe, chunk starts, chunk budgets (the default)
+    "kvfuse-staged": kvfuse_staged.select,    # the former default: three probe stages (6x the selection cost)
+    "kvfuse-gradual": gradual.select,         # per-layer sets narrowed inside the recompute (LayerPlan), a3's probe
+    "kvfuse-gradual-full": gradual.select_full_probe,  # the same from the all-layer probe
 }
 
 DEFAULT = "kvfuse"

@@ -1,5 +1,6 @@
 """`kvfuse-gradual`: a larger set at the first layers, narrowed inside the recompute (CacheBlend's
-gradual filtering, ranked by the question as kvfuse ranks).
+gradual filtering, ranked by the question as kvfuse ranks). Measured, not the default: on the
+dev runs it was no better than the same S_0 kept flat, and below `kvfuse` (docs/selectors.md).
 
 S_0 (the recompute's set at layer 0) is the chunk starts plus the tokens the question attends
 to most in a cheap probe; at the layers where `LEVELS` steps down the driver keeps the tokens
@@ -19,7 +20,7 @@ import torch
 
 from . import a3
 from .base import LayerPlan, SelectionContext, clamp_budget, fused_layer_attention, layer_schedule, top_positions
-from .kvfuse import chunk_starts
+from .kvfuse_staged import chunk_starts
 
 LEVELS = ((0.0, 2.0), (1 / 3, 0.75), (2 / 3, 0.25))   # (first layer / L, tokens / budget): mean = 1 budget
 PROBE = "a3"
@@ -54,30 +55,6 @@ select.probe_layers = a3.LAYER + 1 if PROBE == "a3" else None
 select.on_device = PROBE == "a3"   # scores, picks and the in-pass narrowing all stay on the GPU: no host sync
 
 
-def one_probe(ctx: SelectionContext, budget: int) -> torch.Tensor:
-    """A fixed set: kvfuse's chunk starts and chunk budgets over one all-layer question probe
-    (its stage 1 without the chunk starts recomputed; no stages 2-3)."""
-    from .kvfuse import _pick
-    lay = ctx.layout
-    budget = clamp_budget(budget, lay.context_len)
-    chosen = chunk_starts(ctx, budget)
-    relevance = probe_scores(ctx, "fused")
-    scores = relevance.clone()
-    scores[chosen - lay.prefix_len] = float("-inf")
-    return torch.cat((chosen, _pick(ctx, scores, relevance, budget - chosen.numel()))).sort().values
-
-
-def _variant(**kw):
-    def sel(ctx: SelectionContext, budget: int) -> LayerPlan:
-        return plan(ctx, budget, **kw)
-    sel.probe_layers = a3.LAYER + 1 if kw.get("probe", PROBE) == "a3" else None
-    sel.on_device = kw.get("probe", PROBE) == "a3"
-    return sel
-
-
-VARIANTS = {   # dev variants (docs/selectors.md)
-    "g-a3-2half": _variant(levels=((0.0, 1.5), (0.5, 0.5))),
-    "g-fused": _variant(probe="fused"),
-    "g-a3-w4": _variant(window=4),
-    "g-flat": _variant(levels=((0.0, 1.0),)),     # control: the same S_0 rule, no narrowing
-}
+def select_full_probe(ctx: SelectionContext, budget: int) -> LayerPlan:
+    """`kvfuse-gradual-full`: S_0 from the all-layer probe (kvfuse's), narrowed the same way."""
+    return plan(ctx, budget, probe="fused")
