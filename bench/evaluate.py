@@ -231,14 +231,16 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
         if results.has(ex.id, method, ratio, chunks_rev):
             continue
         res = run(prep, method, ratio)
-        key = tuple(res.recomputed.tolist())
+        key = (tuple(res.recomputed.tolist()), tuple(res.layer_counts or ()),
+               tuple(res.kept.tolist()) if res.kept is not None else ())   # a layer plan narrows with depth
         if key not in by_selection:
             by_selection[key] = len(pending)
             pending.append((res.cache, res.logits))
         rows.append(({"method": method, "ratio": ratio, "rev": selector_rev(method), "chunks": chunks_rev, "kl": first_token_kl(full_lp, res.logits),
                       "n_context": n_context, "n_recomputed": res.n_recomputed,
                       "ttft_s": res.timings["select_s"] + res.timings["recompute_s"],
-                      "select_s": res.timings["select_s"]}, by_selection[key]))
+                      "select_s": res.timings["select_s"],
+                      **({"layer_counts": res.layer_counts} if res.layer_counts is not None else {})}, by_selection[key]))
     if not rows and not need_full:
         return
     decoded = greedy_batch(lm, [c for c, _ in pending], [l for _, l in pending], len(all_ids), ex.max_new_tokens, stop)

@@ -23,6 +23,14 @@ new token attend to every key at a position <= its own (`recompute_attention`:
 FlexAttention with a block mask on CUDA, SDPA with one boolean mask elsewhere;
 no dense float mask, no `repeat_kv`). At ratio 1 this is a full prefill (up to
 float rounding); at ratio 0 it is prefix caching.
+
+A selector may return a `LayerPlan` instead of a fixed set (gradual filtering):
+the pass starts with a larger set S_0 and, at the layers where the plan's
+`keep` drops, keeps only the tokens of the current set the question attended to
+most in the layers just run (`LayerNarrowing`: the question rows' attention is
+recorded inside the pass, a few extra rows of scores), so the selection's later
+stages cost nothing beyond the recompute. Dropped tokens read their stored KV
+from that layer on. A constant plan is the fixed set, exactly.
 """
 
 from __future__ import annotations
@@ -43,13 +51,14 @@ from .guards import probe_view
 from .layout import FusedLayout
 from .model import LoadedModel, cache_kwargs
 from .rope import rerotate_keys
-from .selectors import SelectionContext, get_selector
+from .selectors import LayerPlan, SelectionContext, get_selector
 
 # How many layers (from 0) a selector's question probe reads (0: no probe); others probe every
 # layer. A request that runs one selector (`fuse`, the tiered path) probes only that deep.
 PROBE_LAYERS = {"a3": 2, "epic": 0, "reuse": 0, "full": 0}
 # Selectors that score on device tensors as they are: on CUDA their selection stays on the GPU,
 # so the host queues the recompute right behind the probe instead of waiting for its result.
+# (A selector function may also say so itself: `select.on_device = True`.)
 DEVICE_SELECTORS = {"a3"}
 
 
@@ -58,11 +67,16 @@ class FusionResult:
     cache: object                # transformers DynamicCache, positions 0..total_len-1
     logits: torch.Tensor         # [V] float32, first generated token's logits
     layout: FusedLayout
-    recomputed: torch.Tensor     # [S] absolute positions of recomputed context tokens
+    recomputed: torch.Tensor     # [S] absolute positions of recomputed context tokens (a plan's: at layer 0)
     timings: dict = field(default_factory=dict)
+    layer_counts: list[int] | None = None   # a `LayerPlan`'s context tokens recomputed per layer [L]
+    kept: torch.Tensor | None = None         # a `LayerPlan`'s set at the last layer [S_{L-1}]
 
     @property
     def n_recomputed(self) -> int:
+        """Context tokens recomputed; for a layer plan the per-layer mean (its FLOPs in tokens)."""
+        if self.layer_counts is not None:
+            return round(sum(self.layer_counts) / len(self.layer_counts))
         return int(self.recomputed.numel())
 
     @property
@@ -74,6 +88,8 @@ def probe_depth(selector: str, n_layers: int) -> int:
     """Layers 0..d-1 a selector's plain question probe reads (n_layers: all). ValueError if unknown."""
     fn = get_selector(selector)
     depth = PROBE_LAYERS[selector] if selector in PROBE_LAYERS else getattr(fn, "probe_layers", None)
+    if depth is None and getattr(fn, "probe_share", None) is not None:   # a share of the layers, from layer 0
+        depth = max(1, round(fn.probe_share * n_layers))
     return n_layers if depth is None else min(n_layers, depth)
 
 
@@ -161,18 +177,109 @@ def _scattered(lm: LoadedModel, positions: torch.Tensor, n_keys: int, attention:
     return nullcontext(), _recompute_mask(positions, n_keys, lm.spec.dtype)
 
 
+class LayerNarrowing:
+    """Runs a `LayerPlan` inside one recompute pass (forward pre-hooks on the decoder layers).
+
+    Rows are the pass's input tokens: S_0 (ascending positions) then the Q question tokens.
+    The question rows' attention is recorded at the layers before each narrowing; at a layer
+    where keep drops, the candidates' scores (each layer's attention summed over question
+    tokens, normalised to sum 1 over the candidates, averaged over the layers since the last
+    narrowing; pinned tokens first) pick the kept rows, and from that layer on the hidden
+    states, position embeddings, position ids, mask rows, the cache layer's write slots and
+    the scattered attention's queries are those rows'. Everything stays on the device: no
+    host sync (the counts are the plan's). `kept` [S_{L-1}] holds the last layer's positions."""
+
+    def __init__(self, model, plan: LayerPlan, positions: torch.Tensor, n_question: int, cache):
+        self.layers = model.model.layers
+        self.plan, self.cache, self.n_question = plan, cache, n_question
+        self.positions = positions                                          # [S_0 + Q] on the device
+        device = positions.device
+        n0 = plan.keep[0]
+        self.rows = torch.arange(n0 + n_question, device=device)           # live rows, into the pass's input
+        self.pinned = torch.zeros(n0, dtype=torch.bool, device=device)      # [S_0]
+        if plan.pinned is not None and plan.pinned.numel():
+            self.pinned = torch.isin(positions[:n0], plan.pinned.to(device))
+        self.points = [l for l in range(1, len(plan.keep)) if plan.keep[l] < plan.keep[l - 1]]
+        self.windows = {}                                                   # narrowing layer -> scored layers
+        since = 0
+        for p in self.points:
+            self.windows[p] = range(max(since, p - plan.window) if plan.window else since, p)
+            since = p
+        self.recorder = AttentionRecorder(layers={l for w in self.windows.values() for l in w},
+                                          query_rows=slice(-n_question, None) if n_question else slice(0, 0))
+        self.handles = []
+        self.kept = positions[:n0]
+
+    def __enter__(self):
+        if self.points:
+            for l in range(self.points[0], len(self.layers)):
+                self.handles.append(self.layers[l].register_forward_pre_hook(self._hook(l), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False
+
+    def _scores(self, layer: int) -> torch.Tensor:
+        """[S_cur] the candidates' question attention, fused over the window's layers."""
+        ctx_pos = self.positions[self.rows[:self.rows.numel() - self.n_question]]
+        total = torch.zeros(ctx_pos.numel(), device=ctx_pos.device)
+        for l in self.windows[layer]:
+            attn = self.recorder.maps.pop(l)[:, ctx_pos].float().sum(0)          # [S_cur]
+            total += attn / attn.sum().clamp_min(1e-12)
+        return total
+
+    def _narrow(self, layer: int) -> None:
+        keep = self.plan.keep[layer]
+        n_cur = self.rows.numel() - self.n_question
+        scores = self._scores(layer).masked_fill(self.pinned[self.rows[:n_cur]], float("inf"))
+        top = torch.sort(scores, descending=True, stable=True).indices[:keep].sort().values     # [keep] local rows
+        self.rows = torch.cat((self.rows[top], self.rows[n_cur:]))
+        self.local = torch.cat((top, torch.arange(n_cur, n_cur + self.n_question, device=top.device)))
+        self.kept = self.positions[self.rows[:keep]]
+        recompute_attention.narrow(self.positions[self.rows])
+
+    def _hook(self, layer: int):
+        def pre(module, args, kwargs):
+            narrowing = layer in self.points
+            if narrowing:
+                self._narrow(layer)
+            rows = self.rows
+            self.cache.layers[layer].slots = self.kept
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if narrowing:
+                hidden = hidden[:, self.local]                                   # [1, S_l + Q, d]
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = (cos[:, rows], sin[:, rows])
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"][:, rows]
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape[-2] == self.positions.numel():
+                kwargs["attention_mask"] = mask[..., rows, :]
+            return (hidden, *args[1:]), kwargs
+        return pre
+
+
 @torch.inference_mode()
 def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Tensor,
-              question_ids: torch.Tensor, selected: torch.Tensor, recorder: AttentionRecorder | None = None,
-              cache_factory=None, attention: str | None = None, groups: int | None = None, peek: bool = False):
+              question_ids: torch.Tensor, selected, recorder: AttentionRecorder | None = None,
+              cache_factory=None, attention: str | None = None, groups: int | None = None, peek: bool = False,
+              narrowing: list | None = None):
     """Run S + Q through the model over the fused cache; returns (cache, first-token logits [V]).
 
+    selected: positions [S], or a `LayerPlan` (S = its initial set, narrowed with depth; the
+    `LayerNarrowing` is appended to `narrowing` when a list is given, for its `kept` set).
     kv: the stored KV [L, 2, H_kv, N, D] or a `FusedKV` (whose `cache` is used).
     cache_factory(kv, slots=...) builds the cache instead (default: a copy of kv).
     attention: the recompute's attention backend (`recompute_attention.BACKENDS`; default
     per device); groups > 1: the `grouped` backend with that many query groups.
     peek (with no selection): a read-only cache, for probes."""
     device = lm.model.device
+    plan = selected if isinstance(selected, LayerPlan) else None
+    if plan is not None:
+        selected = plan.initial
     selected = selected.to(device).sort().values                                   # ascending, no host sync
     q_pos = torch.arange(layout.question_start, layout.total_len, device=device)
     positions = torch.cat((selected, q_pos))                                        # [S+Q]
@@ -189,7 +296,18 @@ def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Te
     # take that path too (the same function, without a dense mask or repeat_kv).
     scattered, mask = (nullcontext(), None) if slots is None and not peek else _scattered(
         lm, positions, layout.total_len, attention, groups)
-    with scattered, record_attention(recorder) if recorder else nullcontext():
+    layered = nullcontext()
+    if plan is not None and not plan.constant:
+        if recorder is not None:
+            raise ValueError("a probe pass (recorder) can't run a narrowing LayerPlan")
+        if lm.model.config._attn_implementation != IMPLEMENTATION:
+            raise ValueError(f"a narrowing LayerPlan needs the model on the {IMPLEMENTATION!r} attention "
+                             "(runtime.attention.use_kvfuse_attention): it reads the question's attention in the pass")
+        layered = LayerNarrowing(lm.model, plan, positions, len(question_ids), cache)
+        recorder = layered.recorder
+        if narrowing is not None:
+            narrowing.append(layered)
+    with scattered, layered, record_attention(recorder) if recorder else nullcontext():
         out = lm.model(input_ids=input_ids[None].long(), position_ids=positions[None], **cache_kwargs(lm.model, cache),
                        attention_mask=mask, use_cache=True, logits_to_keep=1)
     return cache, out.logits[0, -1].float()
@@ -305,11 +423,22 @@ def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, p
     return prep
 
 
+def with_forced(plan: LayerPlan, forced: torch.Tensor) -> LayerPlan:
+    """`plan` with the `forced` positions [R] (chunks the cold plan recomputes instead of loading)
+    recomputed at every layer: added to the initial set, pinned, and counted in every layer's keep."""
+    initial = plan.initial.long().cpu()
+    forced = forced.long().cpu()
+    new = forced[~torch.isin(forced, initial)]
+    pinned = forced if plan.pinned is None else torch.cat((plan.pinned.long().cpu(), forced)).unique()
+    return LayerPlan(torch.cat((initial, new)).sort().values, [k + new.numel() for k in plan.keep], pinned,
+                     plan.window)
+
+
 def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected: torch.Tensor | None = None,
         attention: str | None = None, groups: int | None = None) -> FusionResult:
     """Select `ratio` of the context tokens of a prepared prompt and recompute them with the question.
 
-    selected: absolute positions to recompute instead of asking the selector. attention /
+    selected: absolute positions (or a `LayerPlan`) to recompute instead of asking the selector. attention /
     groups: the recompute's attention backend (see `recompute`). Timings (seconds):
     assemble_s or open_s (getting the KV), select_s (with the signals it read, whoever paid
     for them), recompute_s, total_s. On CUDA, with a selector of DEVICE_SELECTORS the
@@ -320,7 +449,8 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
     select = get_selector(selector)
     ctx, lm, source = prep.ctx, prep.lm, prep.source
     cuda = lm.model.device.type == "cuda"
-    on_device = (prep.per_request and cuda and selected is None and selector in DEVICE_SELECTORS
+    on_device = (prep.per_request and cuda and selected is None
+                 and (selector in DEVICE_SELECTORS or getattr(select, "on_device", False))
                  and not (groups is not None and groups > 1) and attention != "grouped")
     prep.on_device = on_device
     ctx.used.clear()
@@ -334,12 +464,17 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
             source.wait_all()  # an unknown selector may read any layer of ctx.kv
         budget = round(ratio * prep.layout.context_len)
         selected = select(ctx, budget)
+    plan = selected if isinstance(selected, LayerPlan) else None
     if forced is not None and forced.numel():
-        selected = torch.cat((selected.long(), forced.to(selected.device))).unique()  # sorted, no repeats
-    selected = selected.long() if on_device else selected.long().cpu()
+        selected = with_forced(selected, forced) if plan is not None else \
+            torch.cat((selected.long(), forced.to(selected.device))).unique()  # sorted, no repeats
+        plan = selected if plan is not None else None
+    if plan is None:
+        selected = selected.long() if on_device else selected.long().cpu()
     t_select = time.perf_counter()
+    narrowing: list[LayerNarrowing] = []
     cache, logits = recompute(lm, source, prep.layout, source.context_tokens, prep.question_ids, selected,
-                              attention=attention, groups=groups)
+                              attention=attention, groups=groups, narrowing=narrowing)
     if cuda:
         torch.cuda.current_stream(lm.model.device).synchronize()
     t_done = time.perf_counter()
@@ -348,10 +483,12 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
     own_select = (t_select - t0) - (sum(ctx.costs.values()) - paid_before)
     select_s = own_select + ctx.signal_seconds()
     got = dict(source.timings)
-    return FusionResult(cache, logits, prep.layout, selected.cpu(), timings={
+    initial = plan.initial if plan is not None else selected
+    kept = narrowing[0].kept.cpu() if narrowing else (initial.cpu() if plan is not None else None)
+    return FusionResult(cache, logits, prep.layout, initial.cpu(), timings={
         **got, "select_s": select_s, "recompute_s": t_done - t_select,
         "total_s": sum(got.values()) + select_s + t_done - t_select,
-    })
+    }, layer_counts=list(plan.keep) if plan is not None else None, kept=kept)
 
 
 def fuse(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], question_ids: torch.Tensor,

@@ -201,6 +201,18 @@ def current() -> ScatteredQueries | None:
     return getattr(_local, "active", None)
 
 
+def narrow(positions: torch.Tensor) -> ScatteredQueries | None:
+    """Inside a pass whose query set shrinks with depth (`fusion`'s layer plans): the layers from
+    now on attend the queries at `positions` [R'] (ascending, a subset of the pass's), with the
+    same backend; masks are built anew for them. Returns the new pass (None outside a pass).
+    The enclosing `scattered_queries` restores the thread's previous pass on exit."""
+    sq = current()
+    if sq is None:
+        return None
+    _local.active = ScatteredQueries(positions, sq.n_keys, sq.backend)
+    return _local.active
+
+
 @contextmanager
 def scattered_queries(positions: torch.Tensor, n_keys: int, backend: str | None = None, groups: int | None = None):
     """Run the model's `kvfuse` attention over scattered queries at `positions` [R] (ascending)

@@ -114,6 +114,47 @@ def test_recompute_attention_backends_equal_dense_mask(lm, backend):
     torch.testing.assert_close(kv_from_cache(got.cache), kv_from_cache(want.cache), atol=1e-4, rtol=0)
 
 
+def _narrowing_case(lm, seed=3):
+    from kvfuse.runtime.fusion import prepare
+    from kvfuse.runtime.selectors import LayerPlan
+    g = torch.Generator().manual_seed(seed)
+    chunk_lists = [torch.randint(5, 100, (n,), generator=g).tolist() for n in (40, 25, 33)]
+    prefix, chunks = make_chunks(lm, [2, 10, 11], chunk_lists)
+    prep = prepare(lm, prefix, chunks, torch.tensor([60, 61, 62, 63]))
+    C = prep.layout.context_len
+    initial = torch.randperm(C, generator=g)[: C // 2].sort().values + prep.layout.prefix_len
+    keep = [initial.numel()] + [initial.numel() // 3] * (lm.spec.n_layers - 1)
+    return prep, LayerPlan(initial=initial, keep=keep, pinned=initial[:2])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "grouped"])
+def test_narrowing_plan_backends_equal_dense_mask(lm, backend):
+    """A plan that narrows inside the pass: every backend keeps the same tokens and computes the
+    dense-mask path's cache and logits (the narrowed layers attend a new query set)."""
+    from kvfuse.runtime.fusion import run
+    prep, plan = _narrowing_case(lm)
+    want = run(prep, "full", 0.3, selected=plan, attention="dense")
+    got = run(prep, "full", 0.3, selected=plan, attention=backend, groups=3 if backend == "grouped" else None)
+    assert torch.equal(got.kept, want.kept) and got.kept.numel() == plan.keep[-1]
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(kv_from_cache(got.cache), kv_from_cache(want.cache), atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_narrowing_plan_flex_equals_dense(tmp_path_factory):
+    """On CUDA (FlexAttention compiled, bf16): the narrowing pass keeps the dense path's tokens,
+    logits within bf16 tolerance."""
+    from kvfuse.runtime.fusion import run
+    lm = load_model(str(tiny_model_dir(tmp_path_factory, arch="qwen2")), device="cuda", dtype="bfloat16")
+    use_kvfuse_attention(lm.model)
+    prep, plan = _narrowing_case(lm)
+    want = run(prep, "full", 0.3, selected=plan, attention="dense")
+    got = run(prep, "full", 0.3, selected=plan, attention="flex")
+    assert torch.equal(got.kept, want.kept)
+    torch.testing.assert_close(got.logits, want.logits, atol=2e-2, rtol=0)
+
+
 def test_recompute_builds_no_dense_float_mask(lm, monkeypatch):
     """The kvfuse attention attends scattered queries without the [S+Q, K] float mask (issue 11)."""
     from kvfuse.runtime import fusion, recompute_attention

@@ -10,9 +10,11 @@ from kvfuse.runtime.attention import use_kvfuse_attention
 from kvfuse.runtime.fusion import full_prefill, fuse, greedy, greedy_batch, prepare, run
 from kvfuse.runtime.kvcache import kv_from_cache
 from kvfuse.runtime.model import load_model
-from kvfuse.runtime.selectors import SELECTORS, get_selector
+from kvfuse.runtime.selectors import SELECTORS, LayerPlan, get_selector
+from kvfuse.runtime.selectors import gradual
+from kvfuse.runtime.selectors.base import layer_schedule
 from kvfuse.runtime.selectors.cacheblend import deviation
-from kvfuse.runtime.selectors import kvfuse
+from kvfuse.runtime.selectors import kvfuse, kvfuse_staged
 from kvfuse.runtime.selectors.kvfuse import chunk_budgets
 
 PREFIX = [2, 10, 11, 12]
@@ -55,9 +57,15 @@ def test_budget_respected_positions_valid_and_question_recomputed(lm, prompt, na
     lay = res.layout
     budget = round(ratio * lay.context_len)
     sel = res.recomputed
-    assert sel.numel() <= budget
+    assert res.n_recomputed <= budget
     if name != "reuse":
-        assert sel.numel() == budget  # every selector but reuse spends its whole budget
+        assert res.n_recomputed == budget  # every selector but reuse spends its whole budget
+    if res.layer_counts is not None:       # a layer plan: budget x layers at equal FLOPs, nested sets
+        assert sum(res.layer_counts) == budget * lm.spec.n_layers
+        assert res.layer_counts[0] == sel.numel() and res.kept.numel() == res.layer_counts[-1]
+        assert torch.isin(res.kept, sel).all()
+    else:
+        assert sel.numel() == res.n_recomputed
     assert torch.equal(sel, sel.unique())  # sorted, no duplicates
     assert ((sel >= lay.prefix_len) & (sel < lay.question_start)).all()  # context only, never the question
     # the question's K/V are always fresh: the cache holds every position up to the question's end,
@@ -130,29 +138,59 @@ def test_kvfuse_chunk_budgets():
     assert sum(chunk_budgets(torch.rand(7), [3, 50, 8, 20, 1, 9, 30], 40)) == 40
 
 
-def test_kvfuse_refines_in_stages(lm, prompt):
+def test_kvfuse_staged_refines_in_stages(lm, prompt):
     prep = prepare(lm, *prompt)
     seen = []
     attend = prep.ctx.attend
     prep.ctx.attend = lambda sel: seen.append(sel.clone()) or attend(sel)
-    sel = run(prep, "kvfuse", 0.3).recomputed
+    sel = run(prep, "kvfuse-staged", 0.3).recomputed
     budget = round(0.3 * prep.layout.context_len)
-    starts = kvfuse.chunk_starts(prep.ctx, budget)
+    starts = kvfuse_staged.chunk_starts(prep.ctx, budget)
     assert starts.numel() > 0 and torch.isin(starts, sel).all()
-    assert starts.numel() <= budget * kvfuse.START_SHARE
+    assert starts.numel() <= budget * kvfuse_staged.START_SHARE
     # one probe per stage, each over the tokens chosen before it (a growing subset of the result)
     rest = budget - starts.numel()
-    assert [s.numel() for s in seen] == [starts.numel() + round(rest * k / kvfuse.STAGES) for k in range(kvfuse.STAGES)]
+    stages = kvfuse_staged.STAGES
+    assert [s.numel() for s in seen] == [starts.numel() + round(rest * k / stages) for k in range(stages)]
     assert all(bool(torch.isin(s, sel).all()) for s in seen)
 
 
+def test_kvfuse_runs_one_plain_probe_and_splits_by_chunk(lm, prompt):
+    """The default: chunk starts, then the rest by the plain probe's relevance with per-chunk budgets;
+    the question probe is its only model pass besides the recompute."""
+    prep = prepare(lm, *prompt)
+    seen = []
+    attend = prep.ctx.attend
+    prep.ctx.attend = lambda sel: seen.append(sel.numel()) or attend(sel)
+    budget = round(0.3 * prep.layout.context_len)
+    sel = run(prep, "kvfuse", 0.3).recomputed
+    assert seen == [0]                                                     # one probe, of the question alone
+    starts = kvfuse.chunk_starts(prep.ctx, budget)
+    assert starts.numel() > 0 and torch.isin(starts, sel).all() and sel.numel() == budget
+    rel = kvfuse.relevance(prep.ctx)
+    owner = prep.layout.chunk_index()
+    free = torch.bincount(owner, minlength=len(LENS)) - torch.bincount(owner[starts - prep.layout.prefix_len],
+                                                                      minlength=len(LENS))
+    chunk_rel = torch.zeros(len(LENS)).index_add_(0, owner, rel.float())
+    want = torch.tensor(chunk_budgets(chunk_rel, free.tolist(), budget - starts.numel()))
+    got = torch.bincount(owner[sel - prep.layout.prefix_len], minlength=len(LENS)) - (free.new_tensor(LENS) - free)
+    assert torch.equal(got, want)
+
+
+def test_kvfuse_probe_share_sets_the_request_probe_depth(lm, monkeypatch):
+    from kvfuse.runtime.fusion import probe_depth
+    assert probe_depth("kvfuse", 32) == 32
+    monkeypatch.setattr(kvfuse.select, "probe_share", 0.5)
+    assert probe_depth("kvfuse", 32) == 16 and probe_depth("kvfuse-staged", 32) == 32
+
+
 @pytest.mark.parametrize("option", [{"CHUNK_BUDGET": True}, {"SPAN": 4}, {"PRIOR_EXP": 1.0}])
-def test_kvfuse_options_keep_the_contract(lm, prompt, monkeypatch, option):
+def test_kvfuse_staged_options_keep_the_contract(lm, prompt, monkeypatch, option):
     for k, v in option.items():
-        monkeypatch.setattr(kvfuse, k, v)
+        monkeypatch.setattr(kvfuse_staged, k, v)
     prep = prepare(lm, *prompt)
     for ratio in (0.1, 0.4, 1.0):
-        sel = run(prep, "kvfuse", ratio).recomputed
+        sel = run(prep, "kvfuse-staged", ratio).recomputed
         assert sel.numel() == round(ratio * prep.layout.context_len)
         assert torch.equal(sel, sel.unique())
         assert ((sel >= prep.layout.prefix_len) & (sel < prep.layout.question_start)).all()
@@ -166,3 +204,62 @@ def test_greedy_batch_matches_greedy(lm, prompt):
                        [ref_logits] + [r.logits for r in res], len(ids), 6)
     assert got[0] == want
     assert got[1] == greedy(lm, fuse(lm, *prompt, "reuse", 0.3).cache, res[0].logits, len(ids), 6)
+
+
+# ----------------------------------------------------------------------------- layer plans (gradual filtering)
+
+def test_layer_schedule_spends_the_budget_at_equal_flops():
+    levels = [(0.0, 2.0), (1 / 3, 0.75), (2 / 3, 0.25)]
+    for n_layers, budget, n_context in [(24, 31, 216), (32, 2458, 16384), (2, 5, 50), (24, 100, 120), (24, 0, 9)]:
+        keep = layer_schedule(levels, n_layers, budget, n_context)
+        assert sum(keep) == n_layers * budget
+        assert all(a >= b for a, b in zip(keep, keep[1:])) and max(keep) <= n_context
+    assert layer_schedule(levels, 24, 120, 120) == [120] * 24      # ratio 1: every token at every layer
+    keep = layer_schedule([(0.0, 2.0), (0.5, 0.5)], 4, 10, 100)
+    assert keep[0] > 10 > keep[-1] and len(set(keep)) == 2
+
+
+def test_constant_layer_plan_is_the_fixed_set_exactly(lm, prompt):
+    prep = prepare(lm, *prompt)
+    fixed = run(prep, "a3", 0.3)
+    plan = LayerPlan(initial=fixed.recomputed, keep=[fixed.recomputed.numel()] * lm.spec.n_layers)
+    got = run(prep, "a3", 0.3, selected=plan)
+    assert torch.equal(got.logits, fixed.logits)
+    assert torch.equal(kv_from_cache(got.cache), kv_from_cache(fixed.cache))
+    assert got.n_recomputed == fixed.n_recomputed and torch.equal(got.kept, fixed.recomputed)
+
+
+def test_narrowing_plan_keeps_what_the_question_attends_to(lm, prompt):
+    """2 layers: S_0 at layer 0, the top k by the question's layer-0 attention at layer 1.
+    Layer-l K/V of a token depend only on its own layer-l input, so the narrowed cache must be
+    the fixed-S_0 pass's at layer 0, and at layer 1 the same for the kept tokens and the
+    question, the stored KV for the dropped ones."""
+    prep = prepare(lm, *prompt)
+    lay = prep.layout
+    s0 = run(prep, "a3", 0.5).recomputed
+    k = s0.numel() // 3
+    pinned = s0[-2:]                                            # never dropped, whatever they score
+    res = run(prep, "a3", 0.5, selected=LayerPlan(initial=s0, keep=[s0.numel(), k], pinned=pinned))
+    ref = kv_from_cache(run(prep, "a3", 0.5, selected=s0).cache)   # [L, 2, H, N + Q, D]
+    got = kv_from_cache(res.cache)
+    attn = prep.ctx.question_attention(s0)[0].sum(0)[s0 - lay.prefix_len]     # layer 0, [S_0]
+    attn[-2:] = float("inf")
+    want = s0[torch.sort(attn, descending=True, stable=True).indices[:k].sort().values]
+    assert torch.equal(res.kept, want) and torch.isin(pinned, res.kept).all()
+    assert res.layer_counts == [s0.numel(), k] and res.n_recomputed == round((s0.numel() + k) / 2)
+    assert torch.allclose(got[0], ref[0], atol=1e-5)
+    dropped = s0[~torch.isin(s0, want)]
+    keep_rows = torch.cat((want, torch.arange(lay.question_start, lay.total_len)))
+    assert torch.allclose(got[1][:, :, keep_rows], ref[1][:, :, keep_rows], atol=1e-5)
+    assert torch.equal(got[1][:, :, dropped], prep.kv[1][:, :, dropped])
+    assert not torch.allclose(res.logits, run(prep, "a3", 0.5, selected=s0).logits)
+
+
+def test_gradual_selector_plans_chunk_starts_then_probe_picks(lm, prompt):
+    prep = prepare(lm, *prompt)
+    budget = round(0.3 * prep.layout.context_len)
+    plan = gradual.plan(prep.ctx, budget)
+    starts = kvfuse_staged.chunk_starts(prep.ctx, budget)
+    assert plan.keep == layer_schedule(list(gradual.LEVELS), lm.spec.n_layers, budget, prep.layout.context_len)
+    assert torch.isin(starts, plan.initial).all() and torch.equal(plan.pinned, starts)
+    assert plan.initial.numel() > budget > plan.keep[-1]

@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch
 
-from . import a3, cacheblend, epic, full, kvfuse, prophet, qattn, reuse
-from .base import SelectionContext
+from . import a3, cacheblend, epic, full, gradual, kvfuse, kvfuse_staged, prophet, qattn, reuse
+from .base import LayerPlan, SelectionContext
 
-Selector = Callable[[SelectionContext, int], torch.Tensor]
+Selector = Callable[[SelectionContext, int], "torch.Tensor | LayerPlan"]
 
 SELECTORS: dict[str, Selector] = {
     "full": full.select,
@@ -24,7 +24,10 @@ SELECTORS: dict[str, Selector] = {
     "a3": a3.select,
     "qattn": qattn.select,
     "prophet": prophet.select,
-    "kvfuse": kvfuse.select,
+    "kvfuse": kvfuse.select,                  # one question probe, chunk starts, chunk budgets (the default)
+    "kvfuse-staged": kvfuse_staged.select,    # the former default: three probe stages (6x the selection cost)
+    "kvfuse-gradual": gradual.select,         # per-layer sets narrowed inside the recompute (LayerPlan), a3's probe
+    "kvfuse-gradual-full": gradual.select_full_probe,  # the same from the all-layer probe
 }
 
 DEFAULT = "kvfuse"
@@ -37,4 +40,4 @@ def get_selector(name: str) -> Selector:
         raise ValueError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}") from None
 
 
-__all__ = ["DEFAULT", "SELECTORS", "SelectionContext", "Selector", "get_selector"]
+__all__ = ["DEFAULT", "SELECTORS", "LayerPlan", "SelectionContext", "Selector", "get_selector"]

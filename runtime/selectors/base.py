@@ -3,6 +3,13 @@
 A selector is a function
 
     select(ctx: SelectionContext, budget: int) -> LongTensor [S]   # absolute positions, sorted, unique
+                                                 | LayerPlan           # a set that narrows with depth
+
+A `LayerPlan` (gradual filtering) recomputes `initial` at the first layers and,
+at the layers where `keep` drops, narrows the set inside the recompute pass to
+the tokens the question attends to most (the driver measures that attention in
+the pass itself: no extra probe). Its budget counts tokens x layers: mean(keep)
+== budget, so it costs the recompute FLOPs of a fixed set of `budget` tokens.
 
 `budget` is the number of context tokens to recompute (ratio x context length);
 the question is always recomputed, so it is neither counted nor returned.
@@ -81,6 +88,70 @@ class SelectionContext:
                 self.used = outer | self.used
         self.used |= self.cached[("deps", key)]
         return self.cached[key]
+
+
+@dataclass
+class LayerPlan:
+    """A per-layer recompute set, nested: S_0 = `initial`, S_l ⊆ S_{l-1}, |S_l| = keep[l].
+
+    At a layer l where keep[l] < keep[l-1] the recompute pass keeps the keep[l] tokens of
+    S_{l-1} the question attended to most over the layers since the previous narrowing
+    (at most `window` of them, when given; each layer's attention normalised to sum 1 over
+    the candidates, then averaged);
+    `pinned` tokens are never dropped. A dropped token reads its stored (re-rotated) KV
+    from layer l on. A constant `keep` is the fixed set `initial`, exactly."""
+    initial: torch.Tensor                   # [S_0] absolute positions, sorted, unique
+    keep: list[int]                         # [L] tokens recomputed at layer l; non-increasing; keep[0] == S_0
+    pinned: torch.Tensor | None = None      # [P] positions (a subset of `initial`) kept at every layer
+    window: int | None = None               # score over at most this many layers before a narrowing
+
+    def __post_init__(self):
+        if not self.keep or self.keep[0] != self.initial.numel():
+            raise ValueError(f"LayerPlan: keep[0] must equal len(initial) = {self.initial.numel()}, got "
+                             f"{self.keep[:1]}")
+        if any(b > a for a, b in zip(self.keep, self.keep[1:])) or self.keep[-1] < 0:
+            raise ValueError(f"LayerPlan: keep must be non-increasing and >= 0, got {self.keep}")
+        n_pinned = 0 if self.pinned is None else self.pinned.numel()
+        if n_pinned > self.keep[-1]:
+            raise ValueError(f"LayerPlan: {n_pinned} pinned tokens do not fit the last layer's {self.keep[-1]}")
+
+    @property
+    def constant(self) -> bool:
+        return self.keep[-1] == self.keep[0]
+
+    @property
+    def token_layers(self) -> int:
+        """Recompute cost in context tokens x layers (a fixed set of S tokens: S x L)."""
+        return sum(self.keep)
+
+
+def layer_schedule(levels: list[tuple[float, float]], n_layers: int, budget: int, n_context: int) -> list[int]:
+    """Tokens to recompute per layer [L] at equal FLOPs: sum == n_layers x budget, non-increasing,
+    each <= n_context. `levels` [(first layer as a fraction of L, tokens as a multiple of the
+    budget)], fractions ascending from 0, multiples non-increasing: e.g. [(0, 2), (0.5, 0.5)] runs
+    2x the budget through the first half of the layers and half of it through the rest; the
+    multiples are then scaled so the total matches exactly."""
+    budget = clamp_budget(budget, n_context)
+    target = n_layers * budget
+    if target == 0:
+        return [0] * n_layers
+    shape = []
+    for l in range(n_layers):
+        mult = [m for f, m in levels if f * n_layers <= l + 1e-9]
+        shape.append(mult[-1] if mult else levels[0][1])
+    lo, hi = 0.0, float(n_context) / max(min(shape), 1e-9) + 1.0    # scale s: sum(min(C, s * shape * B)) == target
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(min(n_context, mid * m * budget) for m in shape) < target:
+            lo = mid
+        else:
+            hi = mid
+    keep = [min(n_context, int(lo * m * budget)) for m in shape]
+    residual = target - sum(keep)            # < one token per unclamped layer (the floors)
+    first = next((i for i in range(n_layers) if keep[i] < n_context), n_layers)
+    for l in range(first, first + residual):  # one each to the first unclamped layers: stays non-increasing
+        keep[l] += 1
+    return keep
 
 
 def clamp_budget(budget: int, n: int) -> int:

@@ -1,128 +1,50 @@
-"""`kvfuse` (ours): question relevance, refined in stages, x the offline saliency
-prior, with a per-chunk budget by chunk relevance and short spans.
+"""`kvfuse` (ours, the default): chunk starts, then one question probe split over chunks by relevance.
 
-0. Chunk starts: the first START_TOKENS tokens of every chunk (at most
-   START_SHARE of the budget) are taken up front: prefilled right after the
-   prefix, a chunk's first tokens differ most from their in-context selves
-   (EPIC's observation), whatever the question.
+0. Chunk starts: the first START_TOKENS tokens of every chunk (at most START_SHARE of
+   the budget) are taken up front, whatever the question: prefilled right after the
+   prefix, a chunk's first tokens differ most from their in-context selves (EPIC's
+   observation), and the question's attention leans on them.
+1. Relevance: the question's attention to every context token from one pass of the
+   question alone over the reused cache (the plain probe every query-driven selector
+   shares), summed over question tokens, each layer normalised to sum 1 over the
+   context and averaged over the first PROBE_SHARE of the layers.
+2. Chunk budget: the rest of the budget is split over the chunks in proportion to each
+   chunk's summed relevance (water-filling, capped at its free tokens); the most
+   relevant tokens of each chunk are taken.
 
-Each of STAGES stages then spends an equal share of the rest:
-
-1. Relevance: the question's attention to every context token, measured by a
-   pass of the question over the fused cache in which the tokens chosen so far
-   are already recomputed; per layer normalised to sum 1 over the context and
-   averaged over layers (so no band of layers dominates). Stage 1 is the shared
-   probe over the plain reused cache. Repairing the most relevant tokens first
-   moves the question's attention; the next stage follows it. (ProphetKV uses
-   two stages; measured on a dev split, three recover more: docs/selectors.md.)
-2. Prior: the stored saliency rows (`attn_received`, and `kv_deviation` where
-   the build filled it), scaled to mean 1 per chunk, enter as prior**PRIOR_EXP.
-3. Chunk budget: a stage's share is split over chunks in proportion to the
-   chunk's summed relevance (capped at its free tokens), then the best tokens
-   of each chunk are taken.
-4. Spans: a token's score is raised by the best score within SPAN // 2 tokens
-   of it, so the picks grow into short spans (a number, a name) rather than
-   isolated subwords.
-
-Cost: STAGES question passes (over the chunk starts, then each stage's picks)
-before the recompute itself; the prior is free at serve time.
+Cost: one pass of the question's tokens (at most `guards.PROBE_QUESTION_TOKENS`) through
+PROBE_SHARE of the layers, before the recompute. The former default, `kvfuse-staged`
+(`kvfuse_staged.py`), refined the relevance in three stages, each probe re-running the
+picks so far with the question (~2 x budget tokens through every layer): on the dev runs
+(docs/selectors.md) the single probe's answers tie it, at a sixth of its selection cost.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import SelectionContext, clamp_budget, empty, fused_layer_attention, top_positions
+from .base import SelectionContext, clamp_budget, fused_layer_attention
+from .kvfuse_staged import START_SHARE, START_TOKENS, _pick, chunk_budgets, chunk_starts
 
-STAGES = 3
-START_TOKENS = 4    # first tokens of every chunk recomputed up front (EPIC's sink repair) ...
-START_SHARE = 0.25  # ... using at most this share of the budget
-PRIOR_EXP = 0.0     # the measured effect of the prior on the dev split was negative: off (docs/selectors.md)
-CHUNK_BUDGET = True
-SPAN = 1
+PROBE_SHARE = 1.0   # layers the probe's relevance is fused over (from layer 0), as a share of all layers
+
+__all__ = ["PROBE_SHARE", "START_SHARE", "START_TOKENS", "chunk_budgets", "chunk_starts", "relevance", "select"]
 
 
-def prior(ctx: SelectionContext) -> torch.Tensor:
-    """[C] the stored saliency rows, each scaled to mean 1 per chunk, averaged (ones when absent)."""
-    lay = ctx.layout
-    if ctx.saliency is None:
-        return torch.ones(lay.context_len)
-    sal = ctx.saliency.float().clamp_min(0)                      # [S, C]
-    out = torch.zeros(lay.context_len)
-    used = 0
-    for row in sal:
-        if not row.any():                                        # e.g. kv_deviation of an isolated build
-            continue
-        used += 1
-        for s, n in zip(lay.chunk_starts, lay.chunk_lens):
-            a = s - lay.prefix_len
-            seg = row[a:a + n]
-            out[a:a + n] += seg / seg.mean().clamp_min(1e-12)
-    return out / used if used else torch.ones(lay.context_len)
-
-
-def chunk_budgets(relevance: torch.Tensor, lens: list[int], budget: int) -> list[int]:
-    """Split `budget` over chunks in proportion to `relevance` [K], capped at each chunk's length."""
-    lens_t = torch.tensor(lens, dtype=torch.float64)
-    rel = relevance.double().clamp_min(1e-12)
-    budget = min(budget, int(lens_t.sum()))
-    quota = torch.zeros(len(lens), dtype=torch.float64)
-    left, open_ = float(budget), lens_t > 0
-    while left > 1e-9 and open_.any():                            # water-filling with caps
-        share = rel * open_ / (rel * open_).sum() * left
-        quota = torch.minimum(quota + share, lens_t)
-        left = budget - float(quota.sum())
-        open_ = quota < lens_t
-    ints = quota.floor().long()
-    rest = budget - int(ints.sum())
-    frac = (quota - ints).masked_fill(ints >= lens_t.long(), -1.0)
-    for j in torch.sort(frac, descending=True, stable=True).indices[:max(rest, 0)]:
-        ints[j] += 1
-    return ints.tolist()
-
-
-def _stage_scores(ctx: SelectionContext, relevance: torch.Tensor) -> torch.Tensor:
-    s = relevance.clone()
-    if PRIOR_EXP:
-        s = s * ctx.memo(("kvfuse-prior",), lambda: prior(ctx)).clamp_min(1e-3) ** PRIOR_EXP
-    if SPAN > 1:
-        s = s + F.max_pool1d(s[None, None], SPAN + 1 - SPAN % 2, stride=1, padding=SPAN // 2)[0, 0]
-    return s
-
-
-def _pick(ctx: SelectionContext, scores: torch.Tensor, relevance: torch.Tensor, take: int) -> torch.Tensor:
-    lay = ctx.layout
-    if not CHUNK_BUDGET:
-        return top_positions(scores, take, lay)
-    starts = [s - lay.prefix_len for s in lay.chunk_starts]
-    owner = lay.chunk_index().to(relevance.device)                                   # [C] chunk of each token
-    chunk_rel = torch.zeros(len(starts), dtype=relevance.dtype, device=relevance.device).index_add_(0, owner, relevance)
-    free = torch.zeros(len(starts), device=scores.device).index_add_(0, owner, torch.isfinite(scores).float())
-    quotas = chunk_budgets(chunk_rel.cpu(), free.long().tolist(), take)          # one host sync, not 2 per chunk
-    return torch.cat([top_positions(scores[a:a + n], q, lay) + a for a, n, q in zip(starts, lay.chunk_lens, quotas)])
-
-
-def chunk_starts(ctx: SelectionContext, budget: int) -> torch.Tensor:
-    """The first k tokens of every chunk, k <= START_TOKENS and within START_SHARE of the budget."""
-    lay = ctx.layout
-    k = min(START_TOKENS, int(budget * START_SHARE) // max(1, len(lay.chunk_lens)))
-    if k <= 0:
-        return empty()
-    return torch.cat([torch.arange(s, s + min(k, n)) for s, n in zip(lay.chunk_starts, lay.chunk_lens)])
+def relevance(ctx: SelectionContext, share: float = PROBE_SHARE) -> torch.Tensor:
+    """[C] the question's attention fused over the first `share` of the layers (one plain probe)."""
+    depth = max(1, round(share * ctx.kv.shape[0]))
+    return ctx.memo(("kvfuse", depth), lambda: fused_layer_attention(ctx.question_attention(), slice(0, depth)))
 
 
 def select(ctx: SelectionContext, budget: int) -> torch.Tensor:
     lay = ctx.layout
     budget = clamp_budget(budget, lay.context_len)
     chosen = chunk_starts(ctx, budget)
-    first, rest = chosen.numel(), budget - chosen.numel()
-    for stage in range(STAGES):
-        take = first + round(rest * (stage + 1) / STAGES) - chosen.numel()
-        if take <= 0:
-            continue
-        relevance = fused_layer_attention(ctx.question_attention(chosen))   # [C]
-        scores = _stage_scores(ctx, relevance)
-        scores[chosen - lay.prefix_len] = float("-inf")
-        chosen = torch.cat((chosen, _pick(ctx, scores, relevance, take))).sort().values
-    return chosen
+    rel = relevance(ctx)
+    scores = rel.clone()
+    scores[chosen - lay.prefix_len] = float("-inf")
+    return torch.cat((chosen, _pick(ctx, scores, rel, budget - chosen.numel()))).sort().values
+
+
+select.probe_share = PROBE_SHARE   # a request running kvfuse alone probes only this share of the layers
