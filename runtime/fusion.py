@@ -429,8 +429,11 @@ def with_forced(plan: LayerPlan, forced: torch.Tensor) -> LayerPlan:
     initial = plan.initial.long().cpu()
     forced = forced.long().cpu()
     new = forced[~torch.isin(forced, initial)]
-    pinned = forced if plan.pinned is None else torch.cat((plan.pinned.long().cpu(), forced)).unique()
-    return LayerPlan(torch.cat((initial, new)).sort().values, [k + new.numel() for k in plan.keep], pinned,
+    old_pinned = torch.empty(0, dtype=torch.long) if plan.pinned is None else plan.pinned.long().cpu()
+    extra = int((~torch.isin(forced, old_pinned)).sum())            # newly pinned: each needs a place at every layer
+    top = plan.keep[0] + new.numel()
+    keep = [top] + [min(top, k + extra) for k in plan.keep[1:]]
+    return LayerPlan(torch.cat((initial, new)).sort().values, keep, torch.cat((old_pinned, forced)).unique(),
                      plan.window)
 
 

@@ -244,3 +244,15 @@ def test_learn_rates_ignores_small_disk_waits():
     plan.disk_bytes = 4 * 10**9
     learn_rates(rates, plan, res, n_question=0)
     assert rates.disk_gbps == pytest.approx(0.5 * 2.0 + 0.5 * 0.4)
+
+
+def test_forced_positions_join_a_layer_plan_at_every_layer():
+    """A chunk the cold plan recomputes stays recomputed at every layer of a narrowing plan."""
+    from kvfuse.runtime.fusion import with_forced
+    from kvfuse.runtime.selectors import LayerPlan
+
+    plan = LayerPlan(torch.tensor([3, 5, 9, 12]), keep=[4, 4, 2, 1], pinned=torch.tensor([5]))
+    out = with_forced(plan, torch.tensor([9, 20, 21]))
+    assert out.initial.tolist() == [3, 5, 9, 12, 20, 21]
+    assert out.keep == [6, 6, 5, 4]   # 9 was in the plan already, but may not be dropped any more
+    assert sorted(out.pinned.tolist()) == [5, 9, 20, 21]
