@@ -394,6 +394,8 @@ def command_line(cfg: EvalConfig) -> str:
            f"--ratios {','.join(str(r) for r in cfg.ratios)} --n {cfg.n} --seed {cfg.seed} --out {cfg.out}")
     if cfg.build.get("enrich") is False:
         cmd += " --no-enrich"
+    if cfg.build.get("kv_dtype", "model") != "model":
+        cmd += f" --kv-dtype {cfg.build['kv_dtype']}"
     if cfg.corpus_examples != CORPUS_EXAMPLES:
         cmd += f" --corpus-examples {cfg.corpus_examples}"
     return cmd
@@ -402,7 +404,8 @@ def command_line(cfg: EvalConfig) -> str:
 def report_name(report: dict) -> str:
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(report["model"]).name)
     store = "isolated" if report["build"].get("enrich") is False else "enriched"
-    return f"accuracy-{report['suite']}-{model}-{store}"
+    kv = report["build"].get("kv_dtype", "model")
+    return f"accuracy-{report['suite']}-{model}-{store}" + (f"-{kv}" if kv != "model" else "")
 
 
 def markdown(report: dict) -> str:
@@ -410,6 +413,8 @@ def markdown(report: dict) -> str:
     head = ["method", "ratio", "n", "F1" if squad else ("match" if report["suite"] == "facts" else "recall")] + (["EM"] if squad else []) + \
         ["retention", "KL(full‖m)", "KL median", "answer KL", "agree", "recomputed", "TTFT s"]
     store = "isolated chunks (--no-enrich)" if report["build"].get("enrich") is False else "enriched chunks (FusionRAG neighbours)"
+    if report["build"].get("kv_dtype", "model") != "model":
+        store += f", KV stored as {report['build']['kv_dtype']}"
     lines = [f"# Accuracy: {report['suite']} on {report['model']}, store of {store}", "",
              *[f"- command: `{c}`" for c in report["commands"]], f"- machine: {report['machine']}", f"- date: {report['date']}",
              f"- full prefill: {report['metric']} {report['full']['score']:.3f} over {report['full']['n']} examples, "

@@ -35,9 +35,13 @@ def _names(ctx, param, value: str) -> list[str]:
 @click.option("--corpus-examples", default=50, show_default=True, type=click.IntRange(1),
               help="The store holds the documents of max(n, this many) examples, so runs with different --n "
                    "share one store (enrichment neighbours depend on the corpus).")
+@click.option("--kv-dtype", default="model", show_default=True, type=click.Choice(["model", "fp8", "int8"]),
+              help="Build the suite's store with this KV dtype (build-cache --kv-dtype); pair two --out folders "
+                   "with `python3 -m kvfuse.bench.kv_dtype_pairs` for the accuracy cost.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's choice).")
 @click.option("--report-only", is_flag=True, help="Only rewrite the report of --out from its results.")
-def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_examples, threads, report_only):
+def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_examples, threads, report_only,
+             kv_dtype="model"):
     """Build the SUITE's store, run a full prefill and every method at every ratio on the same
     token ids, and write accuracy-<suite>-<model>-<store>.{json,md,png} into --out. Rerunning with the
     same --out resumes: finished (example, method, ratio) results are kept."""
@@ -52,6 +56,7 @@ def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_exam
         raise click.UsageError("--suite is required (niah, squad, facts or xchunk)")
     if threads:
         torch.set_num_threads(threads)
+    build = ({"enrich": False} if no_enrich else {}) | ({"kv_dtype": kv_dtype} if kv_dtype != "model" else {})
     cfg = EvalConfig(suite=suite, model=model, methods=methods, ratios=ratios, n=n, seed=seed, out=out,
-                     build={"enrich": False} if no_enrich else {}, corpus_examples=corpus_examples)
+                     build=build, corpus_examples=corpus_examples)
     click.echo(markdown(evaluate(cfg)))

@@ -13,7 +13,9 @@ selection and the recompute are the driver's, the same code as the host path.
 Per layer l, on a side CUDA stream: copy each warm/cold chunk's layer l pinned
 -> its GPU slot (one copy per chunk and layer, 2 MiB for Llama-3-8B); on a
 second side stream, once those copies are done: gather all chunks' layer l into
-the fused buffer [L, 2, H_kv, N + Q, D] at their new positions, re-rotate the
+the fused buffer [L, 2, H_kv, N + Q, D] at their new positions (a quantised
+store's fp8/int8 codes are converted by the gather's copy and scaled in place
+right after it: `quant.dequantize_`, before the rotation), re-rotate the
 keys by each token's position delta on the GPU (cos/sin tables made once per
 request), and record event l. (Two streams, so the copy engine never waits for
 the gather kernels.) The cache layers of the model (`kvcache.StreamedLayer`)
@@ -37,6 +39,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvfuse.loader.pool import PoolEntry
+from kvfuse.loader.quant import dequantize_
 from kvfuse.loader.store import Store
 from kvfuse.loader.tiers import Tiers
 
@@ -78,7 +81,7 @@ class LayerwiseLoad:
         L, _, H, _, D = tiers.gpu.slot_shape
         P, N = self.layout.prefix_len, self.layout.question_start
         # [L, 2, H_kv, N + Q, D]: stored K/V at 0..N-1; the question's fresh K/V land in the tail
-        self.fused = torch.empty((L, 2, H, N + n_question, D), dtype=tiers.gpu.dtype, device=device)
+        self.fused = torch.empty((L, 2, H, N + n_question, D), dtype=tiers.dtype, device=device)  # model dtype
         self.starts = (0, *self.layout.chunk_starts)
         # [C] float32: how far each context token moves (new start - stored pos_base)
         shifts = [float(s - g.meta["pos_base"]) for g, s in zip(chunks, self.layout.chunk_starts)]
@@ -93,7 +96,8 @@ class LayerwiseLoad:
         self.timings: dict = {}
         self.n_layers = L
         self.issued = 0
-        self.h2d_bytes = sum(h.kv[0].numel() * h.kv.element_size() * L for _, h in pairs if h is not None)
+        self.quantised = tiers.codec.quantised  # pools hold codes [L, 2, H_kv, T, D] + scales [L, H_kv, D + T]
+        self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
         timing = measure_stall and cuda
@@ -119,6 +123,8 @@ class LayerwiseLoad:
         for l in range(self.issued, upto):
             with torch.cuda.stream(self.h2d) if cuda else nullcontext():
                 moves = [(g.kv[l], h.kv[l]) for g, h in self.pairs if h is not None]  # warm/cold: pinned -> slot
+                if self.quantised:  # + the codes' scales of layer l, [H_kv, D + T] each
+                    moves += [(g.scales[l], h.scales[l]) for g, h in self.pairs if h is not None]
                 if moves:
                     torch._foreach_copy_([d for d, _ in moves], [s for _, s in moves], non_blocking=True)
                 if cuda:
@@ -128,6 +134,8 @@ class LayerwiseLoad:
                     self.stream.wait_event(self.h2d_events[l])
                 dst = [self.fused[l, :, :, s:s + g.n_tokens] for (g, _), s in zip(self.pairs, self.starts)]
                 torch._foreach_copy_(dst, [g.kv[l] for g, _ in self.pairs])   # [2, H_kv, T, D] each
+                if self.quantised:  # codes -> KV in place, before the rotation (scales: per stored channel)
+                    dequantize_(dst, [g.scales[l] for g, _ in self.pairs])
                 rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
                 if cuda:
                     self.events[l].record(self.stream)
