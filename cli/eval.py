@@ -36,8 +36,8 @@ def _names(ctx, param, value: str) -> list[str]:
               help="The store holds the documents of max(n, this many) examples, so runs with different --n "
                    "share one store (enrichment neighbours depend on the corpus).")
 @click.option("--kv-dtype", default="model", show_default=True, type=click.Choice(["model", "fp8", "int8"]),
-              help="Build the suite's store with this KV dtype (build-cache --kv-dtype); pair two --out folders "
-                   "with `python3 -m kvfuse.bench.kv_dtype_pairs` for the accuracy cost.")
+              help="fp8/int8: also store the suite's chunks so (re-encoded from the model-dtype store) and run every "
+                   "method on them too, as `<method>@fp8` rows paired with the model-dtype ones (the accuracy cost).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's choice).")
 @click.option("--report-only", is_flag=True, help="Only rewrite the report of --out from its results.")
 def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_examples, threads, report_only,
@@ -56,7 +56,6 @@ def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_exam
         raise click.UsageError("--suite is required (niah, squad, facts or xchunk)")
     if threads:
         torch.set_num_threads(threads)
-    build = ({"enrich": False} if no_enrich else {}) | ({"kv_dtype": kv_dtype} if kv_dtype != "model" else {})
     cfg = EvalConfig(suite=suite, model=model, methods=methods, ratios=ratios, n=n, seed=seed, out=out,
-                     build=build, corpus_examples=corpus_examples)
+                     build={"enrich": False} if no_enrich else {}, corpus_examples=corpus_examples, kv_dtype=kv_dtype)
     click.echo(markdown(evaluate(cfg)))

@@ -77,6 +77,10 @@ def _repair_advice(cache_dir: Path) -> str:
             f"`kvfuse build-cache CORPUS --cache {cache_dir} --repair` to recompute them.")
 
 
+class _MixedKV(Exception):
+    """A chunk's KV dtype is not its release's (caught in Store.read)."""
+
+
 def note_damage(cache_dir: Path, shard: str) -> None:
     """Remember (best effort) that a read of shard failed, so the next build checks checksums."""
     try:
@@ -309,16 +313,20 @@ class Store:
         handle = self._handle(rec.shard, chunk_id)
         where = f"chunk {chunk_id} in shard {rec.shard}{fmt.SHARD_SUFFIX}"
         try:
-            stored = [handle.get_tensor(n) for n in fmt.tensor_names(chunk_id, self.codec.quantised)]
-        except Exception as e:
-            note_damage(self.cache_dir, rec.shard)
-            raise CorruptShardError(f"{where} cannot be read: {e}. {_repair_advice(self.cache_dir)}") from e
-        kv, tokens, saliency = stored[:3]  # kv [L, 2, H_kv, T, D] stored dtype; + scales [L, H_kv, D + T]
-        if kv.dtype != self.codec.storage_dtype(self.dtype):
+            names = fmt.tensor_names(chunk_id, self.codec.quantised)
+            kv = handle.get_tensor(names[0])  # [L, 2, H_kv, T, D] as stored
+            if kv.dtype != self.codec.storage_dtype(self.dtype):
+                raise _MixedKV()
+            stored = [kv] + [handle.get_tensor(n) for n in names[1:]]  # + tokens, saliency (+ scales [L, H_kv, D + T])
+        except _MixedKV:
             note_damage(self.cache_dir, rec.shard)
             raise CorruptShardError(f"{where} holds {fmt.dtype_name(kv.dtype)} KV but release {self.release} is a "
                                     f"{self.codec.name} store of {fmt.dtype_name(self.dtype)}: a chunk of another "
-                                    f"build was mixed in. {_repair_advice(self.cache_dir)}")
+                                    f"build was mixed in. {_repair_advice(self.cache_dir)}") from None
+        except Exception as e:
+            note_damage(self.cache_dir, rec.shard)
+            raise CorruptShardError(f"{where} cannot be read: {e}. {_repair_advice(self.cache_dir)}") from e
+        tokens, saliency = stored[1:3]
         if verify and fmt.checksum(*stored) != rec.checksum:
             note_damage(self.cache_dir, rec.shard)
             raise CorruptShardError(
