@@ -149,7 +149,7 @@ class ShardReader:
                   scales_out: torch.Tensor | None = None) -> dict:
         """Read chunk_id's KV bytes into kv_out ([L, 2, H_kv, T, D], contiguous, CPU), as stored
         (quantised codes stay codes: the GPU gather dequantises), and a quantised chunk's scales
-        into scales_out ([L, H_kv, D + T] float32); returns its tokens [T] int32, saliency
+        into scales_out ([L, H_kv, D + T] bfloat16); returns its tokens [T] int32, saliency
         [S, T] float16 and pos_base."""
         rec = self.store.record(chunk_id)
         fd, _ = self._shard(rec.shard)

@@ -347,7 +347,7 @@ class Store:
         L, H, D = m["n_layers"], m["n_kv_heads"], m["head_dim"]
         itemsize = self.codec.storage_dtype(self.dtype).itemsize
         tokens = [r.n_tokens for r in self._records.values()]
-        scales = sum(L * H * (D + t) * 4 for t in tokens) if self.codec.quantised else 0
+        scales = sum(L * H * (D + t) for t in tokens) * self.codec.scale_dtype.itemsize if self.codec.quantised else 0
         return sum(tokens) * L * 2 * H * D * itemsize + scales
 
     def stats(self) -> dict:

@@ -46,9 +46,10 @@ class Tiers:
         slot = (n_layers, 2, n_kv_heads, chunk_tokens, head_dim)     # [L, 2, H_kv, T_max, D]
         self.dtype = dtype                                            # the model's: what the gather writes
         self.codec = store.codec                                      # how the pools hold it (quant.py)
-        stored, q = self.codec.storage_dtype(dtype), self.codec.quantised
-        self.host = KVPool("pinned host", host_bytes, slot, stored, "cpu", pin=cuda, policy=policy, scales=q)
-        self.gpu = KVPool("GPU", gpu_bytes, slot, stored, self.device, policy=policy, scales=q)
+        stored = self.codec.storage_dtype(dtype)
+        sc = self.codec.scale_dtype if self.codec.quantised else None
+        self.host = KVPool("pinned host", host_bytes, slot, stored, "cpu", pin=cuda, policy=policy, scale_dtype=sc)
+        self.gpu = KVPool("GPU", gpu_bytes, slot, stored, self.device, policy=policy, scale_dtype=sc)
         self.prefetcher = Prefetcher(store, self.host, workers=workers, verify=verify,
                                      drop_page_cache=drop_page_cache)
         self.queue = self.prefetcher.queue

@@ -140,7 +140,7 @@ def test_quantised_roundtrip(tmp_path, kv_dtype, bound):
     st = store.stats()
     tokens = [c[1].shape[0] for c in chunks.values()]
     assert st["kv_dtype"] == kv_dtype
-    assert st["kv_bytes"] == sum(t * L * 2 * H * D + L * H * (D + t) * 4 for t in tokens)
+    assert st["kv_bytes"] == sum(t * L * 2 * H * D + L * H * (D + t) * 2 for t in tokens)  # bf16 scales
     assert st["kv_bytes_per_token"] == round(st["kv_bytes"] / sum(tokens), 1)
 
 
@@ -152,7 +152,7 @@ def test_quantised_scale_bit_flip_fails_checksum(tmp_path):
     data = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    assert header[fmt.kv_name(cid)]["dtype"] == "F8_E4M3" and header[fmt.kvs_name(cid)]["dtype"] == "F32"
+    assert header[fmt.kv_name(cid)]["dtype"] == "F8_E4M3" and header[fmt.kvs_name(cid)]["dtype"] == "BF16"
     start, _ = header[fmt.kvs_name(cid)]["data_offsets"]
     data[8 + n + start + 2] ^= 0x10
     path.write_bytes(bytes(data))
