@@ -117,7 +117,6 @@ class Store:
         except ValueError as e:
             raise StoreError(f"release {self.release} of {cache_dir}: {e}; this kvfuse is older than the "
                              "store's writer, upgrade it.") from None
-        self.dtype: torch.dtype = fmt.dtype_from_name(manifest["model"]["dtype"])  # the model's (what read returns)
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
@@ -190,6 +189,11 @@ class Store:
     @property
     def model(self) -> dict:
         return self.manifest["model"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: what `read` returns (a quantised store's codes are decoded to it)."""
+        return fmt.dtype_from_name(self.model["dtype"])
 
     @property
     def prefix_id(self) -> str:

@@ -56,6 +56,10 @@ class HostSource:
         self._lock = threading.Lock()
         self.stats = SourceStats()
 
+    def accepts(self, store: Store) -> bool:
+        """Whether this source can serve `store`'s chunks: any KV dtype (Store.read dequantises)."""
+        return True
+
     def submit(self, request_id: str, store: Store, chunk_ids) -> None:
         """Enqueue a request's chunks ([prefix, *chunks]) read from `store`."""
         with self._lock:
@@ -105,6 +109,10 @@ class TieredSource:
                                drop_page_cache=drop_page_cache)
         self.measure_stall = measure_stall   # time the compute stream's waits on copies (benchmarks)
         self.stats = SourceStats()
+
+    def accepts(self, store: Store) -> bool:
+        """Whether the pools, made for one KV dtype (codes + scales or the model's), hold store's chunks."""
+        return store.codec == self.tiers.codec
 
     def submit(self, request_id: str, store: Store, chunk_ids) -> None:
         # chunk ids are content hashes: any release that holds a chunk holds the same bytes

@@ -99,3 +99,24 @@ def test_refresh_with_another_kv_dtype_builds_new_chunks(v1_store, lm, tmp_path)
     assert verify_release(v1_store).ok
     with FusionEngine(v1_store, lm) as engine:  # answers from fp8 KV
         assert engine.ask(QUESTIONS[0], top_k=4, max_new_tokens=3, selector="reuse").token_ids
+
+
+def test_engine_reloads_across_kv_dtypes_only_where_its_source_can_serve_them(v1_store, lm, tmp_path):
+    """A refresh to fp8 under a running engine: the host source (CPU reads dequantise) moves to
+    it; the tiered source's pools hold model-dtype KV, so it keeps serving the old release."""
+    from kvfuse.runtime import EngineConfig
+    configs = {kind: EngineConfig(source=kind, reload_interval_s=0, warmup=False, chunk_tokens=16)
+               for kind in ("host", "tiered")}
+    engines = {kind: FusionEngine(v1_store, lm, config=c) for kind, c in configs.items()}
+    try:
+        old = engines["host"].release
+        build_cache(corpus(tmp_path), v1_store, lm,
+                    BuildConfig(chunk_tokens=16, enrich=False, progress=False, kv_dtype="fp8"))
+        host, tiered = engines["host"], engines["tiered"]
+        assert host.release != old and host.store.codec.name == "fp8"
+        assert host.ask(QUESTIONS[0], top_k=4, max_new_tokens=3, selector="reuse").token_ids
+        assert tiered.release == old and tiered.counters["kv_dtype_refusals"] >= 1
+        assert tiered.ask(QUESTIONS[0], top_k=4, max_new_tokens=3, selector="reuse").release == old
+    finally:
+        for e in engines.values():
+            e.close()
