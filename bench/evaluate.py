@@ -69,7 +69,7 @@ class EvalConfig:
     build: dict = field(default_factory=dict)   # extra BuildConfig fields (e.g. {"enrich": False})
     corpus_examples: int = CORPUS_EXAMPLES       # the store holds the documents of max(n, this) examples
     progress: bool = True
-    kv_dtype: str = "model"  # "fp8"/"int8": also run every method on the store re-encoded so, as `<method>@fp8`
+    kv_dtype: str = "model"  # "fp8", "int8" or "fp8,int8": also run every method on the store re-encoded so (`m@fp8`)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -79,7 +79,13 @@ class EvalConfig:
             raise ValueError(f"ratios must be in [0, 1], got {self.ratios}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        kv_codec(self.kv_dtype)
+        for name in self.kv_dtypes:
+            kv_codec(name)
+
+    @property
+    def kv_dtypes(self) -> list[str]:
+        """The quantised stores paired with the model-dtype one (none for "model")."""
+        return [k for k in self.kv_dtype.split(",") if k and k != "model"]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -162,10 +168,10 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
                         BuildConfig(chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build))
     inputs = ExampleInputs(FusionEngine(cfg.out / "store", lm, release=build.release, verify=False))
     stores = []  # (method suffix, inputs) of the quantised store: the same chunks, re-encoded (paired rows)
-    if kv_codec(cfg.kv_dtype).quantised:
+    for kv in cfg.kv_dtypes:
         quant = build_cache(suite.documents, cfg.out / "store", lm, BuildConfig(
-            chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build, kv_dtype=cfg.kv_dtype))
-        stores.append((f"@{cfg.kv_dtype}", ExampleInputs(FusionEngine(cfg.out / "store", lm, release=quant.release,
+            chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build, kv_dtype=kv))
+        stores.append((f"@{kv}", ExampleInputs(FusionEngine(cfg.out / "store", lm, release=quant.release,
                                                                       verify=False))))
     results = _Results(cfg.out / RESULTS)
     (cfg.out / "full").mkdir(exist_ok=True)
@@ -495,7 +501,7 @@ def report_name(report: dict) -> str:
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(report["model"]).name)
     store = "isolated" if report["build"].get("enrich") is False else "enriched"
     kv = report.get("kv_dtype", "model")
-    return f"accuracy-{report['suite']}-{model}-{store}" + (f"-{kv}" if kv != "model" else "")
+    return f"accuracy-{report['suite']}-{model}-{store}" + (f"-{kv.replace(',', '-')}" if kv != "model" else "")
 
 
 def markdown(report: dict) -> str:
@@ -503,8 +509,8 @@ def markdown(report: dict) -> str:
     head = ["method", "ratio", "n", "F1" if squad else ("match" if report["suite"] == "facts" else "recall")] + (["EM"] if squad else []) + \
         ["retention", "KL(full‖m)", "KL median", "answer KL", "agree", "recomputed", "TTFT s"]
     store = "isolated chunks (--no-enrich)" if report["build"].get("enrich") is False else "enriched chunks (FusionRAG neighbours)"
-    if report.get("kv_dtype", "model") != "model":
-        store += f"; `<method>@{report['kv_dtype']}`: the same chunks stored as {report['kv_dtype']}"
+    for kv in (k for k in report.get("kv_dtype", "model").split(",") if k != "model"):
+        store += f"; `<method>@{kv}`: the same chunks stored as {kv}"
     lines = [f"# Accuracy: {report['suite']} on {report['model']}, store of {store}", "",
              *[f"- command: `{c}`" for c in report["commands"]], f"- machine: {report['machine']}", f"- date: {report['date']}",
              f"- full prefill: {report['metric']} {report['full']['score']:.3f} over {report['full']['n']} examples, "

@@ -301,10 +301,12 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
             plan.chunk_id[c]: fmt.chunk_id(**content_ident, token_ids=tokens_of[c], prefix_id=prefix_content,
                                            neighbour_ids=plan.neighbours[c]) if plan.neighbours.get(c) else c
             for c in tokens_of}}
-        jobs, transcode = _transcodable(jobs, model_ids, reuse, codec.quantised)
+        source, have = _model_dtype_release(cache_dir, reuse, spec.fingerprint, ctx.dtype) if codec.quantised else (None, set())
+        transcode = sorted((j.chunk_id, model_ids[j.chunk_id]) for j in jobs if model_ids.get(j.chunk_id) in have)
+        jobs = [j for j in jobs if model_ids.get(j.chunk_id) not in have]
         written = stages.precompute(ctx, jobs, cache_dir) if jobs else []
         if transcode:
-            written += transcode_chunks(cache_dir, reuse.base, transcode, ctx.shard_metadata(), config.shard_bytes)
+            written += transcode_chunks(cache_dir, source, transcode, ctx.shard_metadata(), config.shard_bytes)
         clock.lap("precompute")
         where = {**existing, **{w.chunk_id: (w.shard, w.checksum) for w in written}}
         missing = [j.chunk_id for j in jobs if j.chunk_id not in where] + [n for n, _ in transcode if n not in where]
@@ -341,15 +343,20 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
                        stage_seconds=clock.laps, notes=reuse.notes, repaired=sorted(reuse.bad & wanted))
 
 
-def _transcodable(jobs: list[Job], model_ids: dict[str, str], reuse: "_Reuse",
-                  quantised: bool) -> tuple[list[Job], list[tuple[str, str]]]:
-    """Split jobs into those to prefill and (new id, model-dtype id) pairs whose model-dtype KV
-    the base release holds (verified): a quantised build re-encodes those."""
-    if not quantised or reuse.base_kv_dtype != "model":
-        return jobs, []
-    have = {j.chunk_id: model_ids[j.chunk_id] for j in jobs
-            if model_ids.get(j.chunk_id) in reuse.found and model_ids[j.chunk_id] not in reuse.bad}
-    return [j for j in jobs if j.chunk_id not in have], sorted(have.items())
+def _model_dtype_release(cache_dir: Path, reuse: "_Reuse", fingerprint: str, dtype: str) -> tuple[str | None, set[str]]:
+    """The release a quantised build re-encodes chunks from, and the chunk ids it may take there:
+    the base release if it stores model-dtype KV (less the chunks found damaged), else the newest
+    release of this model that does (each chunk's checksum is checked when it is read)."""
+    if reuse.base is not None and reuse.base_kv_dtype == "model":
+        return reuse.base, {c for c in reuse.found if c not in reuse.bad}
+    for release in reversed(list_releases(cache_dir)):
+        try:
+            with Store.open(cache_dir, release, lease=False) as store:
+                if (store.codec.name, store.model.get("fingerprint"), store.model.get("dtype")) == ("model", fingerprint, dtype):
+                    return release, {r.chunk_id for r in store.records(include_prefix=True)} - reuse.bad
+        except StoreError:
+            continue
+    return None, set()
 
 
 def transcode_chunks(cache_dir: Path, release: str, pairs: list[tuple[str, str]], metadata: dict[str, str],

@@ -1,5 +1,6 @@
 """Incremental refresh: only new/changed chunks and those whose neighbour set changed are recomputed."""
 
+import dataclasses
 import json
 import random
 
@@ -130,6 +131,9 @@ def test_fp8_refresh_of_enriched_store_reencodes_and_matches_fresh_fp8_build(tmp
     assert new.manifest["stats"]["transcoded"] == report.transcoded
     again = build_cache(docs, tmp_path / "cache", lm, fp8)
     assert again.computed == again.transcoded == 0 and again.reused == again.chunks
+    # int8 onto the fp8 release: re-encoded from the newest model-dtype release, not prefilled
+    int8 = build_cache(docs, tmp_path / "cache", lm, dataclasses.replace(fp8, kv_dtype="int8"))
+    assert int8.computed == 0 and int8.transcoded == len(new) - 1
     # back to the model's dtype: the old release's chunks are found again by id (nothing recomputed)
     back = build_cache(docs, tmp_path / "cache", lm, model)
     assert back.computed == 0
