@@ -32,16 +32,19 @@ QWEN_05B = dict(n_layers=24, n_kv_heads=2, head_dim=64)  # Qwen2.5-0.5B's KV geo
 
 
 def release_bytes(cache: Path) -> list[dict]:
-    out = []
+    """The newest release of each KV dtype in the cache: its KV bytes and shard bytes."""
+    out = {}
     for release in list_releases(cache):
         with Store.open(cache, release, lease=False) as store:
             st = store.stats()
             shards = {r.shard for r in store.records(include_prefix=True)}
             disk = sum((cache / fmt.SHARDS_DIR / f"{s}{fmt.SHARD_SUFFIX}").stat().st_size for s in shards)
-            out.append({"release": release, "kv_dtype": st["kv_dtype"], "model_dtype": st["dtype"],
-                        "distinct_chunks": st["distinct_chunks"], "stored_tokens": round(st["kv_bytes"] / st["kv_bytes_per_token"]),
-                        "kv_bytes": st["kv_bytes"], "kv_bytes_per_token": st["kv_bytes_per_token"], "shard_bytes": disk})
-    return out
+            stored = sum(store.record(c).n_tokens for c in {r.chunk_id for r in store.records(include_prefix=True)})
+            out[st["kv_dtype"]] = {"release": release, "kv_dtype": st["kv_dtype"], "model_dtype": st["dtype"],
+                                   "distinct_chunks": st["distinct_chunks"], "stored_tokens": stored,
+                                   "kv_bytes": st["kv_bytes"], "kv_bytes_per_token": st["kv_bytes_per_token"],
+                                   "shard_bytes": disk}
+    return list(out.values())
 
 
 def synthetic_bytes(shape: str, chunks: int, chunk_tokens: int = 512) -> list[dict]:
