@@ -440,6 +440,14 @@ def kv_paired(rows: dict) -> list[dict]:
     return out
 
 
+def cell(p: dict, name: str, digits: int = 3) -> str:
+    """`value [lo, hi]` of a paired entry's `name` and its `name_ci`; "–" where it has none."""
+    if name not in p:
+        return "–"
+    lo, hi = p[f"{name}_ci"]
+    return f"{p[name]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def _kv_paired_markdown(report: dict) -> list[str]:
     pairs = report.get("kv_paired") or []
     if not pairs:
@@ -450,12 +458,6 @@ def _kv_paired_markdown(report: dict) -> list[str]:
              "| method | KV | ratio | n | KL m | KL m@kv | KL increase | answer KL increase | retention m | "
              "retention m@kv | retention drop (pts) | agreement drop (pts) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def cell(p, name, digits):
-        if name not in p:
-            return "–"
-        lo, hi = p[f"{name}_ci"]
-        return f"{p[name]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
     for p in pairs:
         lines.append(f"| {p['method']} | {p['kv_dtype']} | {p['ratio']:.2f} | {p['n']} | {p['kl']:.4f} | "
@@ -547,12 +549,6 @@ def _paired_markdown(report: dict) -> list[str]:
              "is a real lead or lag, one that holds 0 a tie.", "",
              "| ratio | versus | n | KL gain | answer-KL gain | score gain | agree gain | lower KL on |",
              "|---|---|---|---|---|---|---|---|"]
-
-    def cell(p, name, digits=3):
-        if name not in p:
-            return "–"
-        lo, hi = p[f"{name}_ci"]
-        return f"{p[name]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
     for p in pairs:
         lines.append(f"| {p['ratio']:.2f} | {p['other']} | {p['n']} | {cell(p, 'kl_gain')} | {cell(p, 'answer_kl_gain')} | "

@@ -16,12 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
+from kvfuse.bench.evaluate import cell as _ci
+
 KL_LIMIT, RETENTION_LIMIT, F32_LIMIT, BF16_LIMIT = 0.01, 1.0, 0.27, 0.52
-
-
-def _ci(p: dict, name: str, digits: int) -> str:
-    lo, hi = p.get(f"{name}_ci", [float("nan")] * 2)
-    return f"{p[name]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def main(argv=None):
@@ -74,7 +71,7 @@ def main(argv=None):
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in ev["kv_paired"]:
             lines.append(f"| {p['method']} | {p['kv_dtype']} | {p['n']} | {p['kl']:.4f} | {p['kl_quant']:.4f} | "
-                         f"{_ci(p, 'kl_increase', 4)} | {_ci(p, 'answer_kl_increase', 4) if 'answer_kl_increase' in p else '–'} | "
+                         f"{_ci(p, 'kl_increase', 4)} | {_ci(p, 'answer_kl_increase', 4)} | "
                          f"{p['retention']:.3f} | {p['retention_quant']:.3f} | {_ci(p, 'retention_drop', 1)} | {_ci(p, 'agree_drop', 1)} |")
             checks.append({"what": f"{ev['suite']} {p['method']}@{p['kv_dtype']}: first-token KL increase", "measured": p["kl_increase"],
                            "limit": KL_LIMIT, "met": p["kl_increase"] <= KL_LIMIT, "n": p["n"]})
