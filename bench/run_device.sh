@@ -4,6 +4,8 @@
 #   attention  per-layer recompute attention by backend (bench/attention.py) -> attention.{json,md}
 #   ttft       kvfuse bench ttft, issue 11's command -> ttft.{json,md}, profile.txt, profile trace
 #   serve      kvfuse bench serve -> serve.{json,md} (run it alone: 8 files at most come back)
+#   kvttft     issue 14: bench ttft at 16k, r = 0.15 over a model-dtype, an fp8 and an int8 store -> kv-<dtype>/ttft.{json,md}
+#              (run it alone, or with tests: 7 files)
 #   bash bench/run_device.sh [phases, default tests,attention,ttft]
 # About 8 minutes for the default phases on an H200 (the tests ~2, attention ~1, ttft ~5).
 set -uo pipefail
@@ -28,7 +30,7 @@ has() { [[ ",$PHASES," == *",$1,"* ]]; }
 if has tests; then
   echo "== tests" | tee -a "$LOG"
   timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda -W ignore::FutureWarning \
-    tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py tests/test_engine_cuda.py 2>&1 | tail -30 | tee -a "$LOG"
+    tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py tests/test_engine_cuda.py tests/test_quant.py 2>&1 | tail -30 | tee -a "$LOG"
 fi
 if has attention; then
   echo "== attention" | tee -a "$LOG"
@@ -44,5 +46,13 @@ fi
 if has serve; then
   echo "== bench serve" | tee -a "$LOG"
   timeout 130 python3 -m kvfuse.cli bench serve --out "$OUT" 2>&1 | tee -a "$LOG"
+fi
+if has kvttft; then
+  for kv in model fp8 int8; do
+    echo "== bench ttft --kv-dtype $kv" | tee -a "$LOG"
+    timeout 200 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384 --ratios 0.15 --reps 5 \
+      --compare-selectors none --profile none --kv-dtype "$kv" --out "$OUT/kv-$kv" 2>&1 | grep -v Warning | tee -a "$LOG"
+  done
+  cat "$OUT"/kv-*/ttft.md
 fi
 cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/serve.md 2>/dev/null
