@@ -4,7 +4,9 @@
     codes, scales = codec.encode(kv)                  # kv [L, 2, H_kv, T, D] -> codes [L, 2, H_kv, T, D] float8_e4m3fn,
                                                       #    scales [L, H_kv, D + T] bfloat16
     kv = codec.decode(codes, scales, torch.bfloat16)  # [L, 2, H_kv, T, D] in the model dtype (the CPU read path)
-    dequantize_(dsts, scales_per_layer)               # in place, inside the GPU gather (runtime/layerwise.py)
+    k_index, v_index = scale_index([T_0, T_1, ...], D, device)   # once per request: where each token's scales lie
+    dequantize_(fused[l, :, :, :N], torch.cat([s[l] for s in chunk_scales], 1), k_index, v_index)
+                                                      # in place, inside the GPU gather (runtime/layerwise.py)
 
 Scale layout, per chunk (`<chunk_id>.kvs` in the shard, beside `<chunk_id>.kv`), one
 bfloat16 row of D + T per (layer, KV head):
@@ -100,24 +102,40 @@ class KVCodec:
         if not self.quantised:
             return codes.to(dtype)
         out = codes.to(dtype)
+        index = scale_index([codes.shape[3]], codes.shape[4], codes.device)
         for l in range(out.shape[0]):  # a layer at a time: no float32 copy of the whole chunk
-            dequantize_([out[l]], [scales[l]])
+            dequantize_(out[l], scales[l], *index)
         return out
 
 
-def dequantize_(dsts: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
-    """Scale codes already converted to the model dtype, in place, one layer of several chunks.
+def scale_index(n_tokens: list[int], head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each token's scales lie when chunks of n_tokens[i] tokens are laid end to end, and
+    so are their scale rows ([H_kv, sum_i (D + T_i)], the same chunk order): returns k_index
+    [N, D] (its chunk's key-channel scales) and v_index [N] (its own value scale), int64, N =
+    sum(n_tokens). Made once per request; `dequantize_` takes them."""
+    D = head_dim
+    lens = torch.tensor(n_tokens, dtype=torch.long)
+    row_starts = torch.cumsum(lens + D, 0) - (lens + D)                         # [n] where chunk i's row starts
+    token_starts = torch.cumsum(lens, 0) - lens                                 # [n]
+    base = torch.repeat_interleave(row_starts, lens)                            # [N]
+    within = torch.arange(int(lens.sum())) - torch.repeat_interleave(token_starts, lens)  # [N] index in its chunk
+    k_index = base[:, None] + torch.arange(D)[None, :]                          # [N, D]
+    v_index = base + D + within                                                 # [N]
+    return k_index.to(device), v_index.to(device)
 
-    dsts[i]: [2, H_kv, T_i, D] (a view, e.g. of the fused buffer, holding codes converted by the
-    gather's copy); scales[i]: [H_kv, D + T_i] bfloat16, the chunk's scales of that layer, on the
-    same device. Each element becomes (code * scale) rounded once to the dtype (both factors are
-    exact in float32), the same value `KVCodec.decode` gives. Call before re-rotating keys.
+
+def dequantize_(kv: torch.Tensor, scales: torch.Tensor, k_index: torch.Tensor, v_index: torch.Tensor) -> None:
+    """Scale codes already converted to the model dtype, in place: one layer of the chunks laid
+    end to end (a few kernels, however many chunks).
+
+    kv: [2, H_kv, N, D] (e.g. the fused buffer's layer l over the prefix and chunks, holding the
+    codes the gather's copy converted); scales: [H_kv, sum_i (D + T_i)] bfloat16, the chunks'
+    scale rows of that layer concatenated in the same order; k_index, v_index: `scale_index`.
+    Each element becomes (code * scale) rounded once to kv's dtype (both factors are exact in
+    float32), the value `KVCodec.decode` gives. Call before re-rotating keys.
     """
-    if not dsts:
-        return
-    D = dsts[0].shape[-1]
-    torch._foreach_mul_([d[0] for d in dsts], [s[:, None, :D] for s in scales])  # keys: [H, T, D] * [H, 1, D]
-    torch._foreach_mul_([d[1] for d in dsts], [s[:, D:, None] for s in scales])  # values: [H, T, D] * [H, T, 1]
+    kv[0].mul_(scales[:, k_index])              # keys:   [H, N, D] * [H, N, D] (per chunk and channel)
+    kv[1].mul_(scales[:, v_index].unsqueeze(-1))  # values: [H, N, D] * [H, N, 1] (per token)
 
 
 CODECS = {

@@ -39,7 +39,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvfuse.loader.pool import PoolEntry
-from kvfuse.loader.quant import dequantize_
+from kvfuse.loader.quant import dequantize_, scale_index
 from kvfuse.loader.store import Store
 from kvfuse.loader.tiers import Tiers
 
@@ -97,6 +97,8 @@ class LayerwiseLoad:
         self.n_layers = L
         self.issued = 0
         self.quantised = tiers.codec.quantised  # pools hold codes [L, 2, H_kv, T, D] + scales [L, H_kv, D + T]
+        if self.quantised:  # k [N, D], v [N]: each stored token's scales in the chunks' scale rows laid end to end
+            self.scale_index = scale_index([g.n_tokens for g, _ in pairs], D, device)
         self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
@@ -135,7 +137,8 @@ class LayerwiseLoad:
                 dst = [self.fused[l, :, :, s:s + g.n_tokens] for (g, _), s in zip(self.pairs, self.starts)]
                 torch._foreach_copy_(dst, [g.kv[l] for g, _ in self.pairs])   # [2, H_kv, T, D] each
                 if self.quantised:  # codes -> KV in place, before the rotation (scales: per stored channel)
-                    dequantize_(dst, [g.scales[l] for g, _ in self.pairs])
+                    scales = torch.cat([g.scales[l] for g, _ in self.pairs], dim=1)  # [H_kv, sum (D + T_i)]
+                    dequantize_(self.fused[l, :, :, : self.layout.question_start], scales, *self.scale_index)
                 rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
                 if cuda:
                     self.events[l].record(self.stream)

@@ -5,7 +5,7 @@ are dequantised before re-rotation."""
 import pytest
 import torch
 
-from kvfuse.loader.quant import KV_DTYPES, dequantize_, kv_codec
+from kvfuse.loader.quant import KV_DTYPES, dequantize_, kv_codec, scale_index
 from kvfuse.runtime.rope import rerotate_keys
 
 L, H, T, D = 3, 2, 24, 16
@@ -80,19 +80,24 @@ def test_saturation_no_nan_and_nonfinite_refused():
 @pytest.mark.parametrize("name", ["fp8", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_dequantisation_equals_decode(name, dtype):
-    """The layer-wise path: codes copied (converted) into a fused buffer at their offsets,
-    then `dequantize_` in place; bit-equal to `decode` (what Store.read returns)."""
+    """The layer-wise path: codes of several chunks copied (converted) into a fused buffer end to
+    end, then one `dequantize_` per layer over all of them with their scale rows concatenated;
+    bit-equal to `decode` of each chunk (what Store.read returns)."""
     codec = kv_codec(name)
-    chunks = [sample_kv(s)[:, :, :, : T - s] for s in range(3)]   # chunks of different lengths
+    chunks = [sample_kv(s)[:, :, :, : T - 5 * s] for s in range(3)]   # chunks of different lengths
     enc = [codec.encode(c) for c in chunks]
-    fused = torch.zeros((L, 2, H, sum(c.shape[3] for c in chunks), D), dtype=dtype)
-    starts = [0, chunks[0].shape[3], chunks[0].shape[3] + chunks[1].shape[3]]
+    lens = [c.shape[3] for c in chunks]
+    fused = torch.zeros((L, 2, H, sum(lens) + 4, D), dtype=dtype)    # + a question tail, untouched
+    starts = [0, lens[0], lens[0] + lens[1]]
+    index = scale_index(lens, D)
+    assert index[0].shape == (sum(lens), D) and index[1].shape == (sum(lens),)
     for l in range(L):
-        dst = [fused[l, :, :, s:s + c.shape[3]] for s, c in zip(starts, chunks)]
+        dst = [fused[l, :, :, s:s + n] for s, n in zip(starts, lens)]
         torch._foreach_copy_(dst, [q[l] for q, _ in enc])
-        dequantize_(dst, [sc[l] for _, sc in enc])
+        dequantize_(fused[l, :, :, : sum(lens)], torch.cat([sc[l] for _, sc in enc], dim=1), *index)
     want = torch.cat([codec.decode(q, sc, dtype) for q, sc in enc], dim=3)
-    assert torch.equal(fused, want)
+    assert torch.equal(fused[..., : sum(lens), :], want)
+    assert not fused[..., sum(lens):, :].any()
 
 
 def test_keys_dequantised_before_rerotation():
@@ -121,8 +126,8 @@ def test_cuda_encode_and_gather_dequantisation_equal_cpu(name):
     assert torch.equal(g_codes.cpu().view(torch.uint8), codes.view(torch.uint8))
     torch.testing.assert_close(g_scales.cpu(), scales, rtol=0, atol=0)
     fused = torch.empty((L, 2, H, T, D), dtype=torch.bfloat16, device="cuda")
+    index = scale_index([T], D, "cuda")
     for l in range(L):
-        dst = [fused[l]]
-        torch._foreach_copy_(dst, [g_codes[l]])
-        dequantize_(dst, [g_scales[l]])
+        torch._foreach_copy_([fused[l]], [g_codes[l]])
+        dequantize_(fused[l], g_scales[l], *index)
     assert torch.equal(fused.cpu(), codec.decode(codes, scales, torch.bfloat16))
