@@ -39,6 +39,7 @@ from kvfuse.runtime.fusion import full_prefill, greedy_batch, prepare, run
 from kvfuse.runtime.model import LoadedModel, load_model
 from kvfuse.runtime.selectors import get_selector
 
+from kvfuse.loader.quant import kv_codec
 from kvfuse.pipeline.build import BuildConfig, build_cache
 from .metrics import answer_agreement, answer_kls, bootstrap_ci, kl_per_position
 from .suites import Example, Suite, fact_match, make_suite, needle_recall, squad_em_f1
@@ -68,6 +69,7 @@ class EvalConfig:
     build: dict = field(default_factory=dict)   # extra BuildConfig fields (e.g. {"enrich": False})
     corpus_examples: int = CORPUS_EXAMPLES       # the store holds the documents of max(n, this) examples
     progress: bool = True
+    kv_dtype: str = "model"  # "fp8", "int8" or "fp8,int8": also run every method on the store re-encoded so (`m@fp8`)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -77,6 +79,13 @@ class EvalConfig:
             raise ValueError(f"ratios must be in [0, 1], got {self.ratios}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        for name in self.kv_dtypes:
+            kv_codec(name)
+
+    @property
+    def kv_dtypes(self) -> list[str]:
+        """The quantised stores paired with the model-dtype one (none for "model")."""
+        return [k for k in self.kv_dtype.split(",") if k and k != "model"]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -102,7 +111,7 @@ def selector_rev(method: str) -> str:
     """A short hash of the selector's module source, stored with each result row."""
     if method == REFERENCE:
         return ""
-    module = sys.modules[get_selector(method).__module__]
+    module = sys.modules[get_selector(method.split("@")[0]).__module__]  # "kvfuse@fp8": kvfuse on the fp8 store
     return hashlib.sha1(Path(module.__file__).read_bytes()).hexdigest()[:10]
 
 
@@ -157,7 +166,13 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     _check_meta(cfg)
     build = build_cache(suite.documents, cfg.out / "store", lm,
                         BuildConfig(chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build))
-    inputs = ExampleInputs(FusionEngine(cfg.out / "store", lm, verify=False))
+    inputs = ExampleInputs(FusionEngine(cfg.out / "store", lm, release=build.release, verify=False))
+    stores = []  # (method suffix, inputs) of the quantised store: the same chunks, re-encoded (paired rows)
+    for kv in cfg.kv_dtypes:
+        quant = build_cache(suite.documents, cfg.out / "store", lm, BuildConfig(
+            chunk_tokens=suite.chunk_tokens, progress=cfg.progress, **cfg.build, kv_dtype=kv))
+        stores.append((f"@{kv}", ExampleInputs(FusionEngine(cfg.out / "store", lm, release=quant.release,
+                                                                      verify=False))))
     results = _Results(cfg.out / RESULTS)
     (cfg.out / "full").mkdir(exist_ok=True)
     stop = _stop_ids(lm, suite)
@@ -167,10 +182,15 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         results.refresh()  # suites are prefix-stable in n: the first n of the corpus's examples
         chunk_ids = inputs.chunk_ids(ex)
         chunks_rev = chunks_digest(chunk_ids)
-        if all(results.has(ex.id, m, r, chunks_rev) for m, r in todo) and results.has(ex.id, REFERENCE, 1.0):
+        extra = []
+        for suffix, more in stores:
+            ids = more.chunk_ids(ex)
+            extra.append((more.engine.prefix, more.chunks(ids), [(m + suffix, r) for m, r in todo], chunks_digest(ids)))
+        if all(results.has(ex.id, m, r, chunks_rev) for m, r in todo) and results.has(ex.id, REFERENCE, 1.0) \
+                and all(results.has(ex.id, m, r, rev) for _, _, more_todo, rev in extra for m, r in more_todo):
             continue
         _run_example(lm, suite, ex, inputs.engine.prefix, inputs.chunks(chunk_ids), inputs.question_ids(ex),
-                     todo, results, cfg.out / "full", stop, chunks_rev)
+                     todo, results, cfg.out / "full", stop, chunks_rev, extra)
     report = summarize(cfg, results.rows, build_seconds=build.seconds,
                        wall_seconds=time.perf_counter() - t_start)
     write_report(report, cfg.out)
@@ -209,10 +229,12 @@ def chunks_digest(chunk_ids: list[str]) -> str:
 
 def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_ids: torch.Tensor,
                  todo: list[tuple[str, float]], results: _Results, full_dir: Path, stop: set[int],
-                 chunks_rev: str | None = None) -> None:
+                 chunks_rev: str | None = None, extra=()) -> None:
     """The full prefill and every missing method x ratio of one example; all their answers are
     decoded together in one batch (identical selections decode once), then every cache is
-    teacher-forced along the full prefill's answer for the answer KL."""
+    teacher-forced along the full prefill's answer for the answer KL. extra: (prefix, chunks,
+    todo, chunks_rev) of the same chunks from another store (`method@kv_dtype` rows), run
+    against the same full prefill."""
     all_ids = torch.cat([prefix.tokens, *[c.tokens for c in chunks], q_ids.int()])
     n_context = sum(len(c.tokens) for c in chunks)
     full_path = full_dir / f"{ex.id}.pt"
@@ -224,23 +246,11 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
         torch.save(full_logits.log_softmax(-1), full_path)
     full_lp = torch.load(full_path)
     pending = [(full_cache, full_logits)]  # (cache, first logits) to decode; the full prefill first
-    prep = prepare(lm, prefix, chunks, q_ids)
-    by_selection: dict[tuple, int] = {}
     rows = []                         # (row, index of its answer in pending)
-    for method, ratio in todo:
-        if results.has(ex.id, method, ratio, chunks_rev):
-            continue
-        res = run(prep, method, ratio)
-        key = (tuple(res.recomputed.tolist()), tuple(res.layer_counts or ()),
-               tuple(res.kept.tolist()) if res.kept is not None else ())   # a layer plan narrows with depth
-        if key not in by_selection:
-            by_selection[key] = len(pending)
-            pending.append((res.cache, res.logits))
-        rows.append(({"method": method, "ratio": ratio, "rev": selector_rev(method), "chunks": chunks_rev, "kl": first_token_kl(full_lp, res.logits),
-                      "n_context": n_context, "n_recomputed": res.n_recomputed,
-                      "ttft_s": res.timings["select_s"] + res.timings["recompute_s"],
-                      "select_s": res.timings["select_s"],
-                      **({"layer_counts": res.layer_counts} if res.layer_counts is not None else {})}, by_selection[key]))
+    for store_no, (prefix, chunks, todo, chunks_rev) in enumerate([(prefix, chunks, todo, chunks_rev), *extra]):
+        prep = prepare(lm, prefix, chunks, q_ids)
+        by_selection: dict[tuple, int] = {}  # per store: the same selection over other KV is another answer
+        _run_methods(prep, ex, todo, results, chunks_rev, full_lp, n_context, pending, by_selection, rows)
     if not rows and not need_full:
         return
     decoded = greedy_batch(lm, [c for c, _ in pending], [l for _, l in pending], len(all_ids), ex.max_new_tokens, stop)
@@ -257,10 +267,33 @@ def _run_example(lm: LoadedModel, suite: Suite, ex: Example, prefix, chunks, q_i
                      "answer_kl_max": float(answer_kl[i].max()), "agree": bool(answer_agreement(decoded[i], decoded[0]))})
 
 
+def _run_methods(prep, ex: Example, todo, results: _Results, chunks_rev, full_lp, n_context: int,
+                 pending: list, by_selection: dict, rows: list) -> None:
+    """Run every missing (method, ratio) of todo over one store's prepared example; append each
+    new answer's (cache, logits) to pending and its row to rows. A method named `m@fp8` runs
+    selector m (the store tells the KV apart)."""
+    for method, ratio in todo:
+        if results.has(ex.id, method, ratio, chunks_rev):
+            continue
+        res = run(prep, method.split("@")[0], ratio)
+        key = (tuple(res.recomputed.tolist()), tuple(res.layer_counts or ()),
+               tuple(res.kept.tolist()) if res.kept is not None else ())   # a layer plan narrows with depth
+        if key not in by_selection:
+            by_selection[key] = len(pending)
+            pending.append((res.cache, res.logits))
+        rows.append(({"method": method, "ratio": ratio, "rev": selector_rev(method), "chunks": chunks_rev, "kl": first_token_kl(full_lp, res.logits),
+                      "n_context": n_context, "n_recomputed": res.n_recomputed,
+                      "ttft_s": res.timings["select_s"] + res.timings["recompute_s"],
+                      "select_s": res.timings["select_s"],
+                      **({"layer_counts": res.layer_counts} if res.layer_counts is not None else {})}, by_selection[key]))
+
+
 def _check_meta(cfg: EvalConfig) -> None:
     """One output folder holds one suite x model x seed x build: refuse to mix results."""
     meta = {"suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "build": cfg.build,
             "corpus_examples": cfg.corpus_examples}
+    if cfg.kv_dtype != "model":  # absent otherwise: older run folders stay valid
+        meta["kv_dtype"] = cfg.kv_dtype
     path = cfg.out / META
     if path.exists():
         old = json.loads(path.read_text())
@@ -320,7 +353,9 @@ def summarize(cfg: EvalConfig, rows: dict, build_seconds: float = 0.0, wall_seco
         table.append(entry)
     return {
         "suite": cfg.suite, "model": cfg.model, "seed": cfg.seed, "n_requested": cfg.n,
-        "paired": paired(rows),
+        "paired": [p for p in paired(rows) if "@" not in p["other"]],
+        "kv_dtype": cfg.kv_dtype,
+        "kv_paired": kv_paired(rows),
         "metric": metric_name(cfg.suite),
         "commands": meta.get("commands", []),
         "machine": meta.get("machine") or machine(),
@@ -372,6 +407,68 @@ def paired(rows: dict, ours: str = OURS) -> list[dict]:
     return out
 
 
+def kv_paired(rows: dict) -> list[dict]:
+    """Each `m@kv` (method m over the store re-encoded as kv: fp8, int8) against m over the
+    model-dtype store, on the same examples: the accuracy cost of quantised KV.
+
+    kl_increase = mean(KL_m@kv − KL_m) (first token, nats) and answer_kl_increase likewise;
+    retention_drop = 100 · (mean score_m − mean score_m@kv) / mean full-prefill score, in
+    points of retention; agree_drop the same for whole-answer agreement (points); each with
+    its paired bootstrap 95% interval (`*_ci`).
+    """
+    full = {ex: row for (ex, method, _), row in rows.items() if method == REFERENCE}
+    out = []
+    for quant, ratio in sorted({(m, r) for _, m, r in rows if "@" in m}):
+        base, kv = quant.split("@", 1)
+        pairs = [(rows[(ex, base, ratio)], row, full[ex]) for (ex, m, r), row in rows.items()
+                 if m == quant and r == ratio and (ex, base, ratio) in rows and ex in full]
+        if not pairs:
+            continue
+        full_score = _mean(f["score"] for *_, f in pairs)
+        scale = 100 / full_score if full_score else float("nan")
+        d_kl = [q["kl"] - b["kl"] for b, q, _ in pairs]
+        d_score = [(b["score"] - q["score"]) * scale for b, q, _ in pairs]
+        d_agree = [100 * (float(b["agree"]) - float(q["agree"])) for b, q, _ in pairs]
+        entry = {"method": base, "kv_dtype": kv, "ratio": ratio, "n": len(pairs), "full_score": full_score,
+                 "kl": _mean(b["kl"] for b, _, _ in pairs), "kl_quant": _mean(q["kl"] for _, q, _ in pairs),
+                 "retention": _mean(b["score"] for b, _, _ in pairs) * scale / 100,
+                 "retention_quant": _mean(q["score"] for _, q, _ in pairs) * scale / 100}
+        diffs = {"kl_increase": d_kl, "retention_drop": d_score, "agree_drop": d_agree}
+        if all("answer_kl" in b and "answer_kl" in q for b, q, _ in pairs):
+            diffs["answer_kl_increase"] = [q["answer_kl"] - b["answer_kl"] for b, q, _ in pairs]
+        for name, d in diffs.items():
+            entry.update({name: _mean(d), f"{name}_ci": list(bootstrap_ci(d))})
+        out.append(entry)
+    return out
+
+
+def cell(p: dict, name: str, digits: int = 3) -> str:
+    """`value [lo, hi]` of a paired entry's `name` and its `name_ci`; "–" where it has none."""
+    if name not in p:
+        return "–"
+    lo, hi = p[f"{name}_ci"]
+    return f"{p[name]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _kv_paired_markdown(report: dict) -> list[str]:
+    pairs = report.get("kv_paired") or []
+    if not pairs:
+        return []
+    lines = ["", "Quantised KV against the model-dtype store, same examples and selections' method (paired): "
+             "KL increase = mean(KL_m@kv − KL_m) in nats; retention drop = (score_m − score_m@kv) / full score, "
+             "in points; agreement drop in points; [lo, hi] the paired bootstrap 95% interval.", "",
+             "| method | KV | ratio | n | KL m | KL m@kv | KL increase | answer KL increase | retention m | "
+             "retention m@kv | retention drop (pts) | agreement drop (pts) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    for p in pairs:
+        lines.append(f"| {p['method']} | {p['kv_dtype']} | {p['ratio']:.2f} | {p['n']} | {p['kl']:.4f} | "
+                     f"{p['kl_quant']:.4f} | {cell(p, 'kl_increase', 4)} | {cell(p, 'answer_kl_increase', 4)} | "
+                     f"{p['retention']:.3f} | {p['retention_quant']:.3f} | {cell(p, 'retention_drop', 1)} | "
+                     f"{cell(p, 'agree_drop', 1)} |")
+    return lines
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -387,7 +484,8 @@ def rewrite_report(out: Path) -> list[Path]:
     out = Path(out)
     meta = json.loads((out / META).read_text())
     cfg = EvalConfig(suite=meta["suite"], model=meta["model"], methods=[], ratios=[0.0], n=1, seed=meta["seed"],
-                     out=out, build=meta["build"], corpus_examples=meta.get("corpus_examples", CORPUS_EXAMPLES))
+                     out=out, build=meta["build"], corpus_examples=meta.get("corpus_examples", CORPUS_EXAMPLES),
+                     kv_dtype=meta.get("kv_dtype", "model"))
     return write_report(summarize(cfg, _Results(out / RESULTS).rows), out)
 
 
@@ -396,6 +494,8 @@ def command_line(cfg: EvalConfig) -> str:
            f"--ratios {','.join(str(r) for r in cfg.ratios)} --n {cfg.n} --seed {cfg.seed} --out {cfg.out}")
     if cfg.build.get("enrich") is False:
         cmd += " --no-enrich"
+    if cfg.kv_dtype != "model":
+        cmd += f" --kv-dtype {cfg.kv_dtype}"
     if cfg.corpus_examples != CORPUS_EXAMPLES:
         cmd += f" --corpus-examples {cfg.corpus_examples}"
     return cmd
@@ -404,7 +504,8 @@ def command_line(cfg: EvalConfig) -> str:
 def report_name(report: dict) -> str:
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(report["model"]).name)
     store = "isolated" if report["build"].get("enrich") is False else "enriched"
-    return f"accuracy-{report['suite']}-{model}-{store}"
+    kv = report.get("kv_dtype", "model")
+    return f"accuracy-{report['suite']}-{model}-{store}" + (f"-{kv.replace(',', '-')}" if kv != "model" else "")
 
 
 def markdown(report: dict) -> str:
@@ -412,6 +513,8 @@ def markdown(report: dict) -> str:
     head = ["method", "ratio", "n", "F1" if squad else ("match" if report["suite"] == "facts" else "recall")] + (["EM"] if squad else []) + \
         ["retention", "KL(full‖m)", "KL median", "answer KL", "agree", "recomputed", "TTFT s"]
     store = "isolated chunks (--no-enrich)" if report["build"].get("enrich") is False else "enriched chunks (FusionRAG neighbours)"
+    for kv in (k for k in report.get("kv_dtype", "model").split(",") if k != "model"):
+        store += f"; `<method>@{kv}`: the same chunks stored as {kv}"
     lines = [f"# Accuracy: {report['suite']} on {report['model']}, store of {store}", "",
              *[f"- command: `{c}`" for c in report["commands"]], f"- machine: {report['machine']}", f"- date: {report['date']}",
              f"- full prefill: {report['metric']} {report['full']['score']:.3f} over {report['full']['n']} examples, "
@@ -428,6 +531,7 @@ def markdown(report: dict) -> str:
                   f"{e['recomputed']:.0f} ({e['recomputed_frac'] * 100:.1f}%)", f"{e['ttft_s']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _paired_markdown(report)
+    lines += _kv_paired_markdown(report)
     lines += ["", "± is one standard error of the mean. Retention = score / full-prefill score on the same examples; "
               "KL is the first generated token's KL(full ‖ method) in nats; answer KL the mean per-token "
               f"KL(full ‖ method) teacher-forced along the full prefill's greedy answer (first {ANSWER_KL_TOKENS} tokens); "
@@ -447,12 +551,6 @@ def _paired_markdown(report: dict) -> list[str]:
              "is a real lead or lag, one that holds 0 a tie.", "",
              "| ratio | versus | n | KL gain | answer-KL gain | score gain | agree gain | lower KL on |",
              "|---|---|---|---|---|---|---|---|"]
-
-    def cell(p, name, digits=3):
-        if name not in p:
-            return "–"
-        lo, hi = p[f"{name}_ci"]
-        return f"{p[name]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
     for p in pairs:
         lines.append(f"| {p['ratio']:.2f} | {p['other']} | {p['n']} | {cell(p, 'kl_gain')} | {cell(p, 'answer_kl_gain')} | "

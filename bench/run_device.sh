@@ -9,6 +9,7 @@
 #   qwen       kvfuse bench ttft for the Qwen2.5-7B shape (loader share, cold plan) -> qwen/ttft.{json,md} (~3 minutes)
 #   build      the build's CUDA tests (staging, write path = sequential path on the GPU) and
 #              bench/build_throughput.py gpu (issue 14) -> build_throughput_gpu.{json,md} (needs dask + distributed)
+#   kvttft     issue 14: bench ttft at 16k, r = 0.15 over a model-dtype, an fp8 and an int8 store -> kv-<dtype>/ttft.{json,md}
 #   bash bench/run_device.sh [phases, default tests,attention,ttft]
 # About 8 minutes for the default phases on an H200 (the tests ~2, attention ~1, ttft ~5).
 set -uo pipefail
@@ -34,7 +35,7 @@ if has tests; then
   echo "== tests" | tee -a "$LOG"
   timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda -W ignore::FutureWarning \
     tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py tests/test_engine_cuda.py tests/test_coldplan.py \
-    2>&1 | tail -30 | tee -a "$LOG"
+    tests/test_quant.py tests/test_selectors.py tests/test_fusion.py 2>&1 | tail -30 | tee -a "$LOG"
 fi
 if has attention; then
   echo "== attention" | tee -a "$LOG"
@@ -68,5 +69,12 @@ if has build; then
   timeout 420 python3 -m kvfuse.bench.build_throughput gpu --shape llama3-8b --chunks 64 --rounds 3 --workdir /tmp/bt \
     --out "$OUT/build_throughput_gpu" 2>&1 | grep -v Warning | tail -20 | tee -a "$LOG"
 fi
+if has kvttft; then
+  for kv in model fp8 int8; do
+    echo "== bench ttft --kv-dtype $kv" | tee -a "$LOG"
+    timeout 200 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384 --ratios 0.15 --reps 5 \
+      --compare-selectors none --profile none --kv-dtype "$kv" --out "$OUT/kv-$kv" 2>&1 | grep -v Warning | tee -a "$LOG"
+  done
+fi
 cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/copy_ceiling.md "$OUT"/qwen/ttft.md "$OUT"/serve.md \
-  "$OUT"/build_throughput_gpu.md 2>/dev/null
+  "$OUT"/build_throughput_gpu.md "$OUT"/kv-*/ttft.md 2>/dev/null

@@ -60,21 +60,24 @@ class TTFTConfig:
     compare_selectors: tuple[str, ...] = ("epic", "kvfuse")  # also timed warm at the target points
     out_dir: str = "bench/results"
     extra: dict = field(default_factory=dict)
+    kv_dtype: str = "model"        # how the synthetic store holds the KV: "model", "fp8", "int8"
 
 
-def ensure_store(root: Path, lm, n_chunks: int, chunk_tokens: int, prefix_tokens: int, device: str):
+def ensure_store(root: Path, lm, n_chunks: int, chunk_tokens: int, prefix_tokens: int, device: str,
+                 kv_dtype: str = "model"):
     """Open the synthetic store for lm's shape at root, (re)writing it unless it fits."""
     try:
         store = Store.open(root)
         ok = (store.model["fingerprint"] == lm.spec.fingerprint and len(store.records()) >= n_chunks
-              and store.manifest.get("params", {}).get("chunk_tokens") == chunk_tokens)
+              and store.manifest.get("params", {}).get("chunk_tokens") == chunk_tokens
+              and store.codec.name == kv_dtype)
     except Exception:
         ok = False
     if not ok:
         shutil.rmtree(root, ignore_errors=True)
         t0 = time.perf_counter()
         write_synthetic_store(root, lm.spec, n_chunks, chunk_tokens, prefix_tokens,
-                              vocab=lm.model.config.vocab_size, device=device)
+                              vocab=lm.model.config.vocab_size, device=device, kv_dtype=kv_dtype)
         os.sync()  # written back, so dropping the page cache really makes the next read cold
         print(f"  wrote {n_chunks} chunks to {root} in {time.perf_counter() - t0:.1f} s", flush=True)
         store = Store.open(root)
@@ -187,8 +190,9 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
     lm = build_random_model(shape, cfg.device)
     build_s = time.perf_counter() - t0
     n_store = max(cfg.store_chunks, max(cfg.contexts) // cfg.chunk_tokens)
-    store, prefix, ids = ensure_store(Path(cfg.store_root) / shape, lm, n_store, cfg.chunk_tokens,
-                                      cfg.prefix_tokens, cfg.device)
+    store_dir = Path(cfg.store_root) / (shape if cfg.kv_dtype == "model" else f"{shape}-{cfg.kv_dtype}")
+    store, prefix, ids = ensure_store(store_dir, lm, n_store, cfg.chunk_tokens, cfg.prefix_tokens, cfg.device,
+                                      cfg.kv_dtype)
     ceiling = host_to_gpu_gbps(device=cfg.device)
     print(f"  host->GPU: pinned {ceiling['pinned_gbps']:.1f} GB/s, pageable {ceiling['pageable_gbps']:.1f} GB/s",
           flush=True)

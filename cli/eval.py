@@ -21,6 +21,13 @@ def _names(ctx, param, value: str) -> list[str]:
     return names
 
 
+def _kv_dtypes(ctx, param, value: str) -> str:
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    if not names or any(x not in ("model", "fp8", "int8") for x in names):
+        raise click.BadParameter(f"expected model, fp8, int8 or a list like fp8,int8; got {value!r}")
+    return ",".join(names)
+
+
 @click.command("eval")
 @click.option("--suite", type=click.Choice(["niah", "squad", "facts", "xchunk"]), default=None,
               help="Required unless --report-only. facts: invented facts among similar documents; "
@@ -35,9 +42,13 @@ def _names(ctx, param, value: str) -> list[str]:
 @click.option("--corpus-examples", default=50, show_default=True, type=click.IntRange(1),
               help="The store holds the documents of max(n, this many) examples, so runs with different --n "
                    "share one store (enrichment neighbours depend on the corpus).")
+@click.option("--kv-dtype", default="model", show_default=True, callback=_kv_dtypes,
+              help="fp8, int8 or fp8,int8: also store the suite's chunks so (re-encoded from the model-dtype store) and run every "
+                   "method on them too, as `<method>@fp8` rows paired with the model-dtype ones (the accuracy cost).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's choice).")
 @click.option("--report-only", is_flag=True, help="Only rewrite the report of --out from its results.")
-def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_examples, threads, report_only):
+def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_examples, threads, report_only,
+             kv_dtype="model"):
     """Build the SUITE's store, run a full prefill and every method at every ratio on the same
     token ids, and write accuracy-<suite>-<model>-<store>.{json,md,png} into --out. Rerunning with the
     same --out resumes: finished (example, method, ratio) results are kept."""
@@ -53,5 +64,5 @@ def eval_cmd(suite, model, methods, ratios, n, seed, out, no_enrich, corpus_exam
     if threads:
         torch.set_num_threads(threads)
     cfg = EvalConfig(suite=suite, model=model, methods=methods, ratios=ratios, n=n, seed=seed, out=out,
-                     build={"enrich": False} if no_enrich else {}, corpus_examples=corpus_examples)
+                     build={"enrich": False} if no_enrich else {}, corpus_examples=corpus_examples, kv_dtype=kv_dtype)
     click.echo(markdown(evaluate(cfg)))

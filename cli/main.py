@@ -48,9 +48,12 @@ def main():
               "(`kvfuse verify` lists them).")
 @click.option("--max-kv-gb", default=64.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Refuse a release whose KV would exceed this many GiB.")
+@click.option("--kv-dtype", default="model", show_default=True, type=click.Choice(["model", "fp8", "int8"]),
+              help="How chunk KV is stored: model (the model's dtype), fp8 (e4m3) or int8 codes with per-channel "
+                   "key / per-token value scales: ~1/2 of bf16's bytes. Another value than the cache's builds new chunks.")
 def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enrich=True, neighbours=2,
                     neighbour_tokens=1024, embedder="model", scheduler=None, workers=None, gpus=0, in_process=False,
-                    verify=False, repair=False, max_kv_gb=64.0):
+                    verify=False, repair=False, max_kv_gb=64.0, kv_dtype="model"):
     """Chunk CORPUS (jsonl, parquet, folder of .txt/.md, or a saved datasets folder), precompute
     every chunk's KV (FusionRAG-enriched unless --no-enrich) and publish a new release into --cache.
     Building onto an existing cache recomputes only new or changed chunks and those whose
@@ -61,7 +64,7 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
         raise click.BadParameter(f"{cache_dir} is a file; give a folder (created if missing).", param_hint="--cache")
     config = BuildConfig(chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich,
                          neighbours=neighbours, neighbour_tokens=neighbour_tokens, embedder=embedder,
-                         verify=verify or repair, max_kv_gb=max_kv_gb)
+                         verify=verify or repair, max_kv_gb=max_kv_gb, kv_dtype=kv_dtype)
     if in_process:
         report = build_cache(corpus, cache_dir, _load(model, dtype), config)
     else:
@@ -74,8 +77,9 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
         click.echo(f"warning: {note}", err=True)
     if report.repaired:
         click.echo(f"repaired {len(report.repaired)} damaged chunks: {', '.join(report.repaired)}", err=True)
+    transcoded = f", {report.transcoded} re-encoded from the model-dtype release" if report.transcoded else ""
     click.echo(f"release {report.release}: {report.chunks} chunks ({report.computed} computed, "
-               f"{report.reused} reused), {report.tokens} tokens prefilled in {report.seconds:.1f} s "
+               f"{report.reused} reused{transcoded}), {report.tokens} tokens prefilled in {report.seconds:.1f} s "
                f"({report.tokens_per_s:.0f} tok/s)")
 
 
@@ -116,6 +120,8 @@ def inspect(cache_dir, release, as_json):
     for key, value in stats.items():
         if key == "kv_bytes":
             value = f"{value / 2**20:.1f} MiB"
+        elif key == "kv_bytes_per_token":
+            value = f"{value:.0f} B"
         click.echo(f"{key:>12}: {value}")
 
 

@@ -1,4 +1,4 @@
-"""Store format v1: names, ids and checksums (DESIGN §2).
+"""Store format v2: names, ids and checksums (DESIGN §2).
 
 A cache folder holds
 
@@ -14,9 +14,16 @@ A cache folder holds
 
 and per chunk, inside a shard:
 
-    <chunk_id>.kv   [L, 2, H_kv, T, D]  model dtype, layer-major, keys after RoPE at pos_base..
+    <chunk_id>.kv   [L, 2, H_kv, T, D]  model dtype, or fp8 e4m3 / int8 codes (--kv-dtype);
+                                        layer-major, keys after RoPE at pos_base..
+    <chunk_id>.kvs  [L, H_kv, D + T]    bfloat16 scales of quantised codes only (layout: loader/quant.py)
     <chunk_id>.tok  [T]                 int32 token ids
     <chunk_id>.sal  [S, T]              float16 saliency signals (names in the shard metadata)
+
+Format 2 adds the KV dtype ("model", "fp8", "int8"): the manifest's model.kv_dtype and
+model.kv_scheme, the shard metadata's kv_dtype, and `.kvs`. A v1 store (no kv_dtype) is
+a "model" store and still reads. A model-dtype chunk's bytes are v1's, and so is its id
+(`CHUNK_FORMAT`): a refresh by this version reuses a v1 store's chunks.
 
 This module owns only pure functions and constants, so that the pipeline, the
 loader and the tests agree on every byte.
@@ -30,7 +37,9 @@ import re
 import torch
 import xxhash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # written into manifests and shard metadata
+READABLE_FORMATS = (1, 2)     # store formats this reader opens
+CHUNK_FORMAT = 1              # hashed into chunk ids: a chunk's tensor layout (unchanged for model-dtype KV)
 
 CURRENT_FILE = "CURRENT"
 RELEASES_DIR = "releases"
@@ -57,6 +66,17 @@ def kv_name(chunk_id: str) -> str:
     return f"{chunk_id}.kv"
 
 
+def kvs_name(chunk_id: str) -> str:
+    """The scales of a quantised chunk's codes (absent for model-dtype KV)."""
+    return f"{chunk_id}.kvs"
+
+
+def tensor_names(chunk_id: str, quantised: bool) -> tuple[str, ...]:
+    """The chunk's tensors in checksum order: kv, tok, sal (+ kvs when quantised)."""
+    names = (kv_name(chunk_id), tok_name(chunk_id), sal_name(chunk_id))
+    return names + (kvs_name(chunk_id),) if quantised else names
+
+
 def tok_name(chunk_id: str) -> str:
     return f"{chunk_id}.tok"
 
@@ -79,15 +99,17 @@ def chunk_id(
     token_ids,
     prefix_id: str,
     neighbour_ids: list[str] | tuple[str, ...] = (),
+    kv_scheme: str = "model",
 ) -> str:
     """Content hash of everything that determines a chunk's stored bytes.
 
     Identical chunks dedupe; an unchanged chunk keeps its id across releases and is
-    reused without recomputation.
+    reused without recomputation. kv_scheme: the KV codec's scheme (`quant.KVCodec.scheme`);
+    "model" leaves it out, so model-dtype ids are format 1's.
     """
     h = xxhash.xxh3_128()
     header = {
-        "format": FORMAT_VERSION,
+        "format": CHUNK_FORMAT,
         "model": model_fingerprint,
         "dtype": dtype,
         "tokenizer": tokenizer_fingerprint,
@@ -95,6 +117,8 @@ def chunk_id(
         "prefix": prefix_id,
         "neighbours": list(neighbour_ids),
     }
+    if kv_scheme != "model":
+        header["kv"] = kv_scheme
     h.update(json.dumps(header, sort_keys=True).encode())
     h.update(torch.as_tensor(list(token_ids), dtype=torch.int32).numpy().tobytes())
     return h.hexdigest()

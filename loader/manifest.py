@@ -305,10 +305,10 @@ def read_manifest(cache_dir: Path, release: str) -> dict:
     if want is None and "index_digest" in manifest:
         raise StoreError(f"release manifest {path} has lost its digest file {sidecar.name}. {advice}")
     version = manifest.get("format_version")
-    if version != fmt.FORMAT_VERSION:
+    if version not in fmt.READABLE_FORMATS:
         raise StoreError(
-            f"release {release} has store format {version}; this kvfuse reads format "
-            f"{fmt.FORMAT_VERSION}. Rebuild the cache with this version."
+            f"release {release} has store format {version}; this kvfuse reads formats "
+            f"{', '.join(map(str, fmt.READABLE_FORMATS))}. Rebuild the cache with this version."
         )
     if manifest["release"] != release:
         raise StoreError(f"release manifest {path} names release {manifest['release']!r}. {advice}")

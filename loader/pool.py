@@ -10,6 +10,9 @@ A pool is one tensor allocated once (pinned for the host tier) and cut into
 slots of one chunk of at most `slot_shape[3]` tokens each, so serving never
 allocates: a chunk's bytes land in its slot exactly as they lie in the shard
 (layer-major), and layer l of a chunk is one contiguous slice of its slot.
+A pool of quantised KV (dtype the codes', fp8 or int8; `scale_dtype` given) has a
+second arena beside it for the chunks' scales (`loader/quant.py`),
+layer-major too: `entry.scales[l]` is layer l's [H_kv, D + T] block.
 
 Eviction picks among entries nobody holds (`refs == 0`). The policy decides:
 
@@ -77,7 +80,9 @@ class PoolEntry:
     slot: int
     n_tokens: int
     nbytes: int
-    kv: torch.Tensor | None           # [L, 2, H_kv, T, D] view of the slot; None: no slot (a recomputed chunk)
+    kv: torch.Tensor | None           # [L, 2, H_kv, T, D] view of the slot (model dtype, or quantised codes);
+                                      # None: no slot (a chunk the cold plan recomputes)
+    scales: torch.Tensor | None = None  # [L, H_kv, D + T] view of the scale slot (quantised pools: bfloat16)
     refs: int = 0                     # holders; evictable only at 0
     ready: threading.Event = field(default_factory=threading.Event)  # set once the bytes are in
     failed: BaseException | None = None  # set with ready when filling failed
@@ -105,7 +110,7 @@ class KVPool:
 
     def __init__(self, name: str, capacity_bytes: int, slot_shape: tuple[int, int, int, int, int],
                  dtype: torch.dtype, device: str | torch.device = "cpu", pin: bool = False,
-                 policy: str = "lookahead"):
+                 policy: str = "lookahead", scale_dtype: torch.dtype | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.name = name
@@ -113,7 +118,9 @@ class KVPool:
         self.dtype = dtype
         self.policy = policy
         slot_numel = math.prod(self.slot_shape)
-        slot_bytes = slot_numel * dtype.itemsize
+        L, _, H, T_max, D = self.slot_shape
+        scale_numel = L * H * (D + T_max) if scale_dtype else 0   # [L, H_kv, D + T_max] per slot
+        slot_bytes = slot_numel * dtype.itemsize + scale_numel * (scale_dtype.itemsize if scale_dtype else 0)
         n_slots = capacity_bytes // slot_bytes
         if n_slots < 1:
             raise PoolCapacityError(
@@ -121,6 +128,9 @@ class KVPool:
                 f"{slot_bytes / 2**20:.1f} MiB ({self.slot_shape[3]} tokens); give it at least that much.")
         # [slots, slot_numel]; pinned host memory for the host tier (page-locked: DMA-able)
         self.arena = torch.empty((n_slots, slot_numel), dtype=dtype, device=device, pin_memory=pin)
+        # [slots, L * H_kv * (D + T_max)]: the codes' scales, or None for model-dtype KV
+        self.scale_arena = (torch.empty((n_slots, scale_numel), dtype=scale_dtype, device=device, pin_memory=pin)
+                            if scale_dtype else None)
         self.stats = PoolStats(slots=n_slots, slot_bytes=slot_bytes)
         self._free = list(range(n_slots - 1, -1, -1))
         self._entries: OrderedDict[str, PoolEntry] = OrderedDict()  # least recently used first
@@ -181,7 +191,11 @@ class KVPool:
             L, two, H, _, D = self.slot_shape
             shape = (L, two, H, n_tokens, D)
             kv = self.arena[slot, : math.prod(shape)].view(shape)  # [L, 2, H_kv, T, D]
-            entry = PoolEntry(chunk_id, slot, n_tokens, kv.numel() * self.dtype.itemsize, kv, refs=1)
+            sc = None
+            if self.scale_arena is not None:  # [L, H_kv, D + T], contiguous like kv
+                sc = self.scale_arena[slot, : L * H * (D + n_tokens)].view(L, H, D + n_tokens)
+            nbytes = kv.numel() * self.dtype.itemsize + (sc.numel() * sc.element_size() if sc is not None else 0)
+            entry = PoolEntry(chunk_id, slot, n_tokens, nbytes, kv, sc, refs=1)
             self._entries[chunk_id] = entry
             self.stats.used_bytes += entry.nbytes
             return entry

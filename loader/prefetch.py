@@ -32,7 +32,8 @@ from .store import Store, note_damage
 
 ADVICE = "run `kvfuse verify CACHE_DIR` to list the damaged chunks, then `kvfuse build-cache --repair`"
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32}
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I32": torch.int32,
+              "F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
 
 
 class RequestQueue:
@@ -140,15 +141,21 @@ class ShardReader:
     def spans(self, chunk_id: str) -> dict[str, TensorSpan]:
         rec = self.store.record(chunk_id)
         _, spans = self._shard(rec.shard)
+        names = (("kv", fmt.kv_name), ("tok", fmt.tok_name), ("sal", fmt.sal_name))
+        if self.store.codec.quantised:
+            names += (("kvs", fmt.kvs_name),)
         try:
-            return {k: spans[n(chunk_id)] for k, n in (("kv", fmt.kv_name), ("tok", fmt.tok_name), ("sal", fmt.sal_name))}
+            return {k: spans[n(chunk_id)] for k, n in names}
         except KeyError as e:
             note_damage(self.store.cache_dir, rec.shard)
             raise CorruptShardError(f"shard {rec.shard} lacks {e.args[0]}; {ADVICE}.") from None
 
-    def read_into(self, chunk_id: str, kv_out: torch.Tensor, verify: bool = False) -> dict:
-        """Read chunk_id's KV bytes into kv_out ([L, 2, H_kv, T, D], contiguous, CPU);
-        returns its tokens [T] int32, saliency [S, T] float16 and pos_base."""
+    def read_into(self, chunk_id: str, kv_out: torch.Tensor, verify: bool = False,
+                  scales_out: torch.Tensor | None = None) -> dict:
+        """Read chunk_id's KV bytes into kv_out ([L, 2, H_kv, T, D], contiguous, CPU), as stored
+        (quantised codes stay codes: the GPU gather dequantises), and a quantised chunk's scales
+        into scales_out ([L, H_kv, D + T] bfloat16); returns its tokens [T] int32, saliency
+        [S, T] float16 and pos_base."""
         rec = self.store.record(chunk_id)
         fd, _ = self._shard(rec.shard)
         spans = self.spans(chunk_id)
@@ -156,12 +163,21 @@ class ShardReader:
         if kv.dtype != kv_out.dtype or kv.shape != tuple(kv_out.shape):
             raise StoreError(
                 f"chunk {chunk_id} is {kv.dtype} {kv.shape} in shard {rec.shard}, but the pool expects "
-                f"{kv_out.dtype} {tuple(kv_out.shape)}; size the pools for this cache's model.")
+                f"{kv_out.dtype} {tuple(kv_out.shape)}; size the pools for this cache's model and KV dtype.")
+        out = [kv_out]
+        if "kvs" in spans:
+            sc = spans["kvs"]
+            if scales_out is None or sc.dtype != scales_out.dtype or sc.shape != tuple(scales_out.shape):
+                got = "none" if scales_out is None else f"{scales_out.dtype} {tuple(scales_out.shape)}"
+                raise StoreError(f"chunk {chunk_id} has {sc.dtype} {sc.shape} scales in shard {rec.shard}, but the "
+                                 f"pool gives {got}; make the pools with the store's KV codec (Tiers does).")
+            pread_into(fd, memoryview(scales_out.view(torch.uint8).reshape(-1).numpy()), sc.start)
+            out.append(scales_out)
         pread_into(fd, memoryview(kv_out.view(torch.uint8).reshape(-1).numpy()), kv.start)
         small = self._small(fd, spans)
         if self.drop_page_cache:
             os.posix_fadvise(fd, kv.start, kv.nbytes, os.POSIX_FADV_DONTNEED)
-        if verify and fmt.checksum(kv_out, small["tok"], small["sal"]) != rec.checksum:
+        if verify and fmt.checksum(kv_out, small["tok"], small["sal"], *out[1:]) != rec.checksum:
             note_damage(self.store.cache_dir, rec.shard)
             raise CorruptShardError(f"chunk {chunk_id} in shard {rec.shard} fails its checksum; {ADVICE}.")
         return {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base}
@@ -345,7 +361,7 @@ class Prefetcher:
                 fill = False
         if fill:
             try:
-                entry.meta = self.reader.read_into(cid, entry.kv, self.verify)
+                entry.meta = self.reader.read_into(cid, entry.kv, self.verify, entry.scales)
                 with self._lock:
                     self.disk_reads += 1
                     self.disk_bytes += entry.nbytes

@@ -3,6 +3,7 @@
     store = Store.open("cache/")            # pins the release CURRENT names now
     store.check_model(spec.fingerprint, "float32")
     chunk = store.read(chunk_id)            # ChunkData: kv [L, 2, H_kv, T, D], tokens [T], saliency [S, T]
+    store.codec                             # how the KV is stored (model dtype, fp8, int8: loader/quant.py)
 
 Shards are memory-mapped through `safetensors.safe_open`; a reader keeps the
 release it opened even while a newer one is published (shards are immutable and
@@ -32,6 +33,7 @@ from .errors import (
     UnsafePathError,
 )
 from .fs import local_dir, remote_of
+from .quant import KVCodec, kv_codec
 from .manifest import (
     ChunkRecord,
     header_digest,
@@ -77,6 +79,10 @@ def _repair_advice(cache_dir: Path) -> str:
             f"`kvfuse build-cache CORPUS --cache {cache_dir} --repair` to recompute them.")
 
 
+class _MixedKV(Exception):
+    """A chunk's KV dtype is not its release's (caught in Store.read)."""
+
+
 def note_damage(cache_dir: Path, shard: str) -> None:
     """Remember (best effort) that a read of shard failed, so the next build checks checksums."""
     try:
@@ -108,6 +114,11 @@ class Store:
         self._checked: dict[str, Path] = {}
         self._lock = threading.Lock()
         self._lease: _Lease | None = None
+        try:
+            self.codec: KVCodec = kv_codec(manifest["model"].get("kv_dtype"))  # v1: no kv_dtype = "model"
+        except ValueError as e:
+            raise StoreError(f"release {self.release} of {cache_dir}: {e}; this kvfuse is older than the "
+                             "store's writer, upgrade it.") from None
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
@@ -180,6 +191,11 @@ class Store:
     @property
     def model(self) -> dict:
         return self.manifest["model"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: what `read` returns (a quantised store's codes are decoded to it)."""
+        return fmt.dtype_from_name(self.model["dtype"])
 
     @property
     def prefix_id(self) -> str:
@@ -302,7 +318,8 @@ class Store:
             return handle
 
     def read(self, chunk_id: str, verify: bool = True) -> ChunkData:
-        """The tensors of one chunk, memory-mapped from its shard.
+        """The tensors of one chunk, memory-mapped from its shard; kv in the model's dtype
+        (quantised KV is dequantised here, on the CPU).
 
         With verify, the bytes are checked against the index checksum (xxh3, ~10 GB/s).
         Raises UnknownChunkError, CorruptShardError (naming the shard and chunk).
@@ -313,13 +330,21 @@ class Store:
         handle = self._handle(rec.shard, chunk_id)
         where = f"chunk {chunk_id} in shard {rec.shard}{fmt.SHARD_SUFFIX}"
         try:
-            kv = handle.get_tensor(fmt.kv_name(chunk_id))
-            tokens = handle.get_tensor(fmt.tok_name(chunk_id))
-            saliency = handle.get_tensor(fmt.sal_name(chunk_id))
+            names = fmt.tensor_names(chunk_id, self.codec.quantised)
+            kv = handle.get_tensor(names[0])  # [L, 2, H_kv, T, D] as stored
+            if kv.dtype != self.codec.storage_dtype(self.dtype):
+                raise _MixedKV()
+            stored = [kv] + [handle.get_tensor(n) for n in names[1:]]  # + tokens, saliency (+ scales [L, H_kv, D + T])
+        except _MixedKV:
+            note_damage(self.cache_dir, rec.shard)
+            raise CorruptShardError(f"{where} holds {fmt.dtype_name(kv.dtype)} KV but release {self.release} is a "
+                                    f"{self.codec.name} store of {fmt.dtype_name(self.dtype)}: a chunk of another "
+                                    f"build was mixed in. {_repair_advice(self.cache_dir)}") from None
         except Exception as e:
             note_damage(self.cache_dir, rec.shard)
             raise CorruptShardError(f"{where} cannot be read: {e}. {_repair_advice(self.cache_dir)}") from e
-        if verify and fmt.checksum(kv, tokens, saliency) != rec.checksum:
+        tokens, saliency = stored[1:3]
+        if verify and fmt.checksum(*stored) != rec.checksum:
             note_damage(self.cache_dir, rec.shard)
             raise CorruptShardError(
                 f"{where} fails its checksum: the shard's bytes were changed after writing "
@@ -329,10 +354,24 @@ class Store:
             note_damage(self.cache_dir, rec.shard)
             raise CorruptShardError(f"{where} holds {kv.shape[3]} tokens, the index says {rec.n_tokens}. "
                                     f"{_repair_advice(self.cache_dir)}")
+        if self.codec.quantised:
+            kv = self.codec.decode(kv, stored[3], self.dtype)
         return ChunkData(chunk_id, kv, tokens, saliency, rec.pos_base)
 
+    def kv_bytes(self) -> int:
+        """Bytes of stored KV (codes and scales) of the release's distinct chunks."""
+        m = self.model
+        L, H, D = m["n_layers"], m["n_kv_heads"], m["head_dim"]
+        itemsize = self.codec.storage_dtype(self.dtype).itemsize
+        tokens = [r.n_tokens for r in self._records.values()]
+        scales = sum(L * H * (D + t) for t in tokens) * self.codec.scale_dtype.itemsize if self.codec.quantised else 0
+        return sum(tokens) * L * 2 * H * D * itemsize + scales
+
     def stats(self) -> dict:
+        """What `kvfuse inspect` shows: release, model, counts, KV dtype and bytes (per stored token)."""
         recs = self.records()
+        stored_tokens = sum(r.n_tokens for r in self._records.values())
+        kv_bytes = self.kv_bytes() if "n_layers" in self.model else stored_tokens * self.model["kv_bytes_per_token"]
         return {
             "release": self.release,
             "model": self.model.get("name"),
@@ -343,7 +382,10 @@ class Store:
             "documents": len({r.doc_id for r in recs}),
             "tokens": sum(r.n_tokens for r in recs),
             "shards": len({r.shard for r in self._rows}),
-            "kv_bytes": sum(r.n_tokens for r in self._records.values()) * self.model["kv_bytes_per_token"],
+            "kv_dtype": self.codec.name,
+            "kv_bytes": kv_bytes,
+            "kv_bytes_per_token": round(kv_bytes / max(1, stored_tokens), 1),
+            "format_version": self.manifest.get("format_version"),
             "parent": self.manifest.get("parent"),
             "created": self.manifest.get("created"),
         }

@@ -16,6 +16,9 @@ from (`kvfuse.runtime.layerwise.LayerwiseLoad` issues those copies on the side
 streams held here).
 
 Takes the model's KV geometry as plain shapes and a dtype: the loader imports no runtime.
+A quantised store's pools hold its codes and scales as stored (half of bf16's bytes for
+fp8: the bandwidth win is in every tier); the runtime dequantises them in its GPU gather
+(`kvfuse.loader.quant.dequantize_`). `tiers.dtype` is the model's dtype, the fused KV's.
 """
 
 from __future__ import annotations
@@ -44,8 +47,12 @@ class Tiers:
         cuda = self.device.type == "cuda"
         n_layers, n_kv_heads, head_dim = kv_shape
         slot = (n_layers, 2, n_kv_heads, chunk_tokens, head_dim)     # [L, 2, H_kv, T_max, D]
-        self.host = KVPool("pinned host", host_bytes, slot, dtype, "cpu", pin=cuda, policy=policy)
-        self.gpu = KVPool("GPU", gpu_bytes, slot, dtype, self.device, policy=policy)
+        self.dtype = dtype                                            # the model's: what the gather writes
+        self.codec = store.codec                                      # how the pools hold it (quant.py)
+        stored = self.codec.storage_dtype(dtype)
+        sc = self.codec.scale_dtype if self.codec.quantised else None
+        self.host = KVPool("pinned host", host_bytes, slot, stored, "cpu", pin=cuda, policy=policy, scale_dtype=sc)
+        self.gpu = KVPool("GPU", gpu_bytes, slot, stored, self.device, policy=policy, scale_dtype=sc)
         self.prefetcher = Prefetcher(store, self.host, workers=workers, verify=verify,
                                      drop_page_cache=drop_page_cache)
         self.queue = self.prefetcher.queue

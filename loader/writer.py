@@ -34,6 +34,7 @@ from .manifest import (
     write_manifest, write_shard_sums,
 )
 from .manifest import fsync_dir  # noqa: F401  (re-exported)
+from .quant import kv_codec
 
 
 def init_cache_dir(cache_dir: Path) -> None:
@@ -113,6 +114,11 @@ class ShardWriter:
     file before the rename. They are kept next to the shard in `<shard>.sums.json`
     (written before the shard), so a rerun can verify a shard a killed build left behind
     instead of trusting it.
+
+    The KV is stored as `metadata["kv_dtype"]` says (absent: the model's dtype): with "fp8"
+    or "int8" each chunk's KV is quantised here (`loader/quant.py`, on the KV's device, so a
+    GPU build copies the codes, not the model-dtype KV, to the host) and its scales written
+    beside it; the checksum covers them.
     """
 
     cache_dir: Path
@@ -124,16 +130,19 @@ class ShardWriter:
     written: list[WrittenChunk] = field(default_factory=list)
 
     def add(self, chunk_id: str, kv: torch.Tensor, tokens: torch.Tensor, saliency: torch.Tensor) -> None:
-        kv = kv.detach().contiguous().cpu()                         # [L, 2, H_kv, T, D]
+        """Buffer one chunk: kv [L, 2, H_kv, T, D] in the model dtype (any device), tokens [T],
+        saliency [S, T]. Writes a shard once ~target_bytes are buffered."""
         tokens = tokens.detach().to(torch.int32).contiguous().cpu()  # [T]
         saliency = saliency.detach().to(torch.float16).contiguous().cpu()  # [S, T]
         if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] != tokens.shape[0]:
             raise ValueError(f"chunk {chunk_id}: kv must be [L, 2, H_kv, T, D] with T={tokens.shape[0]}, got {tuple(kv.shape)}")
-        self._tensors[fmt.kv_name(chunk_id)] = kv
-        self._tensors[fmt.tok_name(chunk_id)] = tokens
-        self._tensors[fmt.sal_name(chunk_id)] = saliency
-        self._pending.append((chunk_id, fmt.checksum(kv, tokens, saliency)))
-        self._bytes += kv.numel() * kv.element_size() + tokens.numel() * 4 + saliency.numel() * 2
+        codes, scales = kv_codec(self.metadata.get("kv_dtype")).encode(kv.detach())
+        codes = codes.contiguous().cpu()                             # [L, 2, H_kv, T, D] stored dtype
+        stored = [codes, tokens, saliency] + ([] if scales is None else [scales.cpu()])  # + [L, H_kv, D + T] bf16
+        for name, t in zip(fmt.tensor_names(chunk_id, scales is not None), stored):
+            self._tensors[name] = t
+        self._pending.append((chunk_id, fmt.checksum(*stored)))
+        self._bytes += sum(t.numel() * t.element_size() for t in stored)
         if self._bytes >= self.target_bytes:
             self.flush()
 
@@ -236,9 +245,11 @@ def verify_leftover(cache_dir: Path, shard: str, sums: dict, chunk_ids) -> dict[
             raise ValueError("its size or header differs from what its writer recorded")
         good = {}
         with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
             for cid in chunk_ids:
                 want = sums["chunks"].get(cid)
-                got = fmt.checksum(*(f.get_tensor(n(cid)) for n in (fmt.kv_name, fmt.tok_name, fmt.sal_name)))
+                names = fmt.tensor_names(cid, fmt.kvs_name(cid) in keys)
+                got = fmt.checksum(*(f.get_tensor(n) for n in names))
                 if want is not None and got == want:
                     good[cid] = want
         return good

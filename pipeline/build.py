@@ -9,10 +9,12 @@ runs it in this process, `kvfuse.pipeline.dask_job.DaskStages` on a Dask cluster
 
 Chunk identity (DESIGN §2): a chunk's *content id* hashes the model, dtype,
 tokenizer, chunker, shared prefix and its tokens. Its *chunk id* hashes the
-same plus the content ids of its enrichment neighbours, in prompt order. So a
-chunk is recomputed exactly when its tokens or its neighbour set change, and a
-neighbour's own neighbours changing never cascades. Isolated chunks
-(`enrich=False`, or no neighbour found) have chunk id == content id.
+same plus the content ids of its enrichment neighbours, in prompt order, and the
+KV codec (`--kv-dtype`: the stored bytes differ). So a chunk is recomputed exactly
+when its tokens, its neighbour set or the KV dtype change, and a neighbour's own
+neighbours changing never cascades. Isolated model-dtype chunks (`enrich=False`,
+or no neighbour found) have chunk id == content id. Content ids (embeddings,
+neighbours) do not depend on the KV dtype: an fp8 build reuses the embeddings.
 
 Incremental and resumable: chunks already in the current release or in any
 complete shard on disk are reused by reference (their index row points at the
@@ -39,7 +41,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -51,11 +53,12 @@ from tqdm import tqdm
 from kvfuse.loader import format as fmt
 from kvfuse.loader.errors import NoReleaseError, StoreError
 from kvfuse.loader.fs import local_dir
+from kvfuse.loader.quant import kv_codec
 from kvfuse.loader.manifest import index_row, list_releases, read_current, read_history
 from kvfuse.loader.store import DAMAGE_FILE, Store, verify_release
 from kvfuse.loader.shard_writer import ShardWriterPool
 from kvfuse.loader.writer import (
-    WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
+    ShardWriter, WrittenChunk, cache_lock, init_cache_dir, publish_release, remove_stale_tmp, scan_shards,
     verify_leftover,
 )
 from kvfuse.runtime.model import LoadedModel, ModelSpec
@@ -85,6 +88,10 @@ class BuildConfig:
     shard_writers: int = 2       # threads checksumming + writing shards while the model computes
     isolated_kv_gb: float = 8.0  # enriched + "model" embedder: isolated KV kept from the embedding pass
                                  # for kv_deviation, per worker, on the model's device (0: run that pass twice)
+    kv_dtype: str = "model"      # how chunk KV is stored: "model" (its dtype), "fp8" (e4m3) or "int8" (loader/quant.py)
+
+    def __post_init__(self):
+        kv_codec(self.kv_dtype)  # an unknown name fails before any work
 
 
 @dataclass
@@ -100,6 +107,7 @@ class BuildReport:
     stage_seconds: dict = field(default_factory=dict)  # context, chunk, relate, precompute, publish
     notes: list[str] = field(default_factory=list)     # what the build found wrong and did about it
     repaired: list[str] = field(default_factory=list)  # chunk ids found damaged and recomputed
+    transcoded: int = 0  # chunks re-encoded from a model-dtype release (--kv-dtype fp8/int8 onto it), not prefilled
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,6 +121,7 @@ class BuildContext:
     spec: ModelSpec
     parts: dict
     prefix_ids: tuple[int, ...]
+    kv_dtype: str = "model"  # BuildConfig.kv_dtype (the driver sets it)
 
     @classmethod
     def of(cls, lm: LoadedModel) -> "BuildContext":
@@ -127,7 +136,12 @@ class BuildContext:
         spec = self.spec
         return {"format_version": str(fmt.FORMAT_VERSION), "model_fingerprint": spec.fingerprint,
                 "dtype": self.dtype, "rope": json.dumps({"theta": spec.rope_theta, "type": spec.rope_type}),
-                "saliency_signals": ",".join(fmt.SALIENCY_SIGNALS)}
+                "saliency_signals": ",".join(fmt.SALIENCY_SIGNALS), "kv_dtype": self.kv_dtype}
+
+    def kv_bytes_per_token(self, chunk_tokens: int) -> float:
+        """Stored KV bytes per token (codes + scales) for chunks of about chunk_tokens tokens."""
+        s = self.spec
+        return kv_codec(self.kv_dtype).bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim, s.dtype, chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -269,19 +283,24 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
     if config.enrich:
         check_embedder(config.embedder)
     docs = corpus if isinstance(corpus, list) else read_corpus(corpus)
-    ctx = stages.context()
+    ctx = replace(stages.context(), kv_dtype=config.kv_dtype)
+    codec = kv_codec(config.kv_dtype)
     clock.lap("context")
     spec, P = ctx.spec, len(ctx.prefix_ids)
     chunker_params = {"chunk_tokens": config.chunk_tokens, "kind": CHUNKER_KIND, "prompt": PROMPT_RULE}
-    ident = dict(model_fingerprint=spec.fingerprint, dtype=ctx.dtype, tokenizer_fingerprint=spec.fingerprint,  # covers the tokenizer too
-                 chunker=chunker_params)
-    prefix_id = fmt.chunk_id(**ident, token_ids=ctx.prefix_ids, prefix_id="")
+    content_ident = dict(model_fingerprint=spec.fingerprint, dtype=ctx.dtype, tokenizer_fingerprint=spec.fingerprint,  # covers the tokenizer too
+                         chunker=chunker_params)
+    ident = dict(content_ident, kv_scheme=codec.scheme)  # stored ids: an fp8 chunk never shares one with a bf16 chunk
+    prefix_content = fmt.chunk_id(**content_ident, token_ids=ctx.prefix_ids, prefix_id="")
+    prefix_id = fmt.chunk_id(**ident, token_ids=ctx.prefix_ids, prefix_id="")  # == prefix_content for "model"
     chunks = stages.chunk(docs)
     clock.lap("chunk")
-    plan = _Plan(chunks, [fmt.chunk_id(**ident, token_ids=c.token_ids, prefix_id=prefix_id) for c in chunks])
+    plan = _Plan(chunks, [fmt.chunk_id(**content_ident, token_ids=c.token_ids, prefix_id=prefix_content)
+                          for c in chunks])
     tokens_of = {cid: c.token_ids for cid, c in zip(plan.content, chunks)}
     text_of = {cid: c.text for cid, c in zip(plan.content, chunks)}
-    check_kv_size(sum(len(t) for t in tokens_of.values()) + P, spec.kv_bytes_per_token(), config.max_kv_gb)
+    bytes_per_token = ctx.kv_bytes_per_token(config.chunk_tokens)
+    check_kv_size(sum(len(t) for t in tokens_of.values()) + P, bytes_per_token, config.max_kv_gb)
 
     with cache_lock(cache_dir), _released(stages):
         init_cache_dir(cache_dir)
@@ -292,7 +311,8 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
         clock.lap("relate")
         for cid in tokens_of:
             nb = plan.neighbours.get(cid, ())
-            plan.chunk_id[cid] = fmt.chunk_id(**ident, token_ids=tokens_of[cid], prefix_id=prefix_id, neighbour_ids=nb) if nb else cid
+            plan.chunk_id[cid] = fmt.chunk_id(**ident, token_ids=tokens_of[cid], prefix_id=prefix_content,
+                                              neighbour_ids=nb) if nb or codec.quantised else cid
         reuse.add_leftovers(cache_dir, {prefix_id, *plan.chunk_id.values()}, spec.fingerprint, ctx.dtype)
         existing = reuse.found
 
@@ -301,28 +321,42 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
             if plan.chunk_id[cid] not in existing:
                 nb = tuple(t for n in plan.neighbours.get(cid, ()) for t in tokens_of[n])
                 jobs.append(Job(plan.chunk_id[cid], tokens_of[cid], nb))
-        check_free_space(cache_dir, sum(len(j.token_ids) for j in jobs) * spec.kv_bytes_per_token())
+        check_free_space(cache_dir, int(sum(len(j.token_ids) for j in jobs) * bytes_per_token))
+        # the same chunks in the model's dtype (their ids are the content-ident ones): a quantised
+        # build onto a model-dtype release re-encodes those instead of prefilling them again
+        model_ids = {prefix_id: prefix_content, **{
+            plan.chunk_id[c]: fmt.chunk_id(**content_ident, token_ids=tokens_of[c], prefix_id=prefix_content,
+                                           neighbour_ids=plan.neighbours[c]) if plan.neighbours.get(c) else c
+            for c in tokens_of}}
+        source, have = _model_dtype_release(cache_dir, reuse, spec.fingerprint, ctx.dtype) if codec.quantised else (None, set())
+        transcode = sorted((j.chunk_id, model_ids[j.chunk_id]) for j in jobs if model_ids.get(j.chunk_id) in have)
+        jobs = [j for j in jobs if model_ids.get(j.chunk_id) not in have]
         written = stages.precompute(ctx, jobs, cache_dir) if jobs else []
+        if transcode:
+            written += transcode_chunks(cache_dir, source, transcode, ctx.shard_metadata(), config.shard_bytes)
         clock.lap("precompute")
         where = {**existing, **{w.chunk_id: (w.shard, w.checksum) for w in written}}
-        missing = [j.chunk_id for j in jobs if j.chunk_id not in where]
+        missing = [j.chunk_id for j in jobs if j.chunk_id not in where] + [n for n, _ in transcode if n not in where]
         if missing:
             raise RuntimeError(f"{len(missing)} chunks were not written (e.g. {missing[0]}); nothing was published. "
                                "Run the build again: it resumes from the shards already written.")
         rows = _rows(plan, ctx, prefix_id, where, tokens_of)
         computed = [j for j in jobs if not j.is_prefix]
+        n_transcoded = sum(1 for new, _ in transcode if new != prefix_id)
         manifest = {
             "model": {"name": spec.name, "fingerprint": spec.fingerprint, "arch": spec.arch, "dtype": ctx.dtype,
                       "n_layers": spec.n_layers, "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
                       "rope_theta": spec.rope_theta, "rope_type": spec.rope_type,
-                      "kv_bytes_per_token": spec.kv_bytes_per_token()},
+                      "kv_bytes_per_token": spec.kv_bytes_per_token(),  # in the model's dtype
+                      "kv_dtype": codec.name, "kv_scheme": codec.scheme},
             "prefix": {"chunk_id": prefix_id, "n_tokens": P},
             "prompt": ctx.parts,
             "params": {"chunker": chunker_params, "enrich": config.enrich, "neighbours": config.neighbours,
                        "neighbour_tokens": config.neighbour_tokens, "embedder": config.embedder},
             "embeddings": plan.embedding_files,
             "stats": {"documents": len(docs), "chunks": len(rows) - 1, "tokens": sum(r["n_tokens"] for r in rows[1:]),
-                      "computed": len(computed), "reused": len(rows) - 1 - len(computed)},
+                      "computed": len(computed), "reused": len(rows) - 1 - len(computed) - n_transcoded,
+                      "transcoded": n_transcoded},
         }
         shards = {**reuse.shards, **{w.shard: {"bytes": w.shard_bytes, "header": w.shard_header}
                                      for w in written if w.shard_header}}
@@ -330,8 +364,8 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
         (cache_dir / DAMAGE_FILE).unlink(missing_ok=True)  # whatever readers saw fail was verified above
         clock.lap("publish")
     wanted = {r["chunk_id"] for r in rows}
-    return BuildReport(release, len(rows) - 1, len(computed), len(rows) - 1 - len(computed),
-                       sum(len(j.token_ids) for j in computed), time.perf_counter() - t0,
+    return BuildReport(release, len(rows) - 1, len(computed), len(rows) - 1 - len(computed) - n_transcoded,
+                       sum(len(j.token_ids) for j in computed), time.perf_counter() - t0, transcoded=n_transcoded,
                        prefilled=sum(j.cost for j in computed) + plan.embedded_tokens - _kept_tokens(written),
                        embedded=plan.embedded,
                        stage_seconds=clock.laps, notes=reuse.notes, repaired=sorted(reuse.bad & wanted))
@@ -350,6 +384,36 @@ def _released(stages):
 
 def _kept_tokens(written) -> int:
     return getattr(written, "isolated_kept_tokens", 0)
+
+
+def _model_dtype_release(cache_dir: Path, reuse: "_Reuse", fingerprint: str, dtype: str) -> tuple[str | None, set[str]]:
+    """The release a quantised build re-encodes chunks from, and the chunk ids it may take there:
+    the base release if it stores model-dtype KV (less the chunks found damaged), else the newest
+    release of this model that does (each chunk's checksum is checked when it is read)."""
+    if reuse.base is not None and reuse.base_kv_dtype == "model":
+        return reuse.base, {c for c in reuse.found if c not in reuse.bad}
+    for release in reversed(list_releases(cache_dir)):
+        try:
+            with Store.open(cache_dir, release, lease=False) as store:
+                if (store.codec.name, store.model.get("fingerprint"), store.model.get("dtype")) == ("model", fingerprint, dtype):
+                    return release, {r.chunk_id for r in store.records(include_prefix=True)} - reuse.bad
+        except StoreError:
+            continue
+    return None, set()
+
+
+def transcode_chunks(cache_dir: Path, release: str, pairs: list[tuple[str, str]], metadata: dict[str, str],
+                     shard_bytes: int) -> list[WrittenChunk]:
+    """Write chunks of a model-dtype release again as `metadata["kv_dtype"]` says, under their new
+    ids: (new id, model-dtype id) pairs; each read is checksummed. No model runs: the bytes are
+    those a fresh quantised build of the same chunks writes."""
+    writer = ShardWriter(Path(cache_dir), metadata, shard_bytes)
+    with Store.open(cache_dir, release, lease=False) as source:
+        for new, old in pairs:
+            chunk = source.read(old, verify=True)  # [L, 2, H_kv, T, D] model dtype
+            writer.add(new, chunk.kv, chunk.tokens, chunk.saliency)
+    writer.flush()
+    return writer.written
 
 
 class _StageClock:
@@ -391,11 +455,11 @@ def _rows(plan: _Plan, ctx: BuildContext, prefix_id: str, where: dict, tokens_of
     return rows
 
 
-def check_kv_size(tokens: int, bytes_per_token: int, max_kv_gb: float | None) -> None:
+def check_kv_size(tokens: int, bytes_per_token: float, max_kv_gb: float | None) -> None:
     """Refuse, before any model work, a release whose KV would exceed max_kv_gb."""
     need = tokens * bytes_per_token
     if max_kv_gb is not None and need > max_kv_gb * 2**30:
-        raise ValueError(f"this corpus would store {need / 2**30:.1f} GiB of KV ({tokens} tokens x {bytes_per_token} "
+        raise ValueError(f"this corpus would store {need / 2**30:.1f} GiB of KV ({tokens} tokens x {bytes_per_token:.0f} "
                          f"bytes), above the limit of {max_kv_gb:g} GiB. Check the corpus (a huge document?), or "
                          f"raise the limit with --max-kv-gb {int(need / 2**30) + 1}.")
 
@@ -422,6 +486,7 @@ class _Reuse:
     found: dict[str, tuple[str, str]] = field(default_factory=dict)  # chunk_id -> (shard, checksum)
     shards: dict[str, dict] = field(default_factory=dict)            # shard -> {"bytes", "header"}
     base: str | None = None
+    base_kv_dtype: str | None = None  # how the base release stores KV ("model", "fp8", "int8")
     bad: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
 
@@ -434,7 +499,7 @@ class _Reuse:
         fallback = any(n.startswith("falling back") for n in reuse.notes)
         checksums = verify or fallback or (cache_dir / DAMAGE_FILE).exists() or "shards" not in store.manifest
         report = verify_release(cache_dir, store=store, checksums=checksums)
-        reuse.base, reuse.bad = store.release, report.bad_chunks
+        reuse.base, reuse.bad, reuse.base_kv_dtype = store.release, report.bad_chunks, store.codec.name
         for problem in report.problems:
             reuse.notes.append(f"{problem.file}: {len(problem.chunks)} chunks recomputed: {problem.message}")
         for rec in store.records(include_prefix=True):

@@ -59,6 +59,10 @@ class HostSource:
         self._lock = threading.Lock()
         self.stats = SourceStats()
 
+    def accepts(self, store: Store) -> bool:
+        """Whether this source can serve `store`'s chunks: any KV dtype (Store.read dequantises)."""
+        return True
+
     def submit(self, request_id: str, store: Store, chunk_ids) -> None:
         """Enqueue a request's chunks ([prefix, *chunks]) read from `store`."""
         with self._lock:
@@ -111,6 +115,10 @@ class TieredSource:
         # chunks in neither pool: load or recompute, by these measured rates (`coldplan`; None: always load)
         self.rates = LoadRates() if cold_plan else None
         self.stats = SourceStats()
+
+    def accepts(self, store: Store) -> bool:
+        """Whether the pools, made for one KV dtype (codes + scales or the model's), hold store's chunks."""
+        return store.codec == self.tiers.codec
 
     def submit(self, request_id: str, store: Store, chunk_ids) -> None:
         # chunk ids are content hashes: any release that holds a chunk holds the same bytes

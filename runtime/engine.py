@@ -23,6 +23,7 @@ they started with; pools drop chunks no live release references.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ import torch
 
 from kvfuse.loader.fs import current_of, is_url
 from kvfuse.loader.format import dtype_name
+
+log = logging.getLogger(__name__)
 from kvfuse.loader.store import Store, read_current
 
 from .attention import use_kvfuse_attention
@@ -295,7 +298,16 @@ class FusionEngine:
         current = current_of(self.cache_dir) if is_url(self.cache_dir) else read_current(self.cache_dir)
         if current is None or current == self._view.release:
             return self._view
-        view = ReleaseView(Store.open(self.cache_dir, current), self.lm, self.config.verify)
+        store = Store.open(self.cache_dir, current)
+        if not self.source.accepts(store):  # another --kv-dtype: the pools can't hold its chunks
+            if self.counters["kv_dtype_refusals"] == 0:
+                log.warning("release %s stores %s KV but this engine's pools hold %s KV; still serving %s. "
+                            "Restart the engine to serve it.", current, store.codec.name,
+                            self._view.store.codec.name, self._view.release)
+            self.counters["kv_dtype_refusals"] += 1
+            store.close()
+            return self._view
+        view = ReleaseView(store, self.lm, self.config.verify)
         with self._lock:
             if view.release != self._view.release:
                 self._view = view

@@ -20,7 +20,10 @@ the designs). Every group's copies are queued as soon as the first layers' work 
 (a few hundred copies, 2-5 ms of host time at 16k-32k), so the copy engine never
 waits for the host issuing gathers. Per layer l, on a
 second side stream, once its group's copies are done: gather all chunks' layer l into
-the fused buffer [L, 2, H_kv, N + Q, D] at their new positions, re-rotate the
+the fused buffer [L, 2, H_kv, N + Q, D] at their new positions (a quantised
+store's fp8/int8 codes, and their scales, travel as they are stored; the gather's
+copy converts the codes and `quant.dequantize_` scales them in place right after
+it, before the rotation), re-rotate the
 keys by each token's position delta on the GPU (cos/sin tables made once per
 request), and record event l. (Two streams, so the copy engine never waits for
 the gather kernels.) The cache layers of the model (`kvcache.StreamedLayer`)
@@ -54,6 +57,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvfuse.loader.pool import PoolEntry
+from kvfuse.loader.quant import dequantize_, scale_index
 from kvfuse.loader.store import Store
 from kvfuse.loader.tiers import Tiers
 
@@ -119,7 +123,7 @@ class LayerwiseLoad:
         L, _, H, _, D = tiers.gpu.slot_shape
         P, N = self.layout.prefix_len, self.layout.question_start
         # [L, 2, H_kv, N + Q, D]: stored K/V at 0..N-1; the question's fresh K/V land in the tail
-        self.fused = torch.empty((L, 2, H, N + n_question, D), dtype=tiers.gpu.dtype, device=device)
+        self.fused = torch.empty((L, 2, H, N + n_question, D), dtype=tiers.dtype, device=device)  # model dtype
         self.starts = (0, *self.layout.chunk_starts)
         # [C] float32: how far each context token moves (new start - stored pos_base)
         shifts = [float(s - g.meta["pos_base"]) for g, s in zip(chunks, self.layout.chunk_starts)]
@@ -150,7 +154,10 @@ class LayerwiseLoad:
         self.groups = layer_groups(L)
         self.group_of = [i for i, (a, b) in enumerate(self.groups) for _ in range(a, b)]   # layer -> group
         self.copied = 0   # groups whose copies are queued
-        self.h2d_bytes = sum(h.kv[0].numel() * h.kv.element_size() * L for _, h in pairs if h is not None)
+        self.quantised = tiers.codec.quantised  # pools hold codes [L, 2, H_kv, T, D] + scales [L, H_kv, D + T]
+        if self.quantised:  # k [N, D], v [N]: each stored token's scales in the chunks' scale rows laid end to end
+            self.scale_index = scale_index([g.n_tokens for g, _ in pairs], D, device)
+        self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
         timing = measure_stall and cuda
@@ -186,6 +193,9 @@ class LayerwiseLoad:
                 if loaded:
                     dst = [self.fused[l, :, :, s:s + g.n_tokens] for g, s in loaded]
                     torch._foreach_copy_(dst, [g.kv[l] for g, _ in loaded])   # [2, H_kv, T, D] each
+                    if self.quantised:  # codes -> KV in place, before the rotation (scales: per stored channel)
+                        dequantize_(self.fused[l, :, :, : self.layout.question_start], self._scales(l),
+                                    *self.scale_index)
                 if self.any_loaded:
                     rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
                 if cuda:
@@ -201,11 +211,21 @@ class LayerwiseLoad:
         cuda = self.stream is not None
         with torch.cuda.stream(self.h2d) if cuda else nullcontext():
             moves = [(g.kv[a:b], h.kv[a:b]) for g, h in self.pairs if h is not None]
+            if self.quantised:  # + the codes' scales of those layers, [b-a, H_kv, D + T] each
+                moves += [(g.scales[a:b], h.scales[a:b]) for g, h in self.pairs if h is not None]
             if moves:
                 torch._foreach_copy_([d for d, _ in moves], [s for _, s in moves], non_blocking=True)
             if cuda:
                 self.h2d_events[gi].record(self.h2d)
         self.copied = gi + 1
+
+    def _scales(self, layer: int) -> torch.Tensor:
+        """[H_kv, sum_i (D + T_i)] the chunks' scale rows of `layer` laid end to end; a chunk with
+        no slot (recomputed, its span zeroed) gets unit scales."""
+        ref = next(g.scales for g, _ in self.pairs if g.kv is not None)       # [L, H_kv, D + T]
+        D = self.fused.shape[-1]
+        return torch.cat([g.scales[layer] if g.kv is not None else
+                          ref.new_ones(ref.shape[1], D + g.n_tokens) for g, _ in self.pairs], dim=1)
 
     @property
     def stored(self) -> torch.Tensor:

@@ -183,3 +183,24 @@ def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, 
     enriched_tokens = sum(r.n_tokens for r in got.records() if r.neighbours)
     assert (enriched_tokens > 0) == enrich
     assert new.computed == old.computed and old.prefilled - new.prefilled == enriched_tokens  # isolated pass run once
+
+
+def test_build_cache_kv_dtype_fp8_and_inspect(tmp_path, model_dir):
+    """`build-cache --kv-dtype fp8` stores codes + scales; `inspect` shows the dtype and bytes per token."""
+    from click.testing import CliRunner
+    from kvfuse.cli.main import main
+    c = corpus(tmp_path / "c.jsonl")
+    common = ["--model", str(model_dir), "--chunk-tokens", "16", "--no-enrich", "--in-process"]
+    runner = CliRunner()
+    for kv in ("model", "fp8"):
+        res = runner.invoke(main, ["build-cache", str(c), "--cache", str(tmp_path / kv), *common, "--kv-dtype", kv])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["inspect", str(tmp_path / "fp8")])
+    assert res.exit_code == 0, res.output
+    assert "kv_dtype: fp8" in res.output and "kv_bytes_per_token: " in res.output
+    a, b = (Store.open(tmp_path / kv, lease=False).stats() for kv in ("model", "fp8"))
+    assert a["kv_dtype"] == "model" and a["tokens"] == b["tokens"] and a["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    # tiny model (D = 16, chunks of <= 16 tokens): 1/4 of float32's bytes plus the scales
+    assert 0.25 < b["kv_bytes"] / a["kv_bytes"] < 0.35
+    res = runner.invoke(main, ["build-cache", str(c), "--cache", str(tmp_path / "x"), *common, "--kv-dtype", "fp4"])
+    assert res.exit_code != 0 and "fp4" in res.output

@@ -175,3 +175,33 @@ def test_evaluate_runs_the_facts_suite(lm, tmp_path):
     rows = {r["method"]: r for r in report["results"]}
     assert rows["kvfuse"]["answer_kl"] < 1e-4 and rows["kvfuse"]["agreement"] == 1.0
     assert 0.0 <= rows["reuse"]["score"] <= 1.0
+
+
+def test_evaluate_kv_dtype_pairs_each_method_with_its_quantised_store(lm, tmp_path):
+    """--kv-dtype int8: the same chunks re-encoded, every method run on both stores against one
+    full prefill; kv_paired reports the KL increase and retention drop per method."""
+    cfg = ev.EvalConfig(suite="facts", model="tiny", methods=["reuse", "kvfuse"], ratios=[0.15], n=2, seed=0,
+                        out=tmp_path / "kv", build={"enrich": False}, progress=False, corpus_examples=2,
+                        kv_dtype="int8")
+    report = ev.evaluate(cfg, lm)
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"reuse", "kvfuse", "reuse@int8", "kvfuse@int8"}
+    lines = [json.loads(l) for l in (cfg.out / ev.RESULTS).read_text().splitlines()]
+    assert len(lines) == 2 * (1 + 4)  # one full prefill per example, shared by both stores
+    by = {(l["example"], l["method"]): l for l in lines}
+    for ex in {l["example"] for l in lines}:
+        assert by[(ex, "reuse@int8")]["chunks"] != by[(ex, "reuse")]["chunks"]   # other chunk ids: int8 KV
+        assert by[(ex, "reuse@int8")]["kl"] != by[(ex, "reuse")]["kl"]
+    pairs = {p["method"]: p for p in report["kv_paired"]}
+    assert set(pairs) == {"reuse", "kvfuse"} and all(p["n"] == 2 and p["kv_dtype"] == "int8" for p in pairs.values())
+    p = pairs["reuse"]
+    assert p["kl_increase"] == pytest.approx(p["kl_quant"] - p["kl"])
+    assert p["kl_increase_ci"][0] <= p["kl_increase"] <= p["kl_increase_ci"][1]
+    assert abs(p["kl_increase"]) < 0.05  # int8 KV: a small change of the first-token distribution
+    assert all(p["other"] in ("reuse",) or "@" not in p["other"] for p in report["paired"])
+    md = (cfg.out / "accuracy-facts-tiny-isolated-int8.md").read_text()
+    assert "KL increase" in md and "reuse@int8" in md
+    assert ev.command_line(cfg).endswith("--kv-dtype int8 --corpus-examples 2")
+    ev.rewrite_report(cfg.out)
+    assert json.loads((cfg.out / "accuracy-facts-tiny-isolated-int8.json").read_text())["kv_paired"] == \
+        json.loads(json.dumps(report["kv_paired"]))

@@ -21,13 +21,13 @@ from kvfuse.runtime.selectors import SELECTORS
 T, P = 16, 4
 
 
-def setup(tmp_path_factory, device, dtype, n_chunks=5):
+def setup(tmp_path_factory, device, dtype, n_chunks=5, kv_dtype="model"):
     # 4 layers, so that a3's probe (layers 0..1) stops early
     lm = load_model(str(tiny_model_dir(tmp_path_factory, num_hidden_layers=4)), dtype=dtype, device=device)
     use_kvfuse_attention(lm.model)
     root = tmp_path_factory.mktemp("lw-store")
     prefix, ids = write_synthetic_store(root, lm.spec, n_chunks=n_chunks, chunk_tokens=T, prefix_tokens=P,
-                                        vocab=len(lm.tokenizer), shard_bytes=1 << 14)
+                                        vocab=len(lm.tokenizer), shard_bytes=1 << 14, kv_dtype=kv_dtype)
     return lm, Store.open(root), prefix, ids
 
 
@@ -83,6 +83,26 @@ def test_layerwise_matches_plain_path_on_every_tier(tmp_path_factory):
         check_same_as_plain(lm, store, prefix, ids, tiers, atol=1e-5)
         assert tiers.gpu.stats.hits > 0 and tiers.host.stats.hits > 0
         assert all(e.refs == 0 for e in tiers.gpu._entries.values())
+    finally:
+        tiers.close()
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "int8"])
+def test_quantised_store_layerwise_matches_plain_path(tmp_path_factory, kv_dtype):
+    """The pools hold the codes and scales as stored; the gather dequantises them before the
+    re-rotation: the same logits as the plain path over Store.read's CPU-dequantised KV."""
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32, kv_dtype=kv_dtype)
+    assert store.codec.name == kv_dtype
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        assert tiers.host.arena.dtype == tiers.gpu.arena.dtype == store.codec.code_dtype
+        assert tiers.gpu.scale_arena is not None and tiers.dtype == torch.float32
+        results = check_same_as_plain(lm, store, prefix, ids, tiers, atol=1e-5)
+        # warm run: codes + scales moved, 1 byte per element (not float32's 4)
+        L, H, D = lm.spec.n_layers, lm.spec.n_kv_heads, lm.spec.head_dim
+        n_tokens = P + len(ids) * T
+        scales = sum(L * H * (D + t) * 2 for t in [P] + [T] * len(ids))  # bfloat16
+        assert results[2].timings["h2d_bytes"] == n_tokens * L * 2 * H * D + scales
     finally:
         tiers.close()
 
@@ -163,6 +183,21 @@ def test_cuda_layerwise_matches_plain_path(tmp_path_factory):
         tiers.submit("g", [prefix, *ids])
         grouped = fuse_layerwise(lm, tiers, "g", question(lm), selected=results[0].recomputed, groups=3)
         torch.testing.assert_close(grouped.logits, results[0].logits, atol=2e-2, rtol=0)
+    finally:
+        tiers.close()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("kv_dtype", ["fp8", "int8"])
+def test_cuda_quantised_store_layerwise_matches_plain_path(tmp_path_factory, kv_dtype):
+    """fp8/int8 codes in the pinned and GPU pools, dequantised inside the GPU gather: the
+    logits of the plain path over the CPU-dequantised KV (bf16 rounding of the same values)."""
+    lm, store, prefix, ids = setup(tmp_path_factory, "cuda", torch.bfloat16, n_chunks=6, kv_dtype=kv_dtype)
+    tiers = tiers_for(lm, store, "cuda")
+    try:
+        assert tiers.gpu.arena.dtype == store.codec.code_dtype and tiers.host.scale_arena.is_pinned()
+        check_same_as_plain(lm, store, prefix, ids, tiers, atol=1e-3)
     finally:
         tiers.close()
 

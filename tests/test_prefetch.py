@@ -102,10 +102,10 @@ def test_cancel_drops_reads_not_started(store):
     gate, started = threading.Event(), threading.Event()
     real = pre.reader.read_into
 
-    def slow_read(cid, out, verify=False):
+    def slow_read(cid, out, verify=False, scales=None):
         started.set()
         gate.wait(5)
-        return real(cid, out, verify)
+        return real(cid, out, verify, scales)
 
     pre.reader.read_into = slow_read
     try:

@@ -1,5 +1,6 @@
 """Incremental refresh: only new/changed chunks and those whose neighbour set changed are recomputed."""
 
+import dataclasses
 import json
 import random
 
@@ -108,3 +109,31 @@ def test_same_corpus_twice_reuses_everything(tmp_path, lm):
     again = build_cache(path, tmp_path / "cache", lm, cfg)
     assert again.computed == again.embedded == 0 and again.reused == first.chunks
     assert [r.chunk_id for r in Store.open(tmp_path / "cache").records()] == ids
+
+
+def test_fp8_refresh_of_enriched_store_reencodes_and_matches_fresh_fp8_build(tmp_path, lm):
+    """--kv-dtype fp8 onto a model-dtype release: every chunk (neighbour-enriched ids too) is
+    re-encoded from the stored KV, not prefilled, byte for byte what a fresh fp8 build writes;
+    a second fp8 refresh reuses them all."""
+    docs = write_docs(tmp_path / "c.jsonl", make_docs())
+    model = BuildConfig(chunk_tokens=16, progress=False, enrich=True, neighbour_tokens=40)
+    fp8 = BuildConfig(chunk_tokens=16, progress=False, enrich=True, neighbour_tokens=40, kv_dtype="fp8")
+    build_cache(docs, tmp_path / "cache", lm, model)
+    old = Store.open(tmp_path / "cache")
+    report = build_cache(docs, tmp_path / "cache", lm, fp8)
+    build_cache(docs, tmp_path / "fresh", lm, fp8)
+    new, fresh = Store.open(tmp_path / "cache"), Store.open(tmp_path / "fresh")
+    assert any(r.neighbours for r in new.records())
+    assert report.computed == 0 and report.transcoded == len(new) - 1
+    ids = {r.chunk_id: r.checksum for r in new.records(include_prefix=True)}
+    assert ids == {r.chunk_id: r.checksum for r in fresh.records(include_prefix=True)}
+    assert not set(ids) & {r.chunk_id for r in old.records(include_prefix=True)}
+    assert new.manifest["stats"]["transcoded"] == report.transcoded
+    again = build_cache(docs, tmp_path / "cache", lm, fp8)
+    assert again.computed == again.transcoded == 0 and again.reused == again.chunks
+    # int8 onto the fp8 release: re-encoded from the newest model-dtype release, not prefilled
+    int8 = build_cache(docs, tmp_path / "cache", lm, dataclasses.replace(fp8, kv_dtype="int8"))
+    assert int8.computed == 0 and int8.transcoded == len(new) - 1
+    # back to the model's dtype: the old release's chunks are found again by id (nothing recomputed)
+    back = build_cache(docs, tmp_path / "cache", lm, model)
+    assert back.computed == 0

@@ -1,5 +1,5 @@
-"""Store format v1 (DESIGN §2): round trips, release pinning, model checks,
-corruption, unsafe paths, and a writer killed mid-build."""
+"""Store format (DESIGN §2): round trips (model dtype and fp8/int8 codes), release pinning,
+model checks, corruption, unsafe paths, and a writer killed mid-build."""
 
 from __future__ import annotations
 
@@ -48,12 +48,15 @@ def make_chunk(seed: int, n_tokens: int, dtype=torch.float32):
     return kv, tokens, sal
 
 
-def write_release(cache_dir: Path, chunks: dict, *, dtype="float32", fingerprint=FP, target_bytes=512):
-    """chunks: chunk_id -> (kv, tokens, sal). Returns (release id, {chunk_id: shard})."""
+def write_release(cache_dir: Path, chunks: dict, *, dtype="float32", fingerprint=FP, target_bytes=512,
+                  kv_dtype="model", manifest_kv_dtype=None):
+    """chunks: chunk_id -> (kv, tokens, sal). Returns (release id, {chunk_id: shard}).
+    kv_dtype: how the writer stores the KV; manifest_kv_dtype: what the manifest claims (default: the same)."""
     init_cache_dir(cache_dir)
     w = ShardWriter(
         cache_dir,
-        metadata={"format_version": str(fmt.FORMAT_VERSION), "saliency": ",".join(fmt.SALIENCY_SIGNALS)},
+        metadata={"format_version": str(fmt.FORMAT_VERSION), "saliency": ",".join(fmt.SALIENCY_SIGNALS),
+                  "kv_dtype": kv_dtype},
         target_bytes=target_bytes,
     )
     for cid, (kv, tok, sal) in chunks.items():
@@ -79,7 +82,8 @@ def write_release(cache_dir: Path, chunks: dict, *, dtype="float32", fingerprint
         )
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     manifest = {
-        "model": {"name": "tiny", "fingerprint": fingerprint, "dtype": dtype, "kv_bytes_per_token": L * 2 * H * D * elem},
+        "model": {"name": "tiny", "fingerprint": fingerprint, "dtype": dtype, "kv_bytes_per_token": L * 2 * H * D * elem,
+                  "kv_dtype": manifest_kv_dtype or kv_dtype, "n_layers": L, "n_kv_heads": H, "head_dim": D},
         "prefix": {"chunk_id": w.written[0].chunk_id},
         "params": {},
     }
@@ -119,6 +123,51 @@ def test_roundtrip_bit_identical(tmp_path, dtype):
         assert got.kv.dtype == dtype and got.tokens.dtype == torch.int32 and got.saliency.dtype == torch.float16
     st = store.stats()
     assert st["chunks"] == 6 and st["fingerprint"] == FP
+
+
+@pytest.mark.parametrize("kv_dtype, bound", [("fp8", 0.04), ("int8", 0.01)])
+def test_quantised_roundtrip(tmp_path, kv_dtype, bound):
+    """Codes and scales in the shard; Store.read gives the model dtype, within the codec's error."""
+    chunks = some_chunks(5)
+    write_release(tmp_path, chunks, kv_dtype=kv_dtype)
+    store = Store.open(tmp_path)
+    assert store.codec.name == kv_dtype
+    for cid, (kv, tok, sal) in chunks.items():
+        got = store.read(cid)
+        assert got.kv.dtype == torch.float32 and got.kv.shape == kv.shape
+        assert float((got.kv - kv).norm() / kv.norm()) < bound
+        assert same_bytes(got.tokens, tok) and same_bytes(got.saliency, sal)
+    st = store.stats()
+    tokens = [c[1].shape[0] for c in chunks.values()]
+    assert st["kv_dtype"] == kv_dtype
+    assert st["kv_bytes"] == sum(t * L * 2 * H * D + L * H * (D + t) * 2 for t in tokens)  # bf16 scales
+    assert st["kv_bytes_per_token"] == round(st["kv_bytes"] / sum(tokens), 1)
+
+
+def test_quantised_scale_bit_flip_fails_checksum(tmp_path):
+    chunks = some_chunks(3)
+    _, shards = write_release(tmp_path, chunks, kv_dtype="fp8", target_bytes=1 << 20)
+    cid = "c0001"
+    path = tmp_path / fmt.SHARDS_DIR / f"{shards[cid]}{fmt.SHARD_SUFFIX}"
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    assert header[fmt.kv_name(cid)]["dtype"] == "F8_E4M3" and header[fmt.kvs_name(cid)]["dtype"] == "BF16"
+    start, _ = header[fmt.kvs_name(cid)]["data_offsets"]
+    data[8 + n + start + 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    store = Store.open(tmp_path)
+    store.read("c0000")
+    with pytest.raises(CorruptShardError, match="checksum"):
+        store.read(cid)
+
+
+def test_chunk_of_another_kv_dtype_is_refused(tmp_path):
+    """A release that says fp8 but whose shard holds model-dtype KV (chunks of two builds mixed)."""
+    write_release(tmp_path, some_chunks(2), kv_dtype="model", manifest_kv_dtype="fp8")
+    store = Store.open(tmp_path)
+    with pytest.raises(CorruptShardError, match="holds float32 KV but release .* is a fp8 store"):
+        store.read("c0000")
 
 
 def test_store_pins_release_while_newer_published(tmp_path):

@@ -1,0 +1,112 @@
+"""A format-v1 store (tests/fixtures/store_v1, written by the v1 writer with the tiny test model)
+still opens and answers as it did; a refresh by this version reuses its chunks (model-dtype
+chunk ids are v1's), and a refresh with another --kv-dtype builds new chunks."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_dir
+
+from fixtures.make_store_v1 import DOCS, QUESTIONS, collect_answers
+from kvfuse.loader import format as fmt
+from kvfuse.loader.store import Store, verify_release
+from kvfuse.pipeline.build import BuildConfig, build_cache
+from kvfuse.runtime import FusionEngine
+from kvfuse.runtime.model import load_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPECTED = json.loads((FIXTURES / "store_v1_expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    lm = load_model(str(tiny_model_dir(tmp_path_factory)))
+    assert lm.spec.fingerprint == EXPECTED["fingerprint"], "the tiny test model changed: rebuild the fixture"
+    return lm
+
+
+@pytest.fixture()
+def v1_store(tmp_path):
+    path = tmp_path / "store_v1"
+    shutil.copytree(FIXTURES / "store_v1", path)  # readers write leases: never into the repository
+    return path
+
+
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(DOCS)))
+    return path
+
+
+def check_answers(cache, lm):
+    with FusionEngine(cache, lm) as engine:
+        got = collect_answers(engine)
+    assert len(got) == len(EXPECTED["answers"])
+    for a, want in zip(got, EXPECTED["answers"]):
+        assert {k: a[k] for k in ("question", "selector", "chunk_ids", "token_ids", "fused")} == \
+            {k: want[k] for k in ("question", "selector", "chunk_ids", "token_ids", "fused")}
+        torch.testing.assert_close(torch.tensor(a["logits"]), torch.tensor(want["logits"]), atol=1e-4, rtol=0)
+
+
+def test_v1_store_opens_verifies_and_answers_as_before(v1_store, lm):
+    with Store.open(v1_store) as store:
+        assert store.manifest["format_version"] == 1 and "kv_dtype" not in store.model
+        assert store.codec.name == "model" and store.stats()["kv_dtype"] == "model"
+        assert store.read(store.prefix_id).kv.dtype == torch.float32
+    assert verify_release(v1_store).ok
+    assert any(a["fused"] for a in EXPECTED["answers"])  # the stored KV is read, not only prefilled
+    check_answers(v1_store, lm)
+
+
+def test_refresh_of_v1_store_reuses_its_chunks(v1_store, lm, tmp_path):
+    old = {r.chunk_id for r in Store.open(v1_store, lease=False).records(include_prefix=True)}
+    report = build_cache(corpus(tmp_path), v1_store, lm, BuildConfig(chunk_tokens=16, enrich=False, progress=False))
+    assert report.computed == 0 and report.reused == report.chunks
+    with Store.open(v1_store) as store:
+        assert store.manifest["format_version"] == fmt.FORMAT_VERSION == 2
+        assert store.model["kv_dtype"] == "model"
+        assert {r.chunk_id for r in store.records(include_prefix=True)} == old
+    check_answers(v1_store, lm)
+
+
+def test_refresh_with_another_kv_dtype_builds_new_chunks(v1_store, lm, tmp_path):
+    """fp8 onto a model-dtype store: new chunk ids, re-encoded from the stored KV (no prefill),
+    byte-identical to a fresh fp8 build of the same corpus."""
+    old = {r.chunk_id for r in Store.open(v1_store, lease=False).records(include_prefix=True)}
+    config = BuildConfig(chunk_tokens=16, enrich=False, progress=False, kv_dtype="fp8")
+    report = build_cache(corpus(tmp_path), v1_store, lm, config)
+    fresh = tmp_path / "fresh"
+    build_cache(corpus(tmp_path), fresh, lm, config)
+    with Store.open(v1_store) as store, Store.open(fresh) as want:
+        assert store.codec.name == "fp8" and store.model["kv_scheme"] == store.codec.scheme
+        new = {r.chunk_id: r.checksum for r in store.records(include_prefix=True)}
+        assert not set(new) & old and store.prefix_id not in old
+        assert report.computed == 0 and report.transcoded == len(new) - 1 and report.tokens == 0
+        assert new == {r.chunk_id: r.checksum for r in want.records(include_prefix=True)}
+    assert verify_release(v1_store).ok
+    with FusionEngine(v1_store, lm) as engine:  # answers from fp8 KV
+        assert engine.ask(QUESTIONS[0], top_k=4, max_new_tokens=3, selector="reuse").token_ids
+
+
+def test_engine_reloads_across_kv_dtypes_only_where_its_source_can_serve_them(v1_store, lm, tmp_path):
+    """A refresh to fp8 under a running engine: the host source (CPU reads dequantise) moves to
+    it; the tiered source's pools hold model-dtype KV, so it keeps serving the old release."""
+    from kvfuse.runtime import EngineConfig
+    configs = {kind: EngineConfig(source=kind, reload_interval_s=0, warmup=False, chunk_tokens=16)
+               for kind in ("host", "tiered")}
+    engines = {kind: FusionEngine(v1_store, lm, config=c) for kind, c in configs.items()}
+    try:
+        old = engines["host"].release
+        build_cache(corpus(tmp_path), v1_store, lm,
+                    BuildConfig(chunk_tokens=16, enrich=False, progress=False, kv_dtype="fp8"))
+        host, tiered = engines["host"], engines["tiered"]
+        assert host.release != old and host.store.codec.name == "fp8"
+        assert host.ask(QUESTIONS[0], top_k=4, max_new_tokens=3, selector="reuse").token_ids
+        assert tiered.release == old and tiered.counters["kv_dtype_refusals"] >= 1
+        assert tiered.ask(QUESTIONS[0], top_k=4, max_new_tokens=3, selector="reuse").release == old
+    finally:
+        for e in engines.values():
+            e.close()
