@@ -45,7 +45,7 @@ fi
 if has ttft; then
   echo "== bench ttft" | tee -a "$LOG"
   timeout 330 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384,32768 --ratios 0.15 --reps 5 \
-    --compare-selectors epic,prophet,kvfuse,cacheblend --out "$OUT" 2>&1 | grep -v Warning | tee -a "$LOG"
+    --selector kvfuse --compare-selectors a3,prophet,kvfuse-staged --out "$OUT" 2>&1 | grep -v Warning | tee -a "$LOG"
   mv "$OUT"/profile_*.txt "$OUT/profile.txt" 2>/dev/null
 fi
 if has copy; then
@@ -70,7 +70,7 @@ if has build; then
     --out "$OUT/build_throughput_gpu" 2>&1 | grep -v Warning | tail -20 | tee -a "$LOG"
 fi
 if has kvttft; then
-  for kv in model fp8 int8; do
+  for kv in ${KV_DTYPES:-model fp8 int8}; do
     echo "== bench ttft --kv-dtype $kv" | tee -a "$LOG"
     timeout 200 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384 --ratios 0.15 --reps 5 \
       --compare-selectors none --profile none --kv-dtype "$kv" --out "$OUT/kv-$kv" 2>&1 | grep -v Warning | tee -a "$LOG"

@@ -25,7 +25,8 @@ def bench():
 
 
 _common = [
-    click.option("--selector", default="a3", show_default=True, help="Selector name from the registry."),
+    click.option("--selector", default="kvfuse", show_default=True,
+                 help="Selector name from the registry (default: the engine's, what ask and serve use)."),
     click.option("--host-pool-gb", type=float, help="Pinned host pool size."),
     click.option("--gpu-pool-gb", type=float, help="GPU pool size."),
     click.option("--workers", default=8, show_default=True, type=click.IntRange(1), help="Disk read threads."),

@@ -59,3 +59,29 @@ def test_ratio_one_reproduces_the_whole_answer_and_ratio_zero_is_prefix_caching(
         pc = prefix_caching_check(engine, question)
         if not enrich:  # stored at its own position after the prefix: exactly prefix caching
             assert pc["moved"] == 0 and pc["kl"] < 1e-5 and pc["same"], pc
+
+
+ISSUE_QUESTIONS = {"Who built the Orrin Bridge?": "Fenwick", "Who founded Pellow Mill?": "Grell",
+                   "How many voles did the last census count?": "8,300",
+                   "Who founded the Dunlin ferry company?": "Stramm"}
+
+
+@pytest.mark.parametrize("enrich", [False, True])
+def test_ask_gives_the_full_prefills_answer_to_the_issue_questions(lm, tmp_path, enrich):
+    """Issue 12's four questions through `kvfuse ask`'s path (retrieval, default selector and ratio,
+    the engine's cost model): the whole answer is the full prefill's, and holds the fact wherever
+    the full prefill's does. Before retrieval left out chunks sharing no term with the question,
+    three of the four named a person from a co-retrieved document."""
+    docs = [Document(k, v, {}) for k, v in CORPUS.items()]
+    build_cache(docs, tmp_path / "cache", lm, BuildConfig(enrich=enrich, progress=False))
+    engine = FusionEngine(tmp_path / "cache", lm)
+    try:
+        right = 0
+        for question, fact in ISSUE_QUESTIONS.items():
+            a = engine.ask(question, compare=True, max_new_tokens=48)
+            assert a.text == a.full_text, (question, a.text, a.full_text, a.fused, a.notes)
+            right += fact in a.full_text
+            assert (fact in a.text) == (fact in a.full_text)
+        assert right >= 3   # the full prefill itself misses Pellow Mill's founder (it names the ferry's)
+    finally:
+        engine.close()
