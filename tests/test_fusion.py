@@ -199,19 +199,6 @@ def test_concurrent_fusions_on_threads_match_sequential(lm):
 @pytest.mark.parametrize("selector", ["kvfuse-gradual", "kvfuse-gradual-full"])
 def test_layer_plan_through_layerwise_load_matches_host_path(tmp_path_factory, selector):
     """The narrowing pass over the tiers' streamed cache (`layerwise.fuse_layerwise`, the GPU
-    serving path, here on the CPU) keeps the host path's sets and gives its logits."""
-    from test_layerwise import question, setup, tiers_for
-
-    from kvfuse.runtime.layerwise import fuse_layerwise
-    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
-    tiers = tiers_for(lm, store, "cpu")
-    try:
-        q = question(lm)
-        want = fuse(lm, store.read(prefix), [store.read(c) for c in ids], q, selector, 0.2)
-        tiers.submit("r", [prefix, *ids])
-        got = fuse_layerwise(lm, tiers, "r", q, selector=selector, ratio=0.2)
-        assert want.layer_counts[0] > want.layer_counts[-1]          # it narrowed
-        assert torch.equal(got.recomputed, want.recomputed) and torch.equal(got.kept, want.kept)
-        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
-    finally:
-        tiers.close()
+    serving path, here on the CPU): the host path's selection and logits (test_layerwise's check)."""
+    from test_layerwise import test_selection_matches_plain_fuse
+    test_selection_matches_plain_fuse(tmp_path_factory, selector)
