@@ -194,3 +194,11 @@ def test_concurrent_fusions_on_threads_match_sequential(lm):
             for w, r in zip(want, got):
                 assert torch.equal(w.recomputed, r.recomputed)
                 torch.testing.assert_close(r.logits, w.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("selector", ["kvfuse-gradual", "kvfuse-gradual-full"])
+def test_layer_plan_through_layerwise_load_matches_host_path(tmp_path_factory, selector):
+    """The narrowing pass over the tiers' streamed cache (`layerwise.fuse_layerwise`, the GPU
+    serving path, here on the CPU): the host path's selection and logits (test_layerwise's check)."""
+    from test_layerwise import test_selection_matches_plain_fuse
+    test_selection_matches_plain_fuse(tmp_path_factory, selector)
