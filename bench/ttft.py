@@ -99,15 +99,18 @@ def measure_disk_gbps(tiers, chunk_ids: list[str], workers: int) -> float:
     reader, store = tiers.prefetcher.reader, tiers.prefetcher.store
     ids = chunk_ids[: 2 * workers]
     L, two, H, _, D = tiers.host.slot_shape
-    bufs = [torch.empty((L, two, H, store.record(c).n_tokens, D), dtype=tiers.host.dtype,
-                        pin_memory=tiers.device.type == "cuda") for c in ids]
+    pin = tiers.device.type == "cuda"
+    bufs = [torch.empty((L, two, H, store.record(c).n_tokens, D), dtype=tiers.host.dtype, pin_memory=pin)
+            for c in ids]
+    scales = [torch.empty((L, H, D + store.record(c).n_tokens), dtype=tiers.codec.scale_dtype, pin_memory=pin)
+              if tiers.codec.quantised else None for c in ids]                  # [L, H_kv, D + T] a quantised store's
     reader.drop_cached_pages()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda cb: reader.read_into(cb[0], cb[1]), zip(ids, bufs)))
+        list(pool.map(lambda c: reader.read_into(c[0], c[1], scales_out=c[2]), zip(ids, bufs, scales)))
     seconds = time.perf_counter() - t0
     reader.drop_cached_pages()
-    return sum(b.numel() * b.element_size() for b in bufs) / seconds / 1e9
+    return sum(b.numel() * b.element_size() for b in bufs + [s for s in scales if s is not None]) / seconds / 1e9
 
 
 class Runner:

@@ -221,11 +221,11 @@ class LayerwiseLoad:
 
     def _scales(self, layer: int) -> torch.Tensor:
         """[H_kv, sum_i (D + T_i)] the chunks' scale rows of `layer` laid end to end; a chunk with
-        no slot (recomputed, its span zeroed) gets unit scales."""
-        ref = next(g.scales for g, _ in self.pairs if g.kv is not None)       # [L, H_kv, D + T]
-        D = self.fused.shape[-1]
-        return torch.cat([g.scales[layer] if g.kv is not None else
-                          ref.new_ones(ref.shape[1], D + g.n_tokens) for g, _ in self.pairs], dim=1)
+        no slot (recomputed, its span zeroed) or no codes (the cold plan's prefilled front, model
+        dtype) gets unit scales."""
+        H, D = self.fused.shape[2], self.fused.shape[-1]
+        return torch.cat([g.scales[layer] if g.kv is not None and g.scales is not None else
+                          self.fused.new_ones(H, D + g.n_tokens) for g, _ in self.pairs], dim=1)
 
     @property
     def stored(self) -> torch.Tensor:
