@@ -44,17 +44,27 @@ BACKENDS = ("flex", "sdpa", "dense", "grouped")
 # issue 11 measured FlexAttention 1.46 ms against SDPA with a float mask 2.02 ms at 16k on an H200.
 CUDA_BACKEND = "flex"
 FLEX_BLOCK = 128
+SMALL_PASS_ROWS = 512         # passes of at most this many queries (question probes) ...
+SMALL_PASS_BACKEND = "sdpa"   # ... use this on CUDA: kvfuse's probe 136 -> 80 ms at 16k (bench/results/small_pass_h200.md)
 _flex_failed: str | None = None     # the error that made flex unusable in this process
 _flex_compiled = None
 
 
-def default_backend(device: torch.device | str) -> str:
-    """The backend a pass on `device` uses: $KVFUSE_RECOMPUTE_ATTENTION, else flex on CUDA, sdpa elsewhere."""
+def default_backend(device: torch.device | str, rows: int | None = None) -> str:
+    """The backend a pass of `rows` queries on `device` uses: $KVFUSE_RECOMPUTE_ATTENTION, else
+    on CUDA flex, or $KVFUSE_SMALL_PASS_ATTENTION (SMALL_PASS_BACKEND) for a pass of at most
+    SMALL_PASS_ROWS queries (a question probe: flex parallelises over query blocks, so a few
+    rows over 16k keys leave most of the GPU idle); sdpa elsewhere."""
     name = os.environ.get("KVFUSE_RECOMPUTE_ATTENTION")
     if name:
         if name not in BACKENDS:
             raise ValueError(f"KVFUSE_RECOMPUTE_ATTENTION={name!r}: choose one of {', '.join(BACKENDS)}")
         return name
+    small = os.environ.get("KVFUSE_SMALL_PASS_ATTENTION", SMALL_PASS_BACKEND)
+    if small not in BACKENDS:
+        raise ValueError(f"KVFUSE_SMALL_PASS_ATTENTION={small!r}: choose one of {', '.join(BACKENDS)}")
+    if torch.device(device).type == "cuda" and rows is not None and rows <= SMALL_PASS_ROWS and small != "flex":
+        return small
     if torch.device(device).type == "cuda":
         return "dense" if CUDA_BACKEND == "flex" and _flex_failed is not None else CUDA_BACKEND
     return "sdpa"
@@ -129,7 +139,7 @@ class ScatteredQueries:
     def __init__(self, positions: torch.Tensor, n_keys: int, backend: str | None = None):
         self.positions = positions                     # [R] int64, on the model's device
         self.rows, self.n_keys = positions.numel(), n_keys
-        self.backend = backend or default_backend(positions.device)
+        self.backend = backend or default_backend(positions.device, self.rows)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown recompute attention {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         self._bool: torch.Tensor | None = None
