@@ -47,8 +47,9 @@ _PROBES = {
     "a3": (1, 0.1, 0),           # probes layers 0..1 only (runtime/layerwise.py PROBE_LAYERS)
     "qattn": (1, 1.0, 0),
     "prophet": (2, 1.0, 0),
-    "kvfuse": (1, 1.0, 0),       # one plain probe through selectors/kvfuse.py PROBE_SHARE of the layers
-    "kvfuse-staged": (3, 1.0, 0),  # selectors/kvfuse_staged.py STAGES
+    "kvfuse": (3, 1.0, 0),       # selectors/kvfuse_staged.py STAGES (the default rule)
+    "kvfuse-staged": (3, 1.0, 0),  # the same
+    "kvfuse-1probe": (1, 1.0, 0),  # one plain probe through selectors/kvfuse.py PROBE_SHARE of the layers
     "kvfuse-gradual": (1, 0.1, 0),  # a3's probe; the narrowing runs inside the recompute at equal FLOPs
 }
 

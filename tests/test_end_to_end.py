@@ -37,3 +37,19 @@ def test_ask_reports_reuse_and_compares(engine):
     a = engine.ask("What is the painting known for?", top_k=3, ratio=0.15, max_new_tokens=8, compare=True)
     assert a.n_recomputed > 0 and a.n_reused > a.n_recomputed
     assert a.full_ttft_s > 0 and a.first_token_kl >= 0
+
+
+def test_demo_question_fused_answer_names_the_painter(tmp_path):
+    """`kvfuse demo`'s own cache and question (the README's first command), the default selector
+    and ratio: the fused answer names Seurat as the full prefill does. The one-probe rule
+    (`kvfuse-1probe`) named Auguste Rodin here, which is why it is not the default."""
+    from kvfuse.cli.demo import DEMO_QUESTION, demo_corpus
+    from kvfuse.pipeline.corpus import read_corpus
+
+    lm = load_model("smollm2-135m")
+    docs = read_corpus(demo_corpus(tmp_path / "corpus.jsonl"))
+    build_cache(docs, tmp_path / "cache", lm, BuildConfig(progress=False))
+    with FusionEngine(tmp_path / "cache", lm) as engine:
+        a = engine.ask(DEMO_QUESTION, compare=True)
+    assert "Seurat" in a.full_text
+    assert a.fused and "Seurat" in a.text, (a.text, a.notes)

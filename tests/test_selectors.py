@@ -155,15 +155,15 @@ def test_kvfuse_staged_refines_in_stages(lm, prompt):
     assert all(bool(torch.isin(s, sel).all()) for s in seen)
 
 
-def test_kvfuse_runs_one_plain_probe_and_splits_by_chunk(lm, prompt):
-    """The default: chunk starts, then the rest by the plain probe's relevance with per-chunk budgets;
+def test_kvfuse_1probe_runs_one_plain_probe_and_splits_by_chunk(lm, prompt):
+    """kvfuse-1probe: chunk starts, then the rest by the plain probe's relevance with per-chunk budgets;
     the question probe is its only model pass besides the recompute."""
     prep = prepare(lm, *prompt)
     seen = []
     attend = prep.ctx.attend
     prep.ctx.attend = lambda sel: seen.append(sel.numel()) or attend(sel)
     budget = round(0.3 * prep.layout.context_len)
-    sel = run(prep, "kvfuse", 0.3).recomputed
+    sel = run(prep, "kvfuse-1probe", 0.3).recomputed
     assert seen == [0]                                                     # one probe, of the question alone
     starts = kvfuse.chunk_starts(prep.ctx, budget)
     assert starts.numel() > 0 and torch.isin(starts, sel).all() and sel.numel() == budget
@@ -179,9 +179,9 @@ def test_kvfuse_runs_one_plain_probe_and_splits_by_chunk(lm, prompt):
 
 def test_kvfuse_probe_share_sets_the_request_probe_depth(lm, monkeypatch):
     from kvfuse.runtime.fusion import probe_depth
-    assert probe_depth("kvfuse", 32) == 32
+    assert probe_depth("kvfuse-1probe", 32) == 32
     monkeypatch.setattr(kvfuse.select, "probe_share", 0.5)
-    assert probe_depth("kvfuse", 32) == 16 and probe_depth("kvfuse-staged", 32) == 32
+    assert probe_depth("kvfuse-1probe", 32) == 16 and probe_depth("kvfuse", 32) == 32
 
 
 @pytest.mark.parametrize("option", [{"CHUNK_BUDGET": True}, {"SPAN": 4}, {"PRIOR_EXP": 1.0}])

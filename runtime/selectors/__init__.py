@@ -24,8 +24,10 @@ SELECTORS: dict[str, Selector] = {
     "a3": a3.select,
     "qattn": qattn.select,
     "prophet": prophet.select,
-    "kvfuse": kvfuse.select,                  # one question probe, chunk starts, chunk budgets (the default)
-    "kvfuse-staged": kvfuse_staged.select,    # the former default: three probe stages (6x the selection cost)
+    "kvfuse": kvfuse_staged.select,           # the default: chunk starts + three probe stages (docs/selectors.md)
+    "kvfuse-staged": kvfuse_staged.select,    # the same rule by its explicit name (result rows of both compare)
+    "kvfuse-1probe": kvfuse.select,           # one question probe, chunk starts, chunk budgets: ~1/6 of the
+                                              # selection cost; not the default: it gets the demo's answer wrong
     "kvfuse-gradual": gradual.select,         # per-layer sets narrowed inside the recompute (LayerPlan), a3's probe
     "kvfuse-gradual-full": gradual.select_full_probe,  # the same from the all-layer probe
 }
