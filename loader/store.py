@@ -358,14 +358,17 @@ class Store:
             kv = self.codec.decode(kv, stored[3], self.dtype)
         return ChunkData(chunk_id, kv, tokens, saliency, rec.pos_base)
 
-    def kv_bytes(self) -> int:
-        """Bytes of stored KV (codes and scales) of the release's distinct chunks."""
+    def stored_bytes(self, n_tokens: int) -> int:
+        """Bytes of KV a chunk of n_tokens stores: codes and scales of a quantised store, else the
+        model dtype's KV (what a read moves off disk; `read` returns the dequantised tensor)."""
         m = self.model
         L, H, D = m["n_layers"], m["n_kv_heads"], m["head_dim"]
-        itemsize = self.codec.storage_dtype(self.dtype).itemsize
-        tokens = [r.n_tokens for r in self._records.values()]
-        scales = sum(L * H * (D + t) for t in tokens) * self.codec.scale_dtype.itemsize if self.codec.quantised else 0
-        return sum(tokens) * L * 2 * H * D * itemsize + scales
+        codes = n_tokens * L * 2 * H * D * self.codec.storage_dtype(self.dtype).itemsize
+        return codes + (L * H * (D + n_tokens) * self.codec.scale_dtype.itemsize if self.codec.quantised else 0)
+
+    def kv_bytes(self) -> int:
+        """Bytes of stored KV (codes and scales) of the release's distinct chunks."""
+        return sum(self.stored_bytes(r.n_tokens) for r in self._records.values())
 
     def stats(self) -> dict:
         """What `kvfuse inspect` shows: release, model, counts, KV dtype and bytes (per stored token)."""

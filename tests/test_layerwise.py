@@ -11,6 +11,7 @@ from kvfuse.bench.synthetic import write_synthetic_store
 from kvfuse.loader.pool import PoolCapacityError
 from kvfuse.loader.store import Store
 from kvfuse.runtime.attention import use_kvfuse_attention
+from kvfuse.runtime.driver import HostSource
 from kvfuse.runtime.fusion import assemble, fuse, greedy, probe_depth, recompute
 from kvfuse.runtime.layerwise import fuse_layerwise
 from kvfuse.runtime.layerwise import tiers_for as model_tiers
@@ -103,6 +104,11 @@ def test_quantised_store_layerwise_matches_plain_path(tmp_path_factory, kv_dtype
         n_tokens = P + len(ids) * T
         scales = sum(L * H * (D + t) * 2 for t in [P] + [T] * len(ids))  # bfloat16
         assert results[2].timings["h2d_bytes"] == n_tokens * L * 2 * H * D + scales
+        # the host source counts what it read as stored too (not the dequantised float32)
+        host = HostSource()
+        host.submit("r", store, [prefix, *ids])
+        host.fuse(lm, "r", torch.tensor([5, 6, 7]), "a3", 0.2)
+        assert host.stats.bytes_loaded["disk"] == n_tokens * L * 2 * H * D + scales
     finally:
         tiers.close()
 

@@ -142,6 +142,7 @@ def test_quantised_roundtrip(tmp_path, kv_dtype, bound):
     assert st["kv_dtype"] == kv_dtype
     assert st["kv_bytes"] == sum(t * L * 2 * H * D + L * H * (D + t) * 2 for t in tokens)  # bf16 scales
     assert st["kv_bytes_per_token"] == round(st["kv_bytes"] / sum(tokens), 1)
+    assert store.stored_bytes(tokens[0]) == tokens[0] * L * 2 * H * D + L * H * (D + tokens[0]) * 2  # one chunk
 
 
 def test_quantised_scale_bit_flip_fails_checksum(tmp_path):
