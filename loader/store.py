@@ -362,6 +362,8 @@ class Store:
         """Bytes of KV a chunk of n_tokens stores: codes and scales of a quantised store, else the
         model dtype's KV (what a read moves off disk; `read` returns the dequantised tensor)."""
         m = self.model
+        if "n_layers" not in m:   # a store from before the manifest held the geometry: model dtype
+            return n_tokens * m["kv_bytes_per_token"]
         L, H, D = m["n_layers"], m["n_kv_heads"], m["head_dim"]
         codes = n_tokens * L * 2 * H * D * self.codec.storage_dtype(self.dtype).itemsize
         return codes + (L * H * (D + n_tokens) * self.codec.scale_dtype.itemsize if self.codec.quantised else 0)
@@ -374,7 +376,7 @@ class Store:
         """What `kvfuse inspect` shows: release, model, counts, KV dtype and bytes (per stored token)."""
         recs = self.records()
         stored_tokens = sum(r.n_tokens for r in self._records.values())
-        kv_bytes = self.kv_bytes() if "n_layers" in self.model else stored_tokens * self.model["kv_bytes_per_token"]
+        kv_bytes = self.kv_bytes()
         return {
             "release": self.release,
             "model": self.model.get("name"),

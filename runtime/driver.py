@@ -87,9 +87,8 @@ class HostSource:
             store, chunk_ids = self._requests.pop(request_id)
         prefix, *chunks = [store.read(cid, verify=self.verify) for cid in chunk_ids]
         self.stats.requests += 1
-        self.stats.bytes_loaded["disk"] += sum(  # as stored: a quantised store's codes and scales
-            store.stored_bytes(c.kv.shape[3]) if "n_layers" in store.model else c.kv.numel() * c.kv.element_size()
-            for c in (prefix, *chunks))
+        # as stored: a quantised store's codes and scales, not the dequantised tensor read returns
+        self.stats.bytes_loaded["disk"] += sum(store.stored_bytes(c.kv.shape[3]) for c in (prefix, *chunks))
         self.stats.hits["cold"] += len(chunk_ids)
         return fuse(lm, prefix, chunks, question_ids, selector, ratio)
 

@@ -157,6 +157,10 @@ class LayerwiseLoad:
         self.quantised = tiers.codec.quantised  # pools hold codes [L, 2, H_kv, T, D] + scales [L, H_kv, D + T]
         if self.quantised:  # k [N, D], v [N]: each stored token's scales in the chunks' scale rows laid end to end
             self.scale_index = scale_index([g.n_tokens for g, _ in pairs], D, device)
+            # unit scale rows [H_kv, D + T] for a chunk with no codes (no slot: recomputed; or the cold
+            # plan's prefilled front, model dtype): made once here, not per layer in the gather
+            self.unit_scales = {i: self.fused.new_ones(self.fused.shape[2], D + g.n_tokens)
+                                for i, (g, _) in enumerate(pairs) if g.kv is None or g.scales is None}
         self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
@@ -169,8 +173,10 @@ class LayerwiseLoad:
             compute = torch.cuda.current_stream(device)
             self.t_start = torch.cuda.Event(enable_timing=True)
             for stream in (self.h2d, self.stream):
-                stream.wait_stream(compute)  # fused was allocated on the compute stream
+                stream.wait_stream(compute)  # fused (and the unit scale rows) were allocated on the compute stream
                 self.fused.record_stream(stream)
+                for unit in getattr(self, "unit_scales", {}).values():
+                    unit.record_stream(stream)
             self.t_start.record(self.h2d)
         self.issue(max(1, first))
 
@@ -223,9 +229,8 @@ class LayerwiseLoad:
         """[H_kv, sum_i (D + T_i)] the chunks' scale rows of `layer` laid end to end; a chunk with
         no slot (recomputed, its span zeroed) or no codes (the cold plan's prefilled front, model
         dtype) gets unit scales."""
-        H, D = self.fused.shape[2], self.fused.shape[-1]
-        return torch.cat([g.scales[layer] if g.kv is not None and g.scales is not None else
-                          self.fused.new_ones(H, D + g.n_tokens) for g, _ in self.pairs], dim=1)
+        return torch.cat([self.unit_scales[i] if i in self.unit_scales else g.scales[layer]
+                          for i, (g, _) in enumerate(self.pairs)], dim=1)
 
     @property
     def stored(self) -> torch.Tensor:
