@@ -185,8 +185,8 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     for note in a.notes:
         click.echo(f"note:       {note}")
     click.echo(f"answer:     {a.text.strip()}")
-    click.echo(f"tokens:     {a.n_reused} reused, {a.n_recomputed} context recomputed "
-               f"({selector}, ratio {ratio}), {a.n_question} question")
+    ran = f"{selector}, ratio {ratio}" if a.fused else "every context token: a plain prefill over the stored prefix"
+    click.echo(f"tokens:     {a.n_reused} reused, {a.n_recomputed} context recomputed ({ran}), {a.n_question} question")
     how = "fused" if a.fused else "plain prefill" + ("" if selector == "full" else " (fusion could not win)")
     click.echo(f"TTFT:       {a.ttft_s * 1000:.0f} ms {how}")
     if compare:

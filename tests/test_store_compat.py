@@ -116,3 +116,18 @@ def test_engine_reloads_across_kv_dtypes_only_where_its_source_can_serve_them(v1
     finally:
         for e in engines.values():
             e.close()
+
+
+def test_ask_says_a_plain_prefill_ran_where_fusion_could_not_win(v1_store, tmp_path_factory):
+    """The fixture's kvfuse questions run the plain prefill (the cost model): the tokens line names
+    that, not the selector and ratio asked for (a fresh user read "(kvfuse, ratio 0.15)" there)."""
+    from click.testing import CliRunner
+    from kvfuse.cli.main import main
+
+    want = next(a for a in EXPECTED["answers"] if a["selector"] == "kvfuse" and not a["fused"])
+    r = CliRunner().invoke(main, ["ask", str(v1_store), want["question"], "--model",
+                                  str(tiny_model_dir(tmp_path_factory)), "--max-new-tokens", "2",
+                                  "--selector", "kvfuse-staged"])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("tokens:"))
+    assert "plain prefill over the stored prefix" in line and "ratio" not in line
