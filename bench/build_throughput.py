@@ -151,6 +151,8 @@ def run_gpu(args) -> dict:
     cluster = ClusterConfig(gpus=args.gpus)
     rows = []
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="kvfuse-bench-"))
+    disk_gbps = disk_write_gbps(tmp)
+    print(f"disk write with fsync: {disk_gbps:.2f} GB/s", flush=True)
     with open_client(cluster) as client:
         t0 = time.perf_counter()
         build_on_dask(client, docs[:1], tmp / "warm", loader, _config(args, enrich=True), cluster)
@@ -169,11 +171,29 @@ def run_gpu(args) -> dict:
                 shutil.rmtree(tmp / f"{kind}{rnd}")
     shutil.rmtree(tmp, ignore_errors=True)
     return {"model": f"{args.shape} shape, random bf16 weights", "gpus": args.gpus, "shard_writers": args.shard_writers,
+            "kv_dtype": args.kv_dtype, "disk_write_gbps": disk_gbps,
             "corpus": f"{len(docs)} docs of random words, {len(chunks)} chunks of <= 512 tokens", "rows": rows}
 
 
+def disk_write_gbps(folder: Path, nbytes: int = 2 << 30) -> float:
+    """This disk's sequential write rate with fsync (GB/s), through the page cache as the shard
+    writers write: a build that stores K bytes per token can never beat disk_write / K tokens/s."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, block = folder / "disk-probe.bin", os.urandom(64 << 20)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return nbytes / seconds / 1e9
+
+
 def _config(args, enrich: bool) -> BuildConfig:
-    return BuildConfig(enrich=enrich, progress=False, shard_writers=args.shard_writers)
+    return BuildConfig(enrich=enrich, progress=False, shard_writers=args.shard_writers,
+                       kv_dtype=getattr(args, "kv_dtype", "model"))
 
 
 def _worker_chunks(docs):
@@ -210,7 +230,9 @@ def write_results(result: dict, out: Path, command: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     lines = [f"# Build throughput: {result['model']}", "", f"- command: `{command}`", f"- date: {result['date']}",
-             f"- machine: {json.dumps(result['machine'])}", f"- corpus: {result['corpus']}", "",
+             f"- machine: {json.dumps(result['machine'])}", f"- corpus: {result['corpus']}",
+             *([f"- KV stored as: {result['kv_dtype']}; this disk writes {result['disk_write_gbps']:.2f} GB/s with fsync"]
+               if "disk_write_gbps" in result else []), "",
              "| round | kind | tokens | prefilled | seconds | tok/s | vs plain | precompute tok/s | load1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -242,6 +264,8 @@ def main(argv=None) -> None:
     gpu.add_argument("--rounds", type=int, default=2)
     gpu.add_argument("--workdir", default=None, help="where the caches are built (default: a temp folder)")
     gpu.add_argument("--out", default="bench/results/build_throughput_gpu")
+    gpu.add_argument("--kv-dtype", default="model", choices=["model", "fp8", "int8"],
+                     help="how the stores hold KV (fp8 / int8 write half the bytes of bf16)")
     gpu.add_argument("--shard-writers", type=int, default=BuildConfig.shard_writers,
                      help="threads writing shards while the model computes (BuildConfig.shard_writers)")
     args = p.parse_args(argv)

@@ -16,7 +16,7 @@ and per chunk, inside a shard:
 
     <chunk_id>.kv   [L, 2, H_kv, T, D]  model dtype, or fp8 e4m3 / int8 codes (--kv-dtype);
                                         layer-major, keys after RoPE at pos_base..
-    <chunk_id>.kvs  [L, H_kv, D + T]    bfloat16 scales of quantised codes only (layout: loader/quant.py)
+    <chunk_id>.kvs  [L, H_kv, W]        bfloat16 scales of quantised codes only (layout: loader/quant.py)
     <chunk_id>.tok  [T]                 int32 token ids
     <chunk_id>.sal  [S, T]              float16 saliency signals (names in the shard metadata)
 

@@ -12,7 +12,7 @@ allocates: a chunk's bytes land in its slot exactly as they lie in the shard
 (layer-major), and layer l of a chunk is one contiguous slice of its slot.
 A pool of quantised KV (dtype the codes', fp8 or int8; `scale_dtype` given) has a
 second arena beside it for the chunks' scales (`loader/quant.py`),
-layer-major too: `entry.scales[l]` is layer l's [H_kv, D + T] block.
+layer-major too: `entry.scales[l]` is layer l's [H_kv, W] block (W = key_cols * D + T).
 
 Eviction picks among entries nobody holds (`refs == 0`). The policy decides:
 
@@ -82,7 +82,7 @@ class PoolEntry:
     nbytes: int
     kv: torch.Tensor | None           # [L, 2, H_kv, T, D] view of the slot (model dtype, or quantised codes);
                                       # None: no slot (a chunk the cold plan recomputes)
-    scales: torch.Tensor | None = None  # [L, H_kv, D + T] view of the scale slot (quantised pools: bfloat16)
+    scales: torch.Tensor | None = None  # [L, H_kv, W] view of the scale slot (quantised pools: bfloat16)
     refs: int = 0                     # holders; evictable only at 0
     ready: threading.Event = field(default_factory=threading.Event)  # set once the bytes are in
     failed: BaseException | None = None  # set with ready when filling failed
@@ -110,7 +110,7 @@ class KVPool:
 
     def __init__(self, name: str, capacity_bytes: int, slot_shape: tuple[int, int, int, int, int],
                  dtype: torch.dtype, device: str | torch.device = "cpu", pin: bool = False,
-                 policy: str = "lookahead", scale_dtype: torch.dtype | None = None):
+                 policy: str = "lookahead", scale_dtype: torch.dtype | None = None, scale_key_cols: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.name = name
@@ -119,7 +119,8 @@ class KVPool:
         self.policy = policy
         slot_numel = math.prod(self.slot_shape)
         L, _, H, T_max, D = self.slot_shape
-        scale_numel = L * H * (D + T_max) if scale_dtype else 0   # [L, H_kv, D + T_max] per slot
+        self.scale_key_w = scale_key_cols * D                       # a scale row's key part (quant.KVCodec.key_cols)
+        scale_numel = L * H * (self.scale_key_w + T_max) if scale_dtype else 0   # [L, H_kv, W_max] per slot
         slot_bytes = slot_numel * dtype.itemsize + scale_numel * (scale_dtype.itemsize if scale_dtype else 0)
         n_slots = capacity_bytes // slot_bytes
         if n_slots < 1:
@@ -128,7 +129,7 @@ class KVPool:
                 f"{slot_bytes / 2**20:.1f} MiB ({self.slot_shape[3]} tokens); give it at least that much.")
         # [slots, slot_numel]; pinned host memory for the host tier (page-locked: DMA-able)
         self.arena = torch.empty((n_slots, slot_numel), dtype=dtype, device=device, pin_memory=pin)
-        # [slots, L * H_kv * (D + T_max)]: the codes' scales, or None for model-dtype KV
+        # [slots, L * H_kv * W_max]: the codes' scales, or None for model-dtype KV
         self.scale_arena = (torch.empty((n_slots, scale_numel), dtype=scale_dtype, device=device, pin_memory=pin)
                             if scale_dtype else None)
         self.stats = PoolStats(slots=n_slots, slot_bytes=slot_bytes)
@@ -192,8 +193,9 @@ class KVPool:
             shape = (L, two, H, n_tokens, D)
             kv = self.arena[slot, : math.prod(shape)].view(shape)  # [L, 2, H_kv, T, D]
             sc = None
-            if self.scale_arena is not None:  # [L, H_kv, D + T], contiguous like kv
-                sc = self.scale_arena[slot, : L * H * (D + n_tokens)].view(L, H, D + n_tokens)
+            if self.scale_arena is not None:  # [L, H_kv, W], contiguous like kv
+                W = self.scale_key_w + n_tokens
+                sc = self.scale_arena[slot, : L * H * W].view(L, H, W)
             nbytes = kv.numel() * self.dtype.itemsize + (sc.numel() * sc.element_size() if sc is not None else 0)
             entry = PoolEntry(chunk_id, slot, n_tokens, nbytes, kv, sc, refs=1)
             self._entries[chunk_id] = entry

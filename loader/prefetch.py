@@ -154,7 +154,7 @@ class ShardReader:
                   scales_out: torch.Tensor | None = None) -> dict:
         """Read chunk_id's KV bytes into kv_out ([L, 2, H_kv, T, D], contiguous, CPU), as stored
         (quantised codes stay codes: the GPU gather dequantises), and a quantised chunk's scales
-        into scales_out ([L, H_kv, D + T] bfloat16); returns its tokens [T] int32, saliency
+        into scales_out ([L, H_kv, W] bfloat16); returns its tokens [T] int32, saliency
         [S, T] float16 and pos_base."""
         rec = self.store.record(chunk_id)
         fd, _ = self._shard(rec.shard)
@@ -201,9 +201,15 @@ class ShardReader:
         return small
 
     def drop_cached_pages(self) -> None:
-        """Ask the kernel to forget every open shard's cached pages (a cold start for benchmarks)."""
+        """Ask the kernel to forget every open shard's cached pages (a cold start for benchmarks).
+        Each shard is flushed first: the kernel keeps dirty pages (a store written moments ago),
+        and a "cold" read of those would run at memory speed."""
         for rec in {r.shard for r in self.store.records(include_prefix=True)}:
             fd, _ = self._shard(rec)
+            try:
+                os.fsync(fd)
+            except OSError:  # a read-only descriptor on some filesystems: the pages are clean there anyway
+                pass
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:

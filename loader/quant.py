@@ -2,36 +2,46 @@
 
     codec = kv_codec("fp8")                           # "model" | "fp8" | "int8"
     codes, scales = codec.encode(kv)                  # kv [L, 2, H_kv, T, D] -> codes [L, 2, H_kv, T, D] float8_e4m3fn,
-                                                      #    scales [L, H_kv, D + T] bfloat16
+                                                      #    scales [L, H_kv, W] bfloat16, W = codec.row_width(D, T)
     kv = codec.decode(codes, scales, torch.bfloat16)  # [L, 2, H_kv, T, D] in the model dtype (the CPU read path)
-    k_index, v_index = scale_index([T_0, T_1, ...], D, device)   # once per request: where each token's scales lie
-    dequantize_(fused[l, :, :, :N], torch.cat([s[l] for s in chunk_scales], 1), k_index, v_index)
-                                                      # in place, inside the GPU gather (runtime/layerwise.py)
+    dequantize_(fused[l, :, :, s:s + n * T], torch.stack([c.scales[l] for c in run], 1), codec.key_offsets)
+                                                      # in place, inside the GPU gather (runtime/layerwise.py),
+                                                      # per run of n equal-length chunks laid end to end
 
 Scale layout, per chunk (`<chunk_id>.kvs` in the shard, beside `<chunk_id>.kv`), one
-bfloat16 row of D + T per (layer, KV head):
+bfloat16 row per (layer, KV head):
 
-    scales[l, h, :D]   keys:   one scale per head-dim channel, over the chunk's T tokens
-    scales[l, h, D:]   values: one scale per token, over the head's D channels
+    scales[l, h, :D]        keys:   one scale per head-dim channel, over the chunk's T tokens
+    scales[l, h, D:2D]      keys:   one offset per channel (fp8 only: `key_offsets`)
+    scales[l, h, -T:]       values: one scale per token, over the head's D channels
 
-so layer l's scales are one contiguous [H_kv, D + T] block, like layer l of the codes:
-the pools copy them with the layer. Why these groupings (bench/results/kv_dtype_cpu.md
-has the measurement on Qwen2.5-0.5B's KV): keys have outlier channels (the slowly rotating
-RoPE pairs carry magnitudes tens of times the rest), so a per-token scale set by the
-outliers crushes the other channels; per channel, every channel keeps its own range.
-Values have no such channels; their range varies per token instead, so a per-token scale
-(KIVI's grouping) reconstructs them better than a per-channel one.
+so layer l's scales are one contiguous [H_kv, W] block, like layer l of the codes: the pools
+copy them with the layer. Why these groupings (bench/results/kv_dtype_cpu.md has the
+measurements on Qwen2.5-0.5B's KV): keys have outlier channels (the slowly rotating RoPE pairs
+carry magnitudes tens of times the rest), so a per-token scale set by the outliers crushes the
+other channels; per channel, every channel keeps its own range. Those channels also sit far
+from zero (10 +- 1, say), and a floating-point code's step grows with the magnitude: e4m3 codes
+10 +- 1 in steps of 1, i.e. it loses the part that varies across tokens, the only part attention
+sees. fp8 therefore stores keys minus each channel's midrange (the offset): 4.8x lower key error,
+4.3x lower error in what varies across tokens (`bench/kv_quant_error.py`). int8's uniform steps
+do not care where the range sits, so int8 keeps no offsets. Values have no such channels; their
+range varies per token instead, so a per-token scale (KIVI's grouping) reconstructs them better
+than a per-channel one, and centring them gains nothing.
 
 Scales are bfloat16 (float32's range, half its bytes: per-token value scales cost 1/D of
 the codes, 1.6% at D = 64 in float32), rounded *up* to a bfloat16 before encoding, so the
 codes never exceed the code range and decoding adds no error beyond the codes' own: a
-scale's rounding costs < 1% of the range (int8: about one level of 127).
+scale's rounding costs < 1% of the range (int8: about one level of 127). Offsets are rounded
+to bfloat16 before the keys are centred on them, so they too add no error.
 
 Stored keys are RoPE-rotated at pos_base and quantised in that basis. Re-rotation at serve
 time mixes channels d and d + D/2, whose scales differ, so codes are always dequantised
 first (`decode`, `dequantize_`) and rotated after.
 
 `model` is no codec: the KV is stored in the model's dtype with no scales (format v1's bytes).
+Stores keep working across a change of scheme: the manifest names the scheme its chunks were
+encoded with and `kv_codec(name, scheme)` returns that codec (`LEGACY`), so an fp8 store built
+before the key offsets still reads, while new builds encode with the current scheme.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ class KVCodec:
     qmax: float
     scheme: str
     scale_dtype: torch.dtype = torch.bfloat16
+    key_offsets: bool = False  # keys stored as (k - offset) / scale, one bfloat16 offset per channel
 
     @property
     def quantised(self) -> bool:
@@ -69,11 +80,20 @@ class KVCodec:
         codes = n_layers * 2 * n_kv_heads * head_dim * self.storage_dtype(model_dtype).itemsize
         if not self.quantised:
             return float(codes)
-        return codes + n_layers * n_kv_heads * (head_dim / chunk_tokens + 1) * self.scale_dtype.itemsize
+        return codes + n_layers * n_kv_heads * (self.key_cols * head_dim / chunk_tokens + 1) * self.scale_dtype.itemsize
+
+    @property
+    def key_cols(self) -> int:
+        """Columns per head-dim channel a scale row gives the keys: 1 (scale) or 2 (scale, offset)."""
+        return 2 if self.key_offsets else 1
+
+    def row_width(self, head_dim: int, n_tokens: int) -> int:
+        """Width of a chunk's scale row [.., key_cols * D + T] (0 for model-dtype KV)."""
+        return self.key_cols * head_dim + n_tokens if self.quantised else 0
 
     def encode(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """kv [L, 2, H_kv, T, D] (any float dtype, any device) -> (codes [L, 2, H_kv, T, D] in
-        code_dtype, scales [L, H_kv, D + T] bfloat16), on kv's device; `model`: (kv, None).
+        code_dtype, scales [L, H_kv, key_cols * D + T] bfloat16), on kv's device; `model`: (kv, None).
         Non-finite KV raises ValueError (it would decode to garbage)."""
         if not self.quantised:
             return kv, None
@@ -82,72 +102,83 @@ class KVCodec:
         x = kv.float()
         if not torch.isfinite(x).all():
             raise ValueError("chunk KV holds inf or NaN; it cannot be quantised (check the model's dtype)")
-        k_amax = x[:, 0].abs().amax(dim=2)                   # [L, H_kv, D]  over tokens
-        v_amax = x[:, 1].abs().amax(dim=3)                   # [L, H_kv, T]  over channels
-        scales = torch.cat((k_amax, v_amax), dim=-1) / self.qmax  # [L, H_kv, D + T] float32
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: any scale works
-        # to bfloat16, rounded up (x (1 + 2^-7) then nearest: >= the float32 scale), then back exactly
-        scales = (scales * (1 + 2**-7)).to(self.scale_dtype)
-        scales = scales.float()
-        D = kv.shape[-1]
-        y = torch.stack((x[:, 0] / scales[..., None, :D], x[:, 1] / scales[..., D:, None]), dim=1)
+        keys = x[:, 0]                                        # [L, H_kv, T, D]
+        if self.key_offsets:  # each channel's midrange, exact in bfloat16: the codes hold what varies
+            offsets = ((keys.amax(dim=2) + keys.amin(dim=2)) / 2).to(self.scale_dtype)  # [L, H_kv, D]
+            keys = keys - offsets.float()[..., None, :]
+        k_scales = _scale_for(keys.abs().amax(dim=2), self.qmax, self.scale_dtype)      # [L, H_kv, D]  over tokens
+        v_scales = _scale_for(x[:, 1].abs().amax(dim=3), self.qmax, self.scale_dtype)   # [L, H_kv, T]  over channels
+        y = torch.stack((keys / k_scales.float()[..., None, :], x[:, 1] / v_scales.float()[..., None]), dim=1)
         y = y.clamp_(-self.qmax, self.qmax)                 # e4m3fn has no inf: out of range would be NaN
         if self.code_dtype == torch.int8:
             y = y.round_()
-        return y.to(self.code_dtype), scales.to(self.scale_dtype).contiguous()
+        parts = (k_scales, offsets, v_scales) if self.key_offsets else (k_scales, v_scales)
+        return y.to(self.code_dtype), torch.cat(parts, dim=-1).contiguous()
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """codes [L, 2, H_kv, T, D], scales [L, H_kv, D + T] bfloat16 -> kv [L, 2, H_kv, T, D] in dtype
-        (a new tensor; `model`: codes converted to dtype)."""
+        """codes [L, 2, H_kv, T, D], scales [L, H_kv, key_cols * D + T] bfloat16 -> kv [L, 2, H_kv, T, D]
+        in dtype (a new tensor; `model`: codes converted to dtype)."""
         if not self.quantised:
             return codes.to(dtype)
         out = codes.to(dtype)
-        index = scale_index([codes.shape[3]], codes.shape[4], codes.device)
         for l in range(out.shape[0]):  # a layer at a time: no float32 copy of the whole chunk
-            dequantize_(out[l], scales[l], *index)
+            dequantize_(out[l], scales[l][:, None], self.key_offsets)
         return out
 
 
-def scale_index(n_tokens: list[int], head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each token's scales lie when chunks of n_tokens[i] tokens are laid end to end, and
-    so are their scale rows ([H_kv, sum_i (D + T_i)], the same chunk order): returns k_index
-    [N, D] (its chunk's key-channel scales) and v_index [N] (its own value scale), int64, N =
-    sum(n_tokens). Made once per request; `dequantize_` takes them."""
-    D = head_dim
-    lens = torch.tensor(n_tokens, dtype=torch.long)
-    row_starts = torch.cumsum(lens + D, 0) - (lens + D)                         # [n] where chunk i's row starts
-    token_starts = torch.cumsum(lens, 0) - lens                                 # [n]
-    base = torch.repeat_interleave(row_starts, lens)                            # [N]
-    within = torch.arange(int(lens.sum())) - torch.repeat_interleave(token_starts, lens)  # [N] index in its chunk
-    k_index = base[:, None] + torch.arange(D)[None, :]                          # [N, D]
-    v_index = base + D + within                                                 # [N]
-    return k_index.to(device), v_index.to(device)
+def _scale_for(amax: torch.Tensor, qmax: float, dtype: torch.dtype) -> torch.Tensor:
+    """Scales (amax / qmax) in `dtype`, rounded *up* (x (1 + 2^-7), then nearest: >= the float32
+    scale), so codes never leave the code range; an all-zero group gets 1 (any scale works)."""
+    scales = amax / qmax
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return (scales * (1 + 2**-7)).to(dtype)
 
 
-def dequantize_(kv: torch.Tensor, scales: torch.Tensor, k_index: torch.Tensor, v_index: torch.Tensor) -> None:
-    """Scale codes already converted to the model dtype, in place: one layer of the chunks laid
-    end to end (a few kernels, however many chunks).
+def dequantize_(kv: torch.Tensor, rows: torch.Tensor, key_offsets: bool) -> None:
+    """Scale codes already converted to the model dtype, in place: n chunks of T tokens each,
+    laid end to end (three kernels per layer, however many chunks).
 
-    kv: [2, H_kv, N, D] (e.g. the fused buffer's layer l over the prefix and chunks, holding the
-    codes the gather's copy converted); scales: [H_kv, sum_i (D + T_i)] bfloat16, the chunks'
-    scale rows of that layer concatenated in the same order; k_index, v_index: `scale_index`.
-    Each element becomes (code * scale) rounded once to kv's dtype (both factors are exact in
-    float32), the value `KVCodec.decode` gives. Call before re-rotating keys.
+    kv: [2, H_kv, n * T, D] (e.g. a run of equal-length chunks in the fused buffer's layer l,
+    holding the codes the gather's copy converted); rows: [H_kv, n, key_cols * D + T] bfloat16,
+    the chunks' scale rows of that layer in the same order (`torch.stack(.., dim=1)`).
+    Keys become code * scale (+ offset), values code * scale, each product rounded to kv's
+    dtype (both factors are exact in float32): the value `KVCodec.decode` gives. No index
+    tensor and no [H, N, D] scale tensor is made: the scales broadcast over the chunk's tokens
+    (keys) or channels (values). Call before re-rotating keys.
     """
-    kv[0].mul_(scales[:, k_index])              # keys:   [H, N, D] * [H, N, D] (per chunk and channel)
-    kv[1].mul_(scales[:, v_index].unsqueeze(-1))  # values: [H, N, D] * [H, N, 1] (per token)
+    H, n, W = rows.shape
+    D = kv.shape[-1]
+    T = W - (2 if key_offsets else 1) * D
+    if kv.shape[2] != n * T:
+        raise ValueError(f"kv holds {kv.shape[2]} tokens; {n} scale rows of {T} tokens need {n * T}")
+    keys = kv[0].view(H, n, T, D)
+    keys.mul_(rows[:, :, None, :D])                       # [H, n, T, D] * [H, n, 1, D]: per chunk and channel
+    if key_offsets:
+        keys.add_(rows[:, :, None, D:2 * D])              # + the channel's offset
+    kv[1].view(H, n, T, D).mul_(rows[:, :, W - T:, None])  # [H, n, T, D] * [H, n, T, 1]: per token
 
 
 CODECS = {
     "model": KVCodec("model", None, 0.0, "model"),
-    "fp8": KVCodec("fp8", torch.float8_e4m3fn, 448.0, "fp8-e4m3/k-channel/v-token/bf16-scales"),
+    "fp8": KVCodec("fp8", torch.float8_e4m3fn, 448.0, "fp8-e4m3/k-channel-centred/v-token/bf16-scales", key_offsets=True),
     "int8": KVCodec("int8", torch.int8, 127.0, "int8-sym/k-channel/v-token/bf16-scales"),
 }
+# schemes stores were built with before the current one: decodable, never written
+LEGACY = {c.scheme: c for c in (KVCodec("fp8", torch.float8_e4m3fn, 448.0, "fp8-e4m3/k-channel/v-token/bf16-scales"),)}
 
 
-def kv_codec(name: str | None) -> KVCodec:
-    """The codec called `name` (None: "model", a v1 store). Raises ValueError naming the choices."""
+def kv_codec(name: str | None, scheme: str | None = None) -> KVCodec:
+    """The codec called `name` (None: "model", a v1 store); with `scheme` (a store manifest's
+    kv_scheme), the codec of that scheme, current or legacy. Raises ValueError naming the
+    choices, or for a scheme this version cannot decode."""
     try:
-        return CODECS[name or "model"]
+        codec = CODECS[name or "model"]
     except KeyError:
         raise ValueError(f"unknown KV dtype {name!r}; choose one of {', '.join(KV_DTYPES)}") from None
+    if scheme is None or scheme == codec.scheme:
+        return codec
+    legacy = LEGACY.get(scheme)
+    if legacy is None or legacy.name != codec.name:
+        raise ValueError(f"this kvfuse cannot decode {name} KV of scheme {scheme!r} (it knows {codec.scheme!r}"
+                         f"{''.join(', ' + repr(s) for s, c in LEGACY.items() if c.name == codec.name)})")
+    return legacy

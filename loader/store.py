@@ -115,7 +115,8 @@ class Store:
         self._lock = threading.Lock()
         self._lease: _Lease | None = None
         try:
-            self.codec: KVCodec = kv_codec(manifest["model"].get("kv_dtype"))  # v1: no kv_dtype = "model"
+            self.codec: KVCodec = kv_codec(manifest["model"].get("kv_dtype"),  # v1: no kv_dtype = "model"
+                                           manifest["model"].get("kv_scheme"))
         except ValueError as e:
             raise StoreError(f"release {self.release} of {cache_dir}: {e}; this kvfuse is older than the "
                              "store's writer, upgrade it.") from None
@@ -334,7 +335,7 @@ class Store:
             kv = handle.get_tensor(names[0])  # [L, 2, H_kv, T, D] as stored
             if kv.dtype != self.codec.storage_dtype(self.dtype):
                 raise _MixedKV()
-            stored = [kv] + [handle.get_tensor(n) for n in names[1:]]  # + tokens, saliency (+ scales [L, H_kv, D + T])
+            stored = [kv] + [handle.get_tensor(n) for n in names[1:]]  # + tokens, saliency (+ scales [L, H_kv, W])
         except _MixedKV:
             note_damage(self.cache_dir, rec.shard)
             raise CorruptShardError(f"{where} holds {fmt.dtype_name(kv.dtype)} KV but release {self.release} is a "
@@ -366,7 +367,7 @@ class Store:
             return n_tokens * m["kv_bytes_per_token"]
         L, H, D = m["n_layers"], m["n_kv_heads"], m["head_dim"]
         codes = n_tokens * L * 2 * H * D * self.codec.storage_dtype(self.dtype).itemsize
-        return codes + (L * H * (D + n_tokens) * self.codec.scale_dtype.itemsize if self.codec.quantised else 0)
+        return codes + L * H * self.codec.row_width(D, n_tokens) * self.codec.scale_dtype.itemsize
 
     def kv_bytes(self) -> int:
         """Bytes of stored KV (codes and scales) of the release's distinct chunks."""

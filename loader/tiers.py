@@ -50,9 +50,10 @@ class Tiers:
         self.dtype = dtype                                            # the model's: what the gather writes
         self.codec = store.codec                                      # how the pools hold it (quant.py)
         stored = self.codec.storage_dtype(dtype)
-        sc = self.codec.scale_dtype if self.codec.quantised else None
-        self.host = KVPool("pinned host", host_bytes, slot, stored, "cpu", pin=cuda, policy=policy, scale_dtype=sc)
-        self.gpu = KVPool("GPU", gpu_bytes, slot, stored, self.device, policy=policy, scale_dtype=sc)
+        sc = dict(scale_dtype=self.codec.scale_dtype if self.codec.quantised else None,
+                  scale_key_cols=self.codec.key_cols)
+        self.host = KVPool("pinned host", host_bytes, slot, stored, "cpu", pin=cuda, policy=policy, **sc)
+        self.gpu = KVPool("GPU", gpu_bytes, slot, stored, self.device, policy=policy, **sc)
         self.prefetcher = Prefetcher(store, self.host, workers=workers, verify=verify,
                                      drop_page_cache=drop_page_cache)
         self.queue = self.prefetcher.queue

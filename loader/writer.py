@@ -138,7 +138,7 @@ class ShardWriter:
             raise ValueError(f"chunk {chunk_id}: kv must be [L, 2, H_kv, T, D] with T={tokens.shape[0]}, got {tuple(kv.shape)}")
         codes, scales = kv_codec(self.metadata.get("kv_dtype")).encode(kv.detach())
         codes = codes.contiguous().cpu()                             # [L, 2, H_kv, T, D] stored dtype
-        stored = [codes, tokens, saliency] + ([] if scales is None else [scales.cpu()])  # + [L, H_kv, D + T] bf16
+        stored = [codes, tokens, saliency] + ([] if scales is None else [scales.cpu()])  # + [L, H_kv, W] bf16
         for name, t in zip(fmt.tensor_names(chunk_id, scales is not None), stored):
             self._tensors[name] = t
         self._pending.append((chunk_id, fmt.checksum(*stored)))

@@ -21,13 +21,18 @@ this (`Prefetcher.submit`). For k = 0 .. n it costs (seconds):
 
     disk(x)    = bytes of x's cold chunks (+ READ_LEFT x those being read) / disk rate
     h2d(x)     = bytes of x's chunks not in the GPU pool / pinned -> GPU rate
-    prefill(n) = n / prefill tokens per second;  fused(C) = fused_tokens(C) / the same rate
+    prefill(n) = n / prefill tokens per second
+    fused(C)   = fused_tokens(C) / the same rate x fused_scale (learnt: what fused passes really took)
 
 and keeps the cheapest (the fewest recomputed on a tie: loaded chunks stay pooled for
 later requests). A chunk being read ("reading") and recomputed finishes its read in the
 background and is pinned for later requests. The rates are measured: `LoadRates.observe_*`
 keeps a moving average of what requests saw (the tiered source feeds it after every
-request), and a benchmark sets them from its own measurements. Pure arithmetic: no
+request, warm and hot ones too: they teach fused_scale), and a benchmark sets them from
+its own measurements. Without fused_scale the plan took the fused pass for a plain
+prefill of its tokens: on an H200 at 16k it planned 419 ms for prefilling 21 chunks and
+fusing the other 11, which took 611 ms, slower than the 585 ms full prefill it could have
+chosen (the fused pass after the front took ~190 ms, not the ~35 ms its tokens say). Pure arithmetic: no
 torch, no I/O.
 """
 
@@ -51,6 +56,7 @@ class LoadRates:
     disk_gbps: float = 2.0
     h2d_gbps: float = 25.0
     prefill_tok_s: float = 20000.0
+    fused_scale: float = 1.0    # measured fused pass (selection + recompute) / its token-count estimate
     alpha: float = 0.5          # weight of a new observation in the moving averages
 
     def observe_disk(self, nbytes: int, seconds: float) -> None:
@@ -65,11 +71,19 @@ class LoadRates:
         if tokens > 0 and seconds > 0:
             self.prefill_tok_s = self._mix(self.prefill_tok_s, tokens / seconds)
 
+    def observe_fused(self, estimated_s: float, seconds: float) -> None:
+        """A fused pass took `seconds` where the token count (at prefill_tok_s) said estimated_s:
+        its probes, selection, scattered attention and per-layer overheads run slower per token
+        than a plain prefill does, by a factor that depends on the machine and the selector."""
+        if estimated_s > 0 and seconds > 0:
+            self.fused_scale = self._mix(self.fused_scale, seconds / estimated_s)
+
     def _mix(self, old: float, new: float) -> float:
         return (1 - self.alpha) * old + self.alpha * new
 
     def as_dict(self) -> dict:
-        return {"disk_gbps": self.disk_gbps, "h2d_gbps": self.h2d_gbps, "prefill_tok_s": self.prefill_tok_s}
+        return {"disk_gbps": self.disk_gbps, "h2d_gbps": self.h2d_gbps, "prefill_tok_s": self.prefill_tok_s,
+                "fused_scale": self.fused_scale}
 
 
 @dataclass(frozen=True)
@@ -120,7 +134,7 @@ def estimate_s(chunks: Sequence[ChunkLoad], front: int, rates: LoadRates, n_pref
     back = chunks[front:]
     disk, h2d = _disk_h2d(back)
     first = (n_prefix + n_front) / tok_s if front else 0.0              # overlaps the disk reads of the back
-    fused = fused_tokens(sum(c.n_tokens for c in back)) / tok_s
+    fused = fused_tokens(sum(c.n_tokens for c in back)) / tok_s * rates.fused_scale
     return max(first, disk / disk_bps) + max(h2d / h2d_bps, fused)
 
 

@@ -23,7 +23,8 @@ second side stream, once its group's copies are done: gather all chunks' layer l
 the fused buffer [L, 2, H_kv, N + Q, D] at their new positions (a quantised
 store's fp8/int8 codes, and their scales, travel as they are stored; the gather's
 copy converts the codes and `quant.dequantize_` scales them in place right after
-it, before the rotation), re-rotate the
+it, before the rotation: three broadcast kernels per run of equal-length chunks, no
+per-token scale tensor), re-rotate the
 keys by each token's position delta on the GPU (cos/sin tables made once per
 request), and record event l. (Two streams, so the copy engine never waits for
 the gather kernels.) The cache layers of the model (`kvcache.StreamedLayer`)
@@ -57,7 +58,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from kvfuse.loader.pool import PoolEntry
-from kvfuse.loader.quant import dequantize_, scale_index
+from kvfuse.loader.quant import dequantize_
 from kvfuse.loader.store import Store
 from kvfuse.loader.tiers import Tiers
 
@@ -92,6 +93,23 @@ def layer_groups(n_layers: int, max_group: int = MAX_GROUP) -> list[tuple[int, i
             size = min(2 * size, max_group)
         start = end
     return out
+
+
+def scale_runs(pairs, starts) -> list[tuple[int, list[PoolEntry]]]:
+    """[(start, [entry, ...])]: the chunks that hold codes and scales (not a recomputed chunk
+    without a slot, nor the cold plan's prefilled front in the model dtype) grouped into runs of
+    equal length that lie end to end in the fused buffer from `start` on."""
+    runs: list[tuple[int, list[PoolEntry]]] = []
+    for (g, _), s in zip(pairs, starts):
+        if g.kv is None or g.scales is None:
+            continue
+        if runs:
+            start, run = runs[-1]
+            if run[0].n_tokens == g.n_tokens and start + len(run) * g.n_tokens == s:
+                run.append(g)
+                continue
+        runs.append((s, [g]))
+    return runs
 
 
 def tiers_for(store: Store, spec: ModelSpec, host_bytes: int, gpu_bytes: int, **kwargs) -> Tiers:
@@ -154,13 +172,10 @@ class LayerwiseLoad:
         self.groups = layer_groups(L)
         self.group_of = [i for i, (a, b) in enumerate(self.groups) for _ in range(a, b)]   # layer -> group
         self.copied = 0   # groups whose copies are queued
-        self.quantised = tiers.codec.quantised  # pools hold codes [L, 2, H_kv, T, D] + scales [L, H_kv, D + T]
-        if self.quantised:  # k [N, D], v [N]: each stored token's scales in the chunks' scale rows laid end to end
-            self.scale_index = scale_index([g.n_tokens for g, _ in pairs], D, device)
-            # unit scale rows [H_kv, D + T] for a chunk with no codes (no slot: recomputed; or the cold
-            # plan's prefilled front, model dtype): made once here, not per layer in the gather
-            self.unit_scales = {i: self.fused.new_ones(self.fused.shape[2], D + g.n_tokens)
-                                for i, (g, _) in enumerate(pairs) if g.kv is None or g.scales is None}
+        self.key_offsets = tiers.codec.key_offsets
+        # pools hold codes [L, 2, H_kv, T, D] + scales [L, H_kv, W]: the chunks with codes, in runs
+        # of equal length laid end to end (one dequantisation per run and layer)
+        self.scale_runs = scale_runs(pairs, self.starts) if tiers.codec.quantised else []
         self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
@@ -173,10 +188,8 @@ class LayerwiseLoad:
             compute = torch.cuda.current_stream(device)
             self.t_start = torch.cuda.Event(enable_timing=True)
             for stream in (self.h2d, self.stream):
-                stream.wait_stream(compute)  # fused (and the unit scale rows) were allocated on the compute stream
+                stream.wait_stream(compute)  # fused was allocated on the compute stream
                 self.fused.record_stream(stream)
-                for unit in getattr(self, "unit_scales", {}).values():
-                    unit.record_stream(stream)
             self.t_start.record(self.h2d)
         self.issue(max(1, first))
 
@@ -199,9 +212,10 @@ class LayerwiseLoad:
                 if loaded:
                     dst = [self.fused[l, :, :, s:s + g.n_tokens] for g, s in loaded]
                     torch._foreach_copy_(dst, [g.kv[l] for g, _ in loaded])   # [2, H_kv, T, D] each
-                    if self.quantised:  # codes -> KV in place, before the rotation (scales: per stored channel)
-                        dequantize_(self.fused[l, :, :, : self.layout.question_start], self._scales(l),
-                                    *self.scale_index)
+                    for start, run in self.scale_runs:  # codes -> KV in place, before the rotation
+                        rows = run[0].scales[l][:, None] if len(run) == 1 else torch.stack([g.scales[l] for g in run], 1)
+                        dequantize_(self.fused[l, :, :, start:start + len(run) * run[0].n_tokens], rows,
+                                    self.key_offsets)  # rows [H_kv, n, W]
                 if self.any_loaded:
                     rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
                 if cuda:
@@ -217,20 +231,13 @@ class LayerwiseLoad:
         cuda = self.stream is not None
         with torch.cuda.stream(self.h2d) if cuda else nullcontext():
             moves = [(g.kv[a:b], h.kv[a:b]) for g, h in self.pairs if h is not None]
-            if self.quantised:  # + the codes' scales of those layers, [b-a, H_kv, D + T] each
+            if self.scale_runs:  # + the codes' scales of those layers, [b-a, H_kv, W] each
                 moves += [(g.scales[a:b], h.scales[a:b]) for g, h in self.pairs if h is not None]
             if moves:
                 torch._foreach_copy_([d for d, _ in moves], [s for _, s in moves], non_blocking=True)
             if cuda:
                 self.h2d_events[gi].record(self.h2d)
         self.copied = gi + 1
-
-    def _scales(self, layer: int) -> torch.Tensor:
-        """[H_kv, sum_i (D + T_i)] the chunks' scale rows of `layer` laid end to end; a chunk with
-        no slot (recomputed, its span zeroed) or no codes (the cold plan's prefilled front, model
-        dtype) gets unit scales."""
-        return torch.cat([self.unit_scales[i] if i in self.unit_scales else g.scales[layer]
-                          for i, (g, _) in enumerate(self.pairs)], dim=1)
 
     @property
     def stored(self) -> torch.Tensor:
@@ -351,7 +358,9 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
         result.timings["front_tokens"] = int(front_kv.shape[3])
     if plan is not None:
         result.timings["cold_plan"] = plan.as_dict()
-        learn_rates(rates, plan, result, len(question_ids))
+    if rates is not None:
+        learn_rates(rates, plan, result, len(question_ids),
+                    fused_as=(selector, ratio, lm.spec.n_layers) if selected is None and not recompute else None)
     return result
 
 
@@ -387,7 +396,7 @@ def prefill_over_prefix(lm: LoadedModel, load: "LayerwiseLoad", question_ids: to
     t_done = time.perf_counter()
     got = dict(load.timings)
     return FusionResult(cache, logits, layout, torch.arange(P, P + C), timings={
-        **got, "select_s": 0.0, "recompute_s": t_done - t0, "total_s": sum(got.values()) + t_done - t0})
+        **got, "plain_prefill": True, "select_s": 0.0, "recompute_s": t_done - t0, "total_s": sum(got.values()) + t_done - t0})
 
 
 def plan_request_loads(tiers: Tiers, request_id: str, n_question: int, selector: str, ratio: float,
@@ -403,16 +412,22 @@ def plan_request_loads(tiers: Tiers, request_id: str, n_question: int, selector:
                      lambda n: fused_tokens(n, n_question, selector, ratio, n_layers)), pooled
 
 
-def learn_rates(rates: LoadRates, plan: ColdPlan, result: FusionResult, n_question: int) -> None:
-    """Feed what a planned request measured back into the rates: the disk wait of the chunks it
-    loaded from disk (when nothing ran meanwhile), its prefill's tokens per second (when one pass
-    ran them all) and (with measure_stall) its copies."""
+def learn_rates(rates: LoadRates, plan: ColdPlan | None, result: FusionResult, n_question: int,
+                fused_as: tuple[str, float, int] | None = None) -> None:
+    """Feed what a request measured back into the rates: the disk wait of the chunks it loaded
+    from disk (when nothing ran meanwhile); a plain prefill's tokens per second, or how much
+    longer a fused pass took than its token count says (fused_as: its (selector, ratio,
+    n_layers), for a pass that selected by itself); and (with measure_stall) its copies."""
     t = result.timings
     # open_s was the wait for the reads alone (nothing prefilled meanwhile), and long enough that the
     # fixed costs in it don't make the disk look slow (which would make the plan recompute needlessly)
-    if t.get("cold", 0) and plan.disk_bytes >= LEARN_DISK_BYTES and not plan.front:
+    if plan is not None and t.get("cold", 0) and plan.disk_bytes >= LEARN_DISK_BYTES and not plan.front:
         rates.observe_disk(plan.disk_bytes, t.get("open_s", 0.0))
-    if not plan.front or plan.front == len(plan.choices):   # one pass ran every recomputed token
-        rates.observe_prefill(result.n_recomputed + n_question, t.get("recompute_s", 0.0))
+    pass_s = t.get("select_s", 0.0) + t.get("recompute_s", 0.0)
+    if t.get("plain_prefill"):   # one pass ran every token: the prefill rate
+        rates.observe_prefill(result.n_recomputed + n_question, pass_s)
+    elif fused_as is not None:
+        estimate = fused_tokens(result.layout.context_len, n_question, *fused_as) / rates.prefill_tok_s
+        rates.observe_fused(estimate, pass_s)
     if "h2d_ms" in t:
         rates.observe_h2d(t.get("h2d_bytes", 0), t["h2d_ms"] * 1e-3)

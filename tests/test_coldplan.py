@@ -238,12 +238,42 @@ def test_learn_rates_ignores_small_disk_waits():
     from kvfuse.runtime.layerwise import LEARN_DISK_BYTES, learn_rates
     rates = LoadRates(disk_gbps=2.0, prefill_tok_s=1000, alpha=0.5)
     plan = ColdPlan(["load"], 1.0, 1.0, 1.0, {}, disk_bytes=LEARN_DISK_BYTES // 2)
-    res = FusionResult(None, None, None, torch.arange(100), {"cold": 1, "open_s": 10.0, "recompute_s": 0.05})
+    res = FusionResult(None, None, None, torch.arange(100), {"cold": 1, "open_s": 10.0, "recompute_s": 0.05,
+                                                             "plain_prefill": True})
     learn_rates(rates, plan, res, n_question=0)
     assert rates.disk_gbps == 2.0 and rates.prefill_tok_s == pytest.approx(1500)   # 100 tokens in 50 ms
     plan.disk_bytes = 4 * 10**9
     learn_rates(rates, plan, res, n_question=0)
     assert rates.disk_gbps == pytest.approx(0.5 * 2.0 + 0.5 * 0.4)
+
+
+def test_fused_passes_teach_the_plan_their_real_cost():
+    """A fused pass runs slower per token than a plain prefill (probes, selection, scattered
+    attention, per-layer overheads). Taking it for a prefill of its tokens, the plan chose to
+    load the back of a 16k request and fuse it: 419 ms planned, 611 ms measured, slower than
+    the 585 ms full prefill (H200, bench/results/kv_ttft_h200_model.json). A fused pass teaches
+    fused_scale (warm requests too), and the plan then sees that the full prefill is cheaper."""
+    from kvfuse.runtime.fusion import FusedLayout, FusionResult
+    from kvfuse.runtime.guards import fused_tokens
+    from kvfuse.runtime.layerwise import learn_rates
+
+    n, T = 8, 512
+    cold = [ChunkLoad("cold", T, 32 << 20) for _ in range(n)]
+    rates = LoadRates(disk_gbps=2.0, h2d_gbps=50.0, prefill_tok_s=28000.0, alpha=1.0)
+    fused = lambda c: fused_tokens(c, 32, "kvfuse", 0.15, 32)      # noqa: E731
+    naive = plan_cold(cold, rates, 32, 32, fused)
+    assert 0 < naive.front < n                                      # load the back, fuse it
+    layout = FusedLayout(prefix_len=32, chunk_ids=tuple(range(n)), chunk_lens=(T,) * n, question_len=32)
+    estimate = fused(n * T) / rates.prefill_tok_s
+    warm = FusionResult(None, None, layout, torch.arange(600), {"select_s": 1.5 * estimate, "recompute_s": 1.5 * estimate})
+    learn_rates(rates, None, warm, n_question=32, fused_as=("kvfuse", 0.15, 32))
+    assert rates.fused_scale == pytest.approx(3.0) and rates.prefill_tok_s == 28000.0
+    plan = plan_cold(cold, rates, 32, 32, fused)
+    assert plan.front == n and plan.rates["fused_scale"] == pytest.approx(3.0)   # the full prefill
+    assert estimate_s(cold, naive.front, rates, 32, 32, fused) > plan.est_s       # what the naive choice costs
+    plain = FusionResult(None, None, layout, torch.arange(n * T), {"plain_prefill": True, "recompute_s": 0.5})
+    learn_rates(rates, None, plain, n_question=32, fused_as=None)   # a plain prefill teaches the prefill rate
+    assert rates.prefill_tok_s == pytest.approx((n * T + 32) / 0.5) and rates.fused_scale == pytest.approx(3.0)
 
 
 def test_forced_positions_join_a_layer_plan_at_every_layer():

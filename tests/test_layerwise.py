@@ -102,7 +102,7 @@ def test_quantised_store_layerwise_matches_plain_path(tmp_path_factory, kv_dtype
         # warm run: codes + scales moved, 1 byte per element (not float32's 4)
         L, H, D = lm.spec.n_layers, lm.spec.n_kv_heads, lm.spec.head_dim
         n_tokens = P + len(ids) * T
-        scales = sum(L * H * (D + t) * 2 for t in [P] + [T] * len(ids))  # bfloat16
+        scales = sum(L * H * store.codec.row_width(D, t) * 2 for t in [P] + [T] * len(ids))  # bfloat16
         assert results[2].timings["h2d_bytes"] == n_tokens * L * 2 * H * D + scales
         # the host source counts what it read as stored too (not the dequantised float32)
         host = HostSource()

@@ -5,7 +5,7 @@ are dequantised before re-rotation."""
 import pytest
 import torch
 
-from kvfuse.loader.quant import KV_DTYPES, dequantize_, kv_codec, scale_index
+from kvfuse.loader.quant import KV_DTYPES, LEGACY, dequantize_, kv_codec
 from kvfuse.runtime.rope import rerotate_keys
 
 L, H, T, D = 3, 2, 24, 16
@@ -26,7 +26,7 @@ def test_roundtrip_error_and_shapes(name, bound):
     kv = sample_kv()
     codes, scales = codec.encode(kv)
     assert codes.dtype == codec.code_dtype and codes.shape == kv.shape
-    assert scales.dtype == torch.bfloat16 and scales.shape == (L, H, D + T) and scales.is_contiguous()
+    assert scales.dtype == torch.bfloat16 and scales.shape == (L, H, codec.row_width(D, T)) and scales.is_contiguous()
     back = codec.decode(codes, scales, torch.float32)
     assert back.shape == kv.shape and back.dtype == torch.float32
     for part in (0, 1):
@@ -81,23 +81,53 @@ def test_saturation_no_nan_and_nonfinite_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_dequantisation_equals_decode(name, dtype):
     """The layer-wise path: codes of several chunks copied (converted) into a fused buffer end to
-    end, then one `dequantize_` per layer over all of them with their scale rows concatenated;
-    bit-equal to `decode` of each chunk (what Store.read returns)."""
+    end, then one `dequantize_` per layer and run of equal-length chunks, their scale rows
+    stacked; bit-equal to `decode` of each chunk (what Store.read returns)."""
     codec = kv_codec(name)
-    chunks = [sample_kv(s)[:, :, :, : T - 5 * s] for s in range(3)]   # chunks of different lengths
+    chunks = [sample_kv(s)[:, :, :, :n] for s, n in enumerate((T, T, T - 5))]   # a run of two, then one
     enc = [codec.encode(c) for c in chunks]
     lens = [c.shape[3] for c in chunks]
     fused = torch.zeros((L, 2, H, sum(lens) + 4, D), dtype=dtype)    # + a question tail, untouched
     starts = [0, lens[0], lens[0] + lens[1]]
-    index = scale_index(lens, D)
-    assert index[0].shape == (sum(lens), D) and index[1].shape == (sum(lens),)
     for l in range(L):
         dst = [fused[l, :, :, s:s + n] for s, n in zip(starts, lens)]
         torch._foreach_copy_(dst, [q[l] for q, _ in enc])
-        dequantize_(fused[l, :, :, : sum(lens)], torch.cat([sc[l] for _, sc in enc], dim=1), *index)
+        dequantize_(fused[l, :, :, : 2 * T], torch.stack([sc[l] for _, sc in enc[:2]], 1), codec.key_offsets)
+        dequantize_(fused[l, :, :, 2 * T: sum(lens)], enc[2][1][l][:, None], codec.key_offsets)
     want = torch.cat([codec.decode(q, sc, dtype) for q, sc in enc], dim=3)
     assert torch.equal(fused[..., : sum(lens), :], want)
     assert not fused[..., sum(lens):, :].any()
+    with pytest.raises(ValueError, match="scale rows"):
+        dequantize_(fused[0, :, :, :T + 1], enc[0][1][0][:, None], codec.key_offsets)
+
+
+def test_fp8_keys_centred_on_channel_offsets():
+    """A key channel far from zero (10 +- 1, like RoPE's slow pairs): e4m3 codes it in steps of
+    1, losing what varies across tokens, the part attention sees. fp8 stores keys minus each
+    channel's midrange: the varying part's error drops many times over the legacy scheme's."""
+    kv = sample_kv()
+    kv[:, 0, :, :, 5] = 10.0 + torch.randn(L, H, T)               # an offset channel
+    varying = kv[:, 0, :, :, 5] - kv[:, 0, :, :, 5].mean(dim=2, keepdim=True)
+
+    def varying_error(codec):  # of that channel's part that varies across tokens
+        err = codec.decode(*codec.encode(kv), torch.float32)[:, 0, :, :, 5] - kv[:, 0, :, :, 5]
+        return float((err - err.mean(dim=2, keepdim=True)).norm() / varying.norm())
+
+    new, old = kv_codec("fp8"), next(iter(LEGACY.values()))
+    assert new.key_offsets and not old.key_offsets and new.scheme != old.scheme
+    assert varying_error(new) < varying_error(old) / 3, (varying_error(new), varying_error(old))
+    assert new.row_width(D, T) == 2 * D + T and old.row_width(D, T) == D + T
+
+
+def test_codec_of_a_stores_scheme():
+    """A store names the scheme its chunks were encoded with: the current one, a legacy one that
+    still decodes, or one this version does not know (a clear error)."""
+    fp8 = kv_codec("fp8")
+    assert kv_codec("fp8", fp8.scheme) is fp8 and kv_codec("model", "model") is kv_codec("model")
+    for scheme, codec in LEGACY.items():
+        assert kv_codec(codec.name, scheme) is codec
+    with pytest.raises(ValueError, match="cannot decode fp8 KV of scheme 'fp8-e9'"):
+        kv_codec("fp8", "fp8-e9")
 
 
 def test_keys_dequantised_before_rerotation():
@@ -110,7 +140,7 @@ def test_keys_dequantised_before_rerotation():
     codes, scales = codec.encode(kv)
     exact = rerotate_keys(kv[:, 0], 37, inv_freq)
     right = rerotate_keys(codec.decode(codes, scales, torch.float32)[:, 0], 37, inv_freq)
-    wrong = rerotate_keys(codes[:, 0].float(), 37, inv_freq) * scales[..., None, :D]
+    wrong = rerotate_keys(codes[:, 0].float(), 37, inv_freq) * scales[..., None, :D]  # int8: no key offsets
     assert (right - exact).norm() / exact.norm() < 0.01
     assert (wrong - exact).norm() / exact.norm() > 0.1
 
@@ -126,8 +156,7 @@ def test_cuda_encode_and_gather_dequantisation_equal_cpu(name):
     assert torch.equal(g_codes.cpu().view(torch.uint8), codes.view(torch.uint8))
     torch.testing.assert_close(g_scales.cpu(), scales, rtol=0, atol=0)
     fused = torch.empty((L, 2, H, T, D), dtype=torch.bfloat16, device="cuda")
-    index = scale_index([T], D, "cuda")
     for l in range(L):
         torch._foreach_copy_([fused[l]], [g_codes[l]])
-        dequantize_(fused[l], g_scales[l], *index)
+        dequantize_(fused[l], g_scales[l][:, None], codec.key_offsets)
     assert torch.equal(fused.cpu(), codec.decode(codes, scales, torch.bfloat16))

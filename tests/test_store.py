@@ -140,9 +140,10 @@ def test_quantised_roundtrip(tmp_path, kv_dtype, bound):
     st = store.stats()
     tokens = [c[1].shape[0] for c in chunks.values()]
     assert st["kv_dtype"] == kv_dtype
-    assert st["kv_bytes"] == sum(t * L * 2 * H * D + L * H * (D + t) * 2 for t in tokens)  # bf16 scales
+    W = store.codec.row_width  # fp8: key scales and offsets, value scales; int8: no offsets
+    assert st["kv_bytes"] == sum(t * L * 2 * H * D + L * H * W(D, t) * 2 for t in tokens)  # bf16 scales
     assert st["kv_bytes_per_token"] == round(st["kv_bytes"] / sum(tokens), 1)
-    assert store.stored_bytes(tokens[0]) == tokens[0] * L * 2 * H * D + L * H * (D + tokens[0]) * 2  # one chunk
+    assert store.stored_bytes(tokens[0]) == tokens[0] * L * 2 * H * D + L * H * W(D, tokens[0]) * 2  # one chunk
 
 
 def test_quantised_scale_bit_flip_fails_checksum(tmp_path):

@@ -131,3 +131,33 @@ def test_ask_says_a_plain_prefill_ran_where_fusion_could_not_win(v1_store, tmp_p
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.output.splitlines() if ln.startswith("tokens:"))
     assert "plain prefill over the stored prefix" in line and "ratio" not in line
+
+
+def test_fp8_store_of_the_legacy_scheme_still_reads(lm, tmp_path, monkeypatch):
+    """An fp8 store built before the key offsets (scheme 'fp8-e4m3/k-channel/...', scale rows of
+    D + T) opens with that scheme's codec, decodes what it stored and answers; a refresh with
+    --kv-dtype fp8 writes the current scheme's chunks (new ids) and the old release stays readable."""
+    from kvfuse.loader import quant
+
+    legacy = next(c for c in quant.LEGACY.values() if c.name == "fp8")
+    config = BuildConfig(chunk_tokens=16, enrich=False, progress=False, kv_dtype="fp8")
+    cache = tmp_path / "old-fp8"
+    with monkeypatch.context() as m:  # the writer of before: fp8 without key offsets
+        m.setitem(quant.CODECS, "fp8", legacy)
+        build_cache(corpus(tmp_path), cache, lm, config)
+        with Store.open(cache) as store:
+            old_release = store.release
+            want = {r.chunk_id: store.read(r.chunk_id).kv for r in store.records(include_prefix=True)}
+    with Store.open(cache) as store:
+        assert store.codec is legacy and store.model["kv_scheme"] == legacy.scheme
+        for cid, kv in want.items():
+            assert torch.equal(store.read(cid).kv, kv)
+    assert verify_release(cache).ok
+    with FusionEngine(cache, lm) as engine:
+        assert engine.ask(QUESTIONS[0], top_k=4, max_new_tokens=3, selector="reuse").token_ids
+    build_cache(corpus(tmp_path), cache, lm, config)
+    with Store.open(cache) as store:
+        assert store.codec is quant.kv_codec("fp8") and store.codec.key_offsets
+        assert not {r.chunk_id for r in store.records(include_prefix=True)} & set(want)
+    with Store.open(cache, release=old_release) as store:
+        assert store.codec is legacy
