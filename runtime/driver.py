@@ -160,7 +160,7 @@ class TieredSource:
 def make_source(store: Store, lm: LoadedModel, kind: str = "auto", verify: bool = True,
                 host_bytes: int | None = None, gpu_bytes: int | None = None, **tiered):
     """kind "auto": TieredSource when the model runs on CUDA, else HostSource; or "host" / "tiered".
-    tiered: TieredSource's options (policy, chunk_tokens, drop_page_cache, measure_stall)."""
+    tiered: TieredSource's options (policy, chunk_tokens, drop_page_cache, measure_stall, cold_plan)."""
     if kind not in ("auto", "host", "tiered"):
         raise ValueError(f"unknown KV source {kind!r}: choose auto, host or tiered")
     if kind == "tiered" or (kind == "auto" and lm.model.device.type == "cuda"):

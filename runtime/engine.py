@@ -68,6 +68,8 @@ class EngineConfig:
     chunk_tokens: int | None = None      # pool slot size in tokens (default: the store's longest chunk)
     drop_page_cache: bool = False        # read shards past the page cache (cold-start benchmarks)
     measure_stall: bool = False          # time the compute stream's waits on layer copies (benchmarks)
+    cold_plan: bool = True               # tiered: prefill cold chunks instead of reading them when that is sooner
+                                         # (runtime/coldplan.py); False: always read them
     warmup: bool = True                  # one small fused prefill at start (kernels, allocator, compiles),
                                          # so the first request's TTFT is the steady-state one
 
@@ -154,7 +156,8 @@ class FusionEngine:
         c = self.config
         self.source = make_source(self._view.store, lm, kind=c.source, verify=c.verify, host_bytes=c.host_pool_bytes,
                                   gpu_bytes=c.gpu_pool_bytes, policy=c.pool_policy, chunk_tokens=c.chunk_tokens,
-                                  drop_page_cache=c.drop_page_cache, measure_stall=c.measure_stall)
+                                  drop_page_cache=c.drop_page_cache, measure_stall=c.measure_stall,
+                                  **({} if c.cold_plan else {"cold_plan": False}))
         self._eos = _eos_ids(lm)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)

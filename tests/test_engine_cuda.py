@@ -21,7 +21,10 @@ def engines(tmp_path_factory):
     build_cache(write_corpus(root / "c.jsonl"), root / "cache", lm,
                 BuildConfig(chunk_tokens=16, enrich=False, progress=False))
     gb = 1 << 30
-    tiered = FusionEngine(root / "cache", lm, config=EngineConfig(source="tiered", host_pool_bytes=gb, gpu_pool_bytes=gb))
+    # no cold-load plan: every chunk is read, so the selections are the host source's (the plan,
+    # taught by earlier requests, may prefill a cold request instead: tests/test_coldplan.py)
+    tiered = FusionEngine(root / "cache", lm, config=EngineConfig(source="tiered", host_pool_bytes=gb, gpu_pool_bytes=gb,
+                                                                  cold_plan=False))
     host = FusionEngine(root / "cache", lm, config=EngineConfig(source="host"))
     yield tiered, host
     tiered.close()
