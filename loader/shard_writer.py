@@ -54,13 +54,16 @@ class ShardWriterPool:
         self.written: list[WrittenChunk] = []
 
     def add(self, chunk_id: str, kv: torch.Tensor, tokens: torch.Tensor, saliency: torch.Tensor,
-            ready: Callable[[], None] | None = None, bytes_after: int | None = None) -> None:
-        """Queue one chunk: kv [L, 2, H_kv, T, D], tokens [T], saliency [S, T], on the host once
-        `ready()` returned (None: already). bytes_after: bytes of the chunks still to come.
+            ready: Callable[[], None] | None = None, bytes_after: int | None = None,
+            scales: torch.Tensor | None = None) -> None:
+        """Queue one chunk: kv [L, 2, H_kv, T, D], tokens [T], saliency [S, T] (and the codes'
+        scales when kv holds codes: `ShardWriter.add`), on the host once `ready()` returned
+        (None: already). bytes_after: bytes of the chunks still to come.
         Raises the error of a shard write that failed since the last call."""
         self._raise_failed()
-        self._batch.append((chunk_id, kv, tokens, saliency, ready))
-        self._bytes += kv.numel() * kv.element_size() + tokens.numel() * 4 + saliency.numel() * 2
+        self._batch.append((chunk_id, kv, tokens, saliency, scales, ready))
+        self._bytes += sum(t.numel() * t.element_size() for t in (kv, saliency, *(() if scales is None else (scales,))))
+        self._bytes += tokens.numel() * 4
         if self._bytes >= self.target_bytes or (bytes_after is not None and self._bytes >= bytes_after):
             self._submit()
 
@@ -101,10 +104,10 @@ class ShardWriterPool:
 
     def _write(self, batch: list[tuple]) -> list[WrittenChunk]:
         shard = ShardWriter(self.cache_dir, self.metadata, _NEVER)
-        for chunk_id, kv, tokens, saliency, ready in batch:
+        for chunk_id, kv, tokens, saliency, scales, ready in batch:
             if ready is not None:
                 ready()  # the chunk's bytes are on the host from here on
-            shard.add(chunk_id, kv, tokens, saliency)
+            shard.add(chunk_id, kv, tokens, saliency, scales=scales)
         return shard.flush()
 
     def _raise_failed(self) -> None:

@@ -129,14 +129,25 @@ class ShardWriter:
     _bytes: int = 0
     written: list[WrittenChunk] = field(default_factory=list)
 
-    def add(self, chunk_id: str, kv: torch.Tensor, tokens: torch.Tensor, saliency: torch.Tensor) -> None:
+    def add(self, chunk_id: str, kv: torch.Tensor, tokens: torch.Tensor, saliency: torch.Tensor,
+            scales: torch.Tensor | None = None) -> None:
         """Buffer one chunk: kv [L, 2, H_kv, T, D] in the model dtype (any device), tokens [T],
-        saliency [S, T]. Writes a shard once ~target_bytes are buffered."""
+        saliency [S, T]. Writes a shard once ~target_bytes are buffered. With `scales`
+        ([L, H_kv, W] bfloat16) kv holds the codes the store's codec already made
+        (`KVCodec.encode`, e.g. on the GPU), stored as they are; raises ValueError if they are
+        not in the codec's code dtype."""
         tokens = tokens.detach().to(torch.int32).contiguous().cpu()  # [T]
         saliency = saliency.detach().to(torch.float16).contiguous().cpu()  # [S, T]
         if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] != tokens.shape[0]:
             raise ValueError(f"chunk {chunk_id}: kv must be [L, 2, H_kv, T, D] with T={tokens.shape[0]}, got {tuple(kv.shape)}")
-        codes, scales = kv_codec(self.metadata.get("kv_dtype")).encode(kv.detach())
+        codec = kv_codec(self.metadata.get("kv_dtype"))
+        if scales is None:
+            codes, scales = codec.encode(kv.detach())
+        elif not codec.quantised or kv.dtype != codec.code_dtype:
+            raise ValueError(f"chunk {chunk_id}: codes of dtype {kv.dtype} with scales, but this store holds "
+                             f"{codec.name} KV; pass the model-dtype KV without scales")
+        else:
+            codes = kv.detach()
         codes = codes.contiguous().cpu()                             # [L, 2, H_kv, T, D] stored dtype
         stored = [codes, tokens, saliency] + ([] if scales is None else [scales.cpu()])  # + [L, H_kv, W] bf16
         for name, t in zip(fmt.tensor_names(chunk_id, scales is not None), stored):

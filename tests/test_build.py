@@ -167,9 +167,12 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA G
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _CUDA])])
 @pytest.mark.parametrize("enrich", [False, True], ids=["isolated", "enriched"])
-def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, monkeypatch, enrich, device):
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, monkeypatch, enrich, device, kv_dtype):
+    """The write path (staged copies, writer threads; on a GPU fp8 codes are made there) stores
+    the bytes the sequential path (the writer encodes on the host) stores."""
     lm = load_model(str(model_dir), device=device)  # cuda: pinned staging, side-stream copies, events
-    cfg = BuildConfig(chunk_tokens=16, progress=False, enrich=enrich, neighbour_tokens=40,
+    cfg = BuildConfig(chunk_tokens=16, progress=False, enrich=enrich, neighbour_tokens=40, kv_dtype=kv_dtype,
                       shard_bytes=40_000)  # ~5 chunks a shard: several shards, the last ones cut smaller
     docs = corpus(tmp_path / "c.jsonl", n_docs=4)
     new = build_cache(docs, tmp_path / "new", lm, cfg)

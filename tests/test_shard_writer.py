@@ -42,6 +42,24 @@ def test_pool_writes_readable_shards_with_the_writers_checksums(tmp_path):
             assert torch.equal(f.get_tensor(fmt.kv_name(cid)), kv) and f.metadata() == META
 
 
+def test_codes_encoded_elsewhere_are_stored_as_an_encoding_writer_stores_them(tmp_path):
+    """A GPU build encodes fp8 there and hands the writer codes + scales: the shard holds the
+    bytes (and checksums) of a writer that encodes itself; codes of another dtype are refused."""
+    from kvfuse.loader.quant import kv_codec
+    meta = {"format_version": "2", "kv_dtype": "fp8"}
+    codec = kv_codec("fp8")
+    for name in ("self", "given"):
+        init_cache_dir(tmp_path / name)
+    cid, kv, tok, sal = chunk(0)
+    itself, given = ShardWriter(tmp_path / "self", meta), ShardWriter(tmp_path / "given", meta)
+    itself.add(cid, kv, tok, sal)
+    given.add(cid, *codec.encode(kv)[:1], tok, sal, scales=codec.encode(kv)[1])
+    a, b = itself.flush()[0], given.flush()[0]
+    assert a.checksum == b.checksum
+    with pytest.raises(ValueError, match="holds fp8 KV"):
+        given.add(cid, kv, tok, sal, scales=codec.encode(kv)[1])   # float32 KV is not fp8 codes
+
+
 def test_last_shards_shrink_so_the_unoverlapped_write_is_one_chunk(tmp_path):
     init_cache_dir(tmp_path)
     chunks = [chunk(i) for i in range(12)]
