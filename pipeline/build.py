@@ -67,7 +67,7 @@ from kvfuse.runtime.prompt import PROMPT_RULE, PromptTemplate
 from .chunker import Chunk, chunk_document
 from .corpus import Document, read_corpus
 from .isolated_kv import ISOLATED_KV, IsolatedKV
-from .precompute import embed_chunk, prefill_chunk, prefill_prefix
+from .precompute import embed_chunk, prefill_chunk, prefill_chunks, prefill_prefix
 from .relate import EmbeddingCache, MiniLM, check_embedder, top_neighbours
 from .staging import HostStager
 
@@ -191,14 +191,35 @@ class Computed(list):
     isolated_kept_tokens: int = 0
 
 
+GPU_BATCH = 4  # isolated chunks of one length prefilled per forward on a GPU (`prefill_chunks`)
+
+
+def job_batches(jobs: list[Job], size: int) -> list[list[Job]]:
+    """Jobs in order, consecutive isolated chunks of one length grouped by up to `size`
+    (the prefix and enriched chunks alone)."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        alone = job.is_prefix or bool(job.neighbour_ids)
+        last = groups[-1] if groups else None
+        if (not alone and last and len(last) < size and not (last[0].is_prefix or last[0].neighbour_ids)
+                and len(last[0].token_ids) == len(job.token_ids)):
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
 def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, metadata: dict[str, str],
-                 shard_bytes: int, on_done=None, writers: int = 2, keep: IsolatedKV | None = None) -> Computed:
+                 shard_bytes: int, on_done=None, writers: int = 2, keep: IsolatedKV | None = None,
+                 batch: int | None = None) -> Computed:
     """Prefill every job and write it into complete shards under cache_dir; returns where each went.
 
     The model thread only computes: each chunk's KV and saliency leave the GPU by an
     asynchronous copy into pinned memory (pipeline/staging.py), and `writers` threads
     checksum, serialise and fsync whole shards meanwhile (loader/shard_writer.py). An
     enriched chunk whose isolated KV the embedding pass kept in `keep` skips that pass.
+    Isolated chunks of one length go `batch` to a forward (default GPU_BATCH on a GPU, 1 on
+    the CPU, where a forward is bound by its FLOPs, not by launching kernels).
     """
     prefix_kv = prefill_prefix(lm, prefix_ids)  # [L, 2, H_kv, P, D]
     stager = HostStager(prefix_kv.device)
@@ -210,25 +231,39 @@ def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, 
     per_token = lm.spec.kv_bytes_per_token() + 4 + 2 * S  # kv + tok + sal bytes
     left = sum(len(j.token_ids) for j in jobs) * per_token
     out = Computed()
+    batch = batch or (GPU_BATCH if prefix_kv.is_cuda else 1)
     with ShardWriterPool(Path(cache_dir), metadata, shard_bytes, writers) as pool:
-        for job in jobs:
-            if job.is_prefix:
-                kv, sal = prefix_kv, torch.zeros(S, len(job.token_ids), dtype=torch.float16)
+        for group in job_batches(jobs, batch):
+            if len(group) > 1:
+                computed = prefill_chunks(lm, prefix_kv, [j.token_ids for j in group], to_cpu=False)
+            elif group[0].is_prefix:
+                computed = [(prefix_kv, torch.zeros(S, len(group[0].token_ids), dtype=torch.float16))]
             else:
+                job = group[0]
                 iso = keep.take(lm, prefix_ids, job.token_ids) if keep is not None and job.neighbour_ids else None
                 out.isolated_kept_tokens += 0 if iso is None else len(job.token_ids)
-                kv, sal = prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids, to_cpu=False, isolated=iso)
-            scales = None
-            if encode_here:
-                kv, scales = codec.encode(kv)                                # codes [L, 2, H_kv, T, D], [L, H_kv, W]
-            (kv, sal, *sc), ready = stager.stage(kv, sal, *(() if scales is None else (scales,)))
-            left -= len(job.token_ids) * per_token
-            pool.add(job.chunk_id, kv, torch.tensor(job.token_ids), sal, ready=ready, bytes_after=left,
-                     scales=sc[0] if sc else None)
-            if on_done:
-                on_done(job)
+                computed = [prefill_chunk(lm, prefix_kv, job.token_ids, job.neighbour_ids, to_cpu=False, isolated=iso)]
+            left = _write_group(group, computed, pool, stager, codec if encode_here else None, left, per_token,
+                                on_done)
     out.extend(pool.written)
     return out
+
+
+def _write_group(group: list[Job], computed, pool: ShardWriterPool, stager: HostStager, encoder, left: int,
+                 per_token: int, on_done) -> int:
+    """Hand each job's (kv, saliency) to the shard writers (encoded first with `encoder`, a
+    codec, or as they are); returns the bytes still to come."""
+    for job, (kv, sal) in zip(group, computed):
+        scales = None
+        if encoder is not None:
+            kv, scales = encoder.encode(kv)                                  # codes [L, 2, H_kv, T, D], [L, H_kv, W]
+        (kv, sal, *sc), ready = stager.stage(kv, sal, *(() if scales is None else (scales,)))
+        left -= len(job.token_ids) * per_token
+        pool.add(job.chunk_id, kv, torch.tensor(job.token_ids), sal, ready=ready, bytes_after=left,
+                 scales=sc[0] if sc else None)
+        if on_done:
+            on_done(job)
+    return left
 
 
 class LocalStages:

@@ -28,11 +28,13 @@ IMPLEMENTATION = "kvfuse"
 
 class AttentionRecorder:
     """Collects, per layer, attention probabilities [Q, K] (mean over heads) of the queries
-    in `query_rows` (a slice over the current input; default all)."""
+    in `query_rows` (a slice over the current input; default all); batched: [B, Q, K], one
+    map per sequence of a batched forward."""
 
-    def __init__(self, layers: set[int] | None = None, query_rows: slice = slice(None)):
+    def __init__(self, layers: set[int] | None = None, query_rows: slice = slice(None), batched: bool = False):
         self.layers = layers
         self.query_rows = query_rows
+        self.batched = batched
         self.maps: dict[int, torch.Tensor] = {}
 
     def wants(self, layer_idx: int) -> bool:
@@ -56,7 +58,7 @@ def record_attention(recorder: AttentionRecorder):
 
 
 def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None)) -> torch.Tensor:
-    # query [1, Hq, q, D]; key [1, Hkv, K, D] -> probs [r, K] of the query rows `rows`, mean over heads.
+    # query [B, Hq, q, D]; key [B, Hkv, K, D] -> probs [B, r, K] of the query rows `rows`, mean over heads.
     # Only the recorded rows are scored: a probe of S recomputed + Q question tokens records the
     # Q rows, and scoring all S + Q would cost S/Q times more memory and time.
     # Grouped-query heads are scored against their shared KV head without repeat_kv, which would
@@ -64,10 +66,10 @@ def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None
     q_all, k = query.shape[2], key.shape[2]
     row_pos = torch.arange(q_all, device=query.device)[rows]            # [r] row index in the input
     query = query[:, :, rows]
-    _, n_q_heads, r, d = query.shape
+    b, n_q_heads, r, d = query.shape
     n_kv_heads = key.shape[1]
-    grouped = query.float().reshape(1, n_kv_heads, n_q_heads // n_kv_heads * r, d)  # head h uses KV head h // G
-    scores = (grouped @ key.float().transpose(-1, -2)).reshape(1, n_q_heads, r, k) * scaling  # [1, Hq, r, K]
+    grouped = query.float().reshape(b, n_kv_heads, n_q_heads // n_kv_heads * r, d)  # head h uses KV head h // G
+    scores = (grouped @ key.float().transpose(-1, -2)).reshape(b, n_q_heads, r, k) * scaling  # [B, Hq, r, K]
     if attention_mask is None:  # plain causal, the input being the last q_all positions
         allowed = torch.arange(k, device=scores.device)[None, :] <= (row_pos + (k - q_all))[:, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -79,7 +81,7 @@ def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.float()
-    return scores.softmax(-1).mean(1)[0]  # [r, K]
+    return scores.softmax(-1).mean(1)  # [B, r, K]
 
 
 def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -95,7 +97,8 @@ def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if rec is not None and rec.wants(module.layer_idx):
         if scattered is not None:
             attention_mask = scattered.row_mask(rec.query_rows)  # [1, 1, r, K]: only the recorded rows
-        rec.maps[module.layer_idx] = _probabilities(query, key, attention_mask, scale, rec.query_rows)
+        probs = _probabilities(query, key, attention_mask, scale, rec.query_rows)  # [B, r, K]
+        rec.maps[module.layer_idx] = probs if rec.batched else probs[0]
     return out
 
 

@@ -91,19 +91,21 @@ class StreamedLayer(ScatterLayer):
         return self.keys, self.values
 
 
-def cache_from_kv(kv: torch.Tensor, slots: torch.Tensor | None = None) -> DynamicCache:
-    """A DynamicCache holding kv [L, 2, H_kv, N, D] (copied, so the caller's tensor is untouched)."""
+def cache_from_kv(kv: torch.Tensor, slots: torch.Tensor | None = None, batch: int = 1) -> DynamicCache:
+    """A DynamicCache holding kv [L, 2, H_kv, N, D] (copied, so the caller's tensor is untouched),
+    for a batch of `batch` sequences that share it ([batch, H_kv, N, D] per layer)."""
     cache = DynamicCache()
     cache.layers = []
     for l in range(kv.shape[0]):
-        layer = ScatterLayer(kv[l, 0].unsqueeze(0).clone(), kv[l, 1].unsqueeze(0).clone())
+        k, v = (kv[l, i].unsqueeze(0).expand(batch, -1, -1, -1).clone() for i in (0, 1))
+        layer = ScatterLayer(k, v)
         layer.slots = slots
         cache.layers.append(layer)
     return cache
 
 
-def kv_from_cache(cache: DynamicCache, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """Stack a cache's K/V for positions [start, end) into [L, 2, H_kv, T, D]."""
+def kv_from_cache(cache: DynamicCache, start: int = 0, end: int | None = None, seq: int = 0) -> torch.Tensor:
+    """Stack a cache's K/V for positions [start, end) of sequence `seq` into [L, 2, H_kv, T, D]."""
     return torch.stack(
-        [torch.stack((layer.keys[0, :, start:end], layer.values[0, :, start:end])) for layer in cache.layers]
+        [torch.stack((layer.keys[seq, :, start:end], layer.values[seq, :, start:end])) for layer in cache.layers]
     )

@@ -175,7 +175,9 @@ def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, 
     cfg = BuildConfig(chunk_tokens=16, progress=False, enrich=enrich, neighbour_tokens=40, kv_dtype=kv_dtype,
                       shard_bytes=40_000)  # ~5 chunks a shard: several shards, the last ones cut smaller
     docs = corpus(tmp_path / "c.jsonl", n_docs=4)
-    new = build_cache(docs, tmp_path / "new", lm, cfg)
+    with monkeypatch.context() as m:  # one chunk per forward, as the sequential path (batched: the next test)
+        m.setattr(build, "GPU_BATCH", 1)
+        new = build_cache(docs, tmp_path / "new", lm, cfg)
     assert len(ISOLATED_KV) == 0  # what the embedding pass kept was taken or dropped
     with monkeypatch.context() as m:
         m.setattr(build, "compute_jobs", sequential_compute_jobs)
@@ -186,6 +188,31 @@ def test_write_path_stores_the_bytes_of_the_sequential_one(tmp_path, model_dir, 
     enriched_tokens = sum(r.n_tokens for r in got.records() if r.neighbours)
     assert (enriched_tokens > 0) == enrich
     assert new.computed == old.computed and old.prefilled - new.prefilled == enriched_tokens  # isolated pass run once
+
+
+@pytest.mark.cuda
+@_CUDA
+def test_gpu_build_batches_isolated_chunks_to_the_same_kv(tmp_path, model_dir, monkeypatch):
+    """On a GPU isolated chunks of one length go GPU_BATCH to a forward: the same chunks, with
+    KV and saliency equal to one-chunk forwards up to rounding."""
+    lm = load_model(str(model_dir), device="cuda")
+    cfg = BuildConfig(chunk_tokens=16, progress=False, enrich=False)
+    docs = corpus(tmp_path / "c.jsonl", n_docs=4)
+    calls = []
+    real = build.prefill_chunks
+    with monkeypatch.context() as m:
+        m.setattr(build, "prefill_chunks", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+        build_cache(docs, tmp_path / "batched", lm, cfg)
+    with monkeypatch.context() as m:
+        m.setattr(build, "GPU_BATCH", 1)
+        build_cache(docs, tmp_path / "one", lm, cfg)
+    assert calls and max(calls) == build.GPU_BATCH
+    got, want = Store.open(tmp_path / "batched"), Store.open(tmp_path / "one")
+    assert {r.chunk_id for r in got.records()} == {r.chunk_id for r in want.records()}
+    for rec in want.records():
+        a, b = got.read(rec.chunk_id), want.read(rec.chunk_id)
+        torch.testing.assert_close(a.kv, b.kv, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.saliency.float(), b.saliency.float(), atol=1e-3, rtol=1e-3)
 
 
 def test_build_cache_kv_dtype_fp8_and_inspect(tmp_path, model_dir):
