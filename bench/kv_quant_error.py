@@ -23,8 +23,12 @@ QMAX = {"fp8": 448.0, "int8": 127.0}
 
 
 def quantise(x: torch.Tensor, dtype: str, group: str) -> torch.Tensor:
-    """x [L, H, T, D] -> dequantised x̂ with one scale per (L, H, channel) or (L, H, token)."""
+    """x [L, H, T, D] -> dequantised x̂ with one scale per (L, H, channel) or (L, H, token);
+    "channel-centred": per channel, about each channel's midrange over the tokens."""
     x = x.float()
+    if group == "channel-centred":
+        offset = ((x.amax(dim=2, keepdim=True) + x.amin(dim=2, keepdim=True)) / 2).to(torch.bfloat16).float()
+        return quantise(x - offset, dtype, "channel") + offset
     dim = 2 if group == "channel" else 3
     scale = x.abs().amax(dim=dim, keepdim=True) / QMAX[dtype]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -35,6 +39,13 @@ def quantise(x: torch.Tensor, dtype: str, group: str) -> torch.Tensor:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def rel_varying(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The error of what varies across tokens (dim 2), relative to that variation: softmax
+    ignores an error shared by every token of a channel, not one that differs between them."""
+    err, x = a.float() - b.float(), b.float()
+    return float((err - err.mean(dim=2, keepdim=True)).norm() / (x - x.mean(dim=2, keepdim=True)).norm())
 
 
 def main(argv=None):
@@ -61,9 +72,11 @@ def main(argv=None):
     rows = []
     for dtype in ("fp8", "int8"):
         for part, name in ((0, "keys"), (1, "values")):
-            for group in ("channel", "token"):
+            for group in ("channel", "token", "channel-centred"):
                 errs = [rel(quantise(kv[:, part], dtype, group), kv[:, part]) for kv in kvs]
-                rows.append({"dtype": dtype, "part": name, "group": group, "rel_error": sum(errs) / len(errs)})
+                varying = [rel_varying(quantise(kv[:, part], dtype, group), kv[:, part]) for kv in kvs]
+                rows.append({"dtype": dtype, "part": name, "group": group, "rel_error": sum(errs) / len(errs),
+                             "rel_error_varying": sum(varying) / len(varying)})
     result = {"command": "python3 -m kvfuse.bench.kv_quant_error " + " ".join(argv or []),
               "model": args.model, "chunks": len(kvs), "tokens": sum(kv.shape[3] for kv in kvs),
               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from kvfuse.runtime.kvcache import ScatterLayer
+from kvfuse.runtime.model import cache_kwargs
 
 
 def kl_per_position(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def answer_logprobs(lm, caches: list, first_logits: list[torch.Tensor], next_pos
     B, T = len(caches), len(answer_ids)
     ids = torch.tensor(answer_ids[:-1], device=device)[None].expand(B, -1)                # [B, T-1]
     pos = torch.arange(next_pos, next_pos + T - 1, device=device)[None].expand(B, -1)
-    out = lm.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = lm.model(input_ids=ids, position_ids=pos, **cache_kwargs(lm.model, cache), use_cache=True)
     rest = out.logits.float().log_softmax(-1).cpu()                                       # [B, T-1, V]
     return torch.cat((first, rest), dim=1)
 

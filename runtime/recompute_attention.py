@@ -1,7 +1,7 @@
 """Attention of the recompute pass: scattered queries over the fused cache (DESIGN §4).
 
     with scattered_queries(positions, n_keys):        # [S + Q] absolute positions, ascending
-        lm.model(input_ids=..., position_ids=positions[None], past_key_values=cache, attention_mask=None)
+        lm.model(input_ids=..., position_ids=positions[None], **cache_kwargs(lm.model, cache), attention_mask=None)
 
 The recomputed context tokens sit at scattered positions and the question at the
 end; the query at position p sees the keys at positions <= p. Inside
