@@ -35,6 +35,9 @@ def main():
 @click.option("--neighbours", default=2, show_default=True, type=click.IntRange(0), help="Neighbours per chunk.")
 @click.option("--neighbour-tokens", default=1024, show_default=True, type=click.IntRange(0),
               help="Token budget for a chunk's neighbours together.")
+@click.option("--neighbour-max-overlap", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Skip a neighbour whose token set overlaps the chunk's this much or more (Jaccard): a "
+                   "near-duplicate with other facts would write them into the chunk's KV. 1: keep all but copies.")
 @click.option("--embedder", default="model", show_default=True, type=click.Choice(["model", "minilm"]),
               help="model: mean-pooled hidden states of the model itself; minilm: all-MiniLM-L6-v2.")
 @click.option("--scheduler", default=None, help="Run on this Dask scheduler (tcp://host:8786); default "
@@ -53,7 +56,7 @@ def main():
                    "key / per-token value scales: ~1/2 of bf16's bytes. Another value than the cache's builds new chunks.")
 def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enrich=True, neighbours=2,
                     neighbour_tokens=1024, embedder="model", scheduler=None, workers=None, gpus=0, in_process=False,
-                    verify=False, repair=False, max_kv_gb=64.0, kv_dtype="model"):
+                    verify=False, repair=False, max_kv_gb=64.0, kv_dtype="model", neighbour_max_overlap=0.5):
     """Chunk CORPUS (jsonl, parquet, folder of .txt/.md, or a saved datasets folder), precompute
     every chunk's KV (FusionRAG-enriched unless --no-enrich) and publish a new release into --cache.
     Building onto an existing cache recomputes only new or changed chunks and those whose
@@ -64,6 +67,7 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
         raise click.BadParameter(f"{cache_dir} is a file; give a folder (created if missing).", param_hint="--cache")
     config = BuildConfig(chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich,
                          neighbours=neighbours, neighbour_tokens=neighbour_tokens, embedder=embedder,
+                         neighbour_max_overlap=neighbour_max_overlap if neighbour_max_overlap < 1 else None,
                          verify=verify or repair, max_kv_gb=max_kv_gb, kv_dtype=kv_dtype)
     if in_process:
         report = build_cache(corpus, cache_dir, _load(model, dtype), config)

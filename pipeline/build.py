@@ -82,6 +82,8 @@ class BuildConfig:
     enrich: bool = True          # FusionRAG: prefill [prefix][neighbours][chunk]
     neighbours: int = 2          # top-n most similar other chunks
     neighbour_tokens: int = 1024  # token budget for all of a chunk's neighbours together
+    neighbour_max_overlap: float | None = 0.5  # skip near-duplicate neighbours (token-set Jaccard >= this:
+                                 # conflicting facts, relate.top_neighbours); None: keep them
     embedder: str = "model"      # "model": mean-pooled final hidden states of the model itself
     verify: bool = False         # checksum every reused chunk (else size + header; always after a failed read)
     max_kv_gb: float | None = 64.0  # refuse a release whose KV would exceed this (None: no limit)
@@ -395,7 +397,8 @@ def run_build(corpus: str | Path | list[Document], cache_dir: str | Path, stages
             "prefix": {"chunk_id": prefix_id, "n_tokens": P},
             "prompt": ctx.parts,
             "params": {"chunker": chunker_params, "enrich": config.enrich, "neighbours": config.neighbours,
-                       "neighbour_tokens": config.neighbour_tokens, "embedder": config.embedder},
+                       "neighbour_tokens": config.neighbour_tokens, "embedder": config.embedder,
+                       "neighbour_max_overlap": config.neighbour_max_overlap},
             "embeddings": plan.embedding_files,
             "stats": {"documents": len(docs), "chunks": len(rows) - 1, "tokens": sum(r["n_tokens"] for r in rows[1:]),
                       "computed": len(computed), "reused": len(rows) - 1 - len(computed) - n_transcoded,
@@ -481,7 +484,8 @@ def _relate(plan: _Plan, tokens_of: dict, text_of: dict, ctx: BuildContext, stag
         plan.embedded_tokens += sum(len(tokens_of[c]) for c in batch)
     budget = max(0, min(config.neighbour_tokens, ctx.spec.max_positions - len(ctx.prefix_ids) - config.chunk_tokens))
     matrix = torch.stack([cache.vectors[cid] for cid in order])  # [N, hidden]
-    picks = top_neighbours(matrix, [len(tokens_of[c]) for c in order], config.neighbours, budget)
+    picks = top_neighbours(matrix, [len(tokens_of[c]) for c in order], config.neighbours, budget,
+                           token_ids=[tokens_of[c] for c in order], max_overlap=config.neighbour_max_overlap)
     plan.neighbours = {cid: tuple(order[j] for j in pick) for cid, pick in zip(order, picks)}
     plan.embedding_files = cache.files_for(order)
 

@@ -65,15 +65,23 @@ class MiniLM:
 
 
 def top_neighbours(emb: torch.Tensor, n_tokens: list[int], n: int, token_budget: int,
-                   block: int = 2048) -> list[tuple[int, ...]]:
+                   block: int = 2048, token_ids: list | None = None,
+                   max_overlap: float | None = None) -> list[tuple[int, ...]]:
     """For each row of emb [N, H], up to n other rows, most similar first, whose tokens
     fit in token_budget together (a candidate that doesn't fit is skipped, the next
     one tried). Returns row indices ordered least similar first: that is the prompt
-    order, the most similar neighbour sits right before the chunk."""
+    order, the most similar neighbour sits right before the chunk.
+
+    With token_ids (each chunk's token ids) and max_overlap, a candidate whose token set
+    overlaps the chunk's by max_overlap or more (Jaccard) is skipped too: a near-duplicate
+    (the same template or the same text with other names and numbers) is the neighbour
+    whose facts conflict with the chunk's, and prefilling after it writes its facts into the
+    chunk's KV (issue 12: the fused answer then names the neighbour's entity)."""
     N = emb.shape[0]
     if n <= 0 or N < 2:
         return [()] * N
     unit = torch.nn.functional.normalize(emb.float(), dim=1)  # [N, H]
+    sets = [set(t) for t in token_ids] if token_ids is not None else None
     k = min(N - 1, 4 * n + 8)  # candidates looked at; more only matter when the budget rejects many
     out: list[tuple[int, ...]] = []
     for start in range(0, N, block):
@@ -84,6 +92,8 @@ def top_neighbours(emb: torch.Tensor, n_tokens: list[int], n: int, token_budget:
         top = sims.topk(k, dim=1).indices                              # [B, k]
         for b in range(sims.shape[0]):
             cand = sorted(top[b].tolist(), key=lambda j: (-sims[b, j].item(), j))
+            if max_overlap is not None and token_ids is not None:
+                cand = [j for j in cand if token_overlap(sets[start + b], sets[j]) < max_overlap]
             picked, used = [], 0
             for j in cand:
                 if used + n_tokens[j] <= token_budget:
@@ -93,6 +103,11 @@ def top_neighbours(emb: torch.Tensor, n_tokens: list[int], n: int, token_budget:
                         break
             out.append(tuple(reversed(picked)))
     return out
+
+
+def token_overlap(a: set, b: set) -> float:
+    """Jaccard overlap of two chunks' token sets (0 for two empty sets)."""
+    return len(a & b) / len(a | b) if a or b else 0.0
 
 
 class EmbeddingCache:

