@@ -27,6 +27,8 @@ Saliency rows (`SALIENCY_SIGNALS`):
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -49,19 +51,20 @@ def prefill_prefix(lm: LoadedModel, prefix_ids) -> torch.Tensor:
 
 def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.Tensor,
                           recorder: AttentionRecorder | None = None):
-    """Run ids [N] after the prefix cache; returns (cache, last hidden states [N, hidden])."""
+    """Run ids [N] (or a batch [B, N], each sequence after its own copy of the prefix) after the
+    prefix cache; returns (cache, last hidden states [N, hidden] of the first sequence)."""
     device = lm.model.device
     P = prefix_kv.shape[3]
-    cache = cache_from_kv(prefix_kv.to(device))
-    positions = torch.arange(P, P + len(ids), device=device)[None]
+    batch = ids if ids.dim() == 2 else ids[None]                                        # [B, N]
+    B, N = batch.shape
+    cache = cache_from_kv(prefix_kv.to(device), batch=B)
+    positions = torch.arange(P, P + N, device=device)[None].expand(B, N)
     if device.type == "cuda":  # a pinned, non-blocking copy: no wait for the previous chunk's kernels
-        ids = ids.pin_memory().to(device, non_blocking=True)
-    if recorder is None:
-        out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, **cache_kwargs(lm.model.model, cache), use_cache=True)
-    else:
-        with record_attention(recorder):
-            out = lm.model.model(input_ids=ids.to(device)[None], position_ids=positions, **cache_kwargs(lm.model.model, cache),
-                                 use_cache=True)
+        batch = batch.pin_memory()
+    batch = batch.to(device, non_blocking=True)
+    with record_attention(recorder) if recorder is not None else nullcontext():
+        out = lm.model.model(input_ids=batch, position_ids=positions, **cache_kwargs(lm.model.model, cache),
+                             use_cache=True)
     return cache, out.last_hidden_state[0]
 
 
@@ -133,16 +136,9 @@ def prefill_chunks(lm: LoadedModel, prefix_kv: torch.Tensor, chunks: list, to_cp
     T = len(ids[0])
     if any(len(c) != T for c in ids):
         raise ValueError(f"prefill_chunks needs chunks of one length, got {sorted({len(c) for c in ids})}")
-    device, B, P = lm.model.device, len(ids), prefix_kv.shape[3]
-    batch = torch.tensor(ids, dtype=torch.long)                                        # [B, T]
-    if device.type == "cuda":
-        batch = batch.pin_memory()
-    batch = batch.to(device, non_blocking=True)
-    cache = cache_from_kv(prefix_kv.to(device), batch=B)
-    positions = torch.arange(P, P + T, device=device)[None].expand(B, T)
+    B, P = len(ids), prefix_kv.shape[3]
     recorder = AttentionRecorder(layers=saliency_layers(lm.spec.n_layers), batched=True)
-    with record_attention(recorder):
-        lm.model.model(input_ids=batch, position_ids=positions, **cache_kwargs(lm.model.model, cache), use_cache=True)
+    cache, _ = _prefill_after_prefix(lm, prefix_kv, torch.tensor(ids, dtype=torch.long), recorder)  # [B, T]
     probs = torch.stack([recorder.maps[l] for l in sorted(recorder.maps)])              # [L', B, T, P+T]
     out = []
     for b in range(B):
