@@ -46,7 +46,7 @@ from kvfuse.loader.store import ChunkData
 
 from . import recompute_attention
 from .attention import IMPLEMENTATION, AttentionRecorder, record_attention
-from .kvcache import PeekLayer, cache_from_kv, kv_from_cache
+from .kvcache import PeekLayer, RepairLayer, cache_from_kv, kv_from_cache
 from .guards import probe_view
 from .layout import FusedLayout
 from .model import LoadedModel, cache_kwargs
@@ -126,6 +126,10 @@ class FusedKV(Protocol):
 
     def wait_all(self) -> None: ...                # the compute stream may read every layer from now on
 
+    def working(self) -> torch.Tensor: ...         # [L, 2, H_kv, N, D] this run's cache to repair in place
+
+    def reset_working(self) -> None: ...           # a new run starts from the stored KV again
+
     def close(self) -> dict: ...                   # release; returns the load's counters
 
 
@@ -133,7 +137,9 @@ class HostKV:
     """Every chunk's KV present at once: assembled on the model's device, re-rotated.
 
     Caches are copies (the recompute writes into its cache), so one HostKV serves any
-    number of runs (the eval harness's selectors and ratios on one prompt)."""
+    number of runs (the eval harness's selectors and ratios on one prompt). A run that
+    repairs tokens during selection (`SelectionContext.repair`) gets its own working copy,
+    which its final recompute's cache then takes over (no second copy)."""
 
     def __init__(self, lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], n_question: int):
         t0 = time.perf_counter()
@@ -142,6 +148,7 @@ class HostKV:
                                else torch.zeros(0, dtype=torch.long))             # [C]
         self.saliency = torch.cat([c.saliency for c in chunks], dim=1) if chunks else None  # [S_sig, C]
         self.timings = {"assemble_s": time.perf_counter() - t0}
+        self._working: torch.Tensor | None = None                                 # this run's repaired copy
 
     @property
     def stored(self) -> torch.Tensor:
@@ -150,10 +157,21 @@ class HostKV:
     def cache(self, slots: torch.Tensor | None, peek: bool = False):
         if peek and slots is None:
             return PeekLayer.cache(self.kv)
+        if self._working is not None and not peek:     # the final recompute over the run's repairs
+            working, self._working = self._working, None
+            return cache_from_kv(working, slots=slots, copy=False)
         return cache_from_kv(self.kv, slots=slots)
 
     def wait_all(self) -> None:
         pass
+
+    def working(self) -> torch.Tensor:
+        if self._working is None:
+            self._working = self.kv.clone()
+        return self._working
+
+    def reset_working(self) -> None:
+        self._working = None
 
     def close(self) -> dict:
         return {}
@@ -407,20 +425,36 @@ def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, p
         with stop_after_layer(lm.model, depth) if shallow else nullcontext():
             recompute(lm, source, p_layout, source.context_tokens, p_question, selected, rec, peek=True)
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L', Q, C]
-        if attn.device.type != "cuda" or prep.on_device:
-            return attn
-        host = attn.to("cpu", non_blocking=True)  # into pinned memory: ~10x faster than a pageable copy
-        torch.cuda.current_stream(attn.device).synchronize()
-        return host
+        return attn if prep.on_device else _to_host(attn)
+
+    def repairer(new: torch.Tensor) -> torch.Tensor:
+        """Question attention [L, Q, C] from one pass of `new` + Q over the run's working cache,
+        into which the pass writes `new`'s fresh K/V (`kvcache.RepairLayer`)."""
+        working = source.working()                           # waits for the whole load
+        rec = AttentionRecorder(query_rows=slice(new.numel(), None))
+        p_layout, p_question = probe_view(layout, question_ids)
+        recompute(lm, working, p_layout, source.context_tokens, p_question, new, rec, peek=True,
+                  cache_factory=lambda kv, slots: RepairLayer.cache(kv, slots))
+        attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L, Q, C]
+        return _to_host(attn)
 
     def recompute_layer(layer: int) -> torch.Tensor:
         source.wait_all()
         return recompute_context_layer(lm, source.stored, layout, source.context_tokens, layer)
 
     ctx = SelectionContext(layout=layout, kv=source.stored, attend=attend, recompute_layer=recompute_layer,
-                           saliency=source.saliency)
+                           saliency=source.saliency, repairer=repairer if hasattr(source, "working") else None)
     prep = Prepared(lm, source, question_ids, ctx, per_request)
     return prep
+
+
+def _to_host(attn: torch.Tensor) -> torch.Tensor:
+    """A probe's attention on the host (a no-op off CUDA)."""
+    if attn.device.type != "cuda":
+        return attn
+    host = attn.to("cpu", non_blocking=True)  # into pinned memory: ~10x faster than a pageable copy
+    torch.cuda.current_stream(attn.device).synchronize()
+    return host
 
 
 def with_forced(plan: LayerPlan, forced: torch.Tensor) -> LayerPlan:
@@ -457,6 +491,9 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
                  and not (groups is not None and groups > 1) and attention != "grouped")
     prep.on_device = on_device
     ctx.used.clear()
+    ctx.repaired = torch.zeros(0, dtype=torch.long)
+    if hasattr(source, "reset_working"):
+        source.reset_working()
     paid_before = sum(ctx.costs.values())
     t0 = time.perf_counter()
     forced = getattr(source, "recompute_positions", None)  # [R] chunks recomputed instead of loaded (coldplan)
@@ -474,9 +511,10 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
         plan = selected if plan is not None else None
     if plan is None:
         selected = selected.long() if on_device else selected.long().cpu()
+    rest = _not_repaired(selected, ctx.repaired)
     t_select = time.perf_counter()
     narrowing: list[LayerNarrowing] = []
-    cache, logits = recompute(lm, source, prep.layout, source.context_tokens, prep.question_ids, selected,
+    cache, logits = recompute(lm, source, prep.layout, source.context_tokens, prep.question_ids, rest,
                               attention=attention, groups=groups, narrowing=narrowing)
     if cuda:
         torch.cuda.current_stream(lm.model.device).synchronize()
@@ -492,6 +530,20 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
         **got, "select_s": select_s, "recompute_s": t_done - t_select,
         "total_s": sum(got.values()) + select_s + t_done - t_select,
     }, layer_counts=list(plan.keep) if plan is not None else None, kept=kept)
+
+
+def _not_repaired(selected, repaired: torch.Tensor):
+    """The selected positions the final recompute still runs: those the selection did not
+    already repair in the working cache. ValueError when a repaired token is not selected
+    (its fresh K/V would be in the cache but not counted) or the selection is a LayerPlan."""
+    if not repaired.numel():
+        return selected
+    if isinstance(selected, LayerPlan):
+        raise ValueError("a selector that repairs tokens while selecting must return a fixed set, not a LayerPlan")
+    sel = selected.to(repaired.device)
+    if not torch.isin(repaired, sel).all():
+        raise ValueError("the selector repaired tokens it did not select: return every repaired position")
+    return selected[~torch.isin(sel, repaired).to(selected.device)]
 
 
 def fuse(lm: LoadedModel, prefix: ChunkData, chunks: list[ChunkData], question_ids: torch.Tensor,

@@ -49,9 +49,14 @@ _PROBES = {
     "prophet": (2, 1.0, 0),
     "kvfuse": (3, 1.0, 0),       # selectors/kvfuse_staged.py STAGES (the default rule)
     "kvfuse-staged": (3, 1.0, 0),  # the same
+    "kvfuse-inc": (3, 1.0, 0),   # the staged rule's passes, but each runs only its new picks (_INCREMENTAL)
     "kvfuse-1probe": (1, 1.0, 0),  # one plain probe through selectors/kvfuse.py PROBE_SHARE of the layers
     "kvfuse-gradual": (1, 0.1, 0),  # a3's probe; the narrowing runs inside the recompute at equal FLOPs
 }
+
+# Selectors whose probes recompute each pick once, into the run's working cache: the final recompute
+# runs only the rest, so their probes add just the question's tokens to the budget.
+_INCREMENTAL = {"kvfuse-inc"}
 
 
 class ContextOverflowError(ValueError):
@@ -105,7 +110,10 @@ def fused_tokens(n_context: int, n_question: int, selector: str, ratio: float, n
     passes, depth, ctx_passes = _PROBES.get(selector, (1, 1.0, 0))  # an unknown selector: one full probe
     selected = ratio * n_context
     q_probe = min(n_question, PROBE_QUESTION_TOKENS)
-    probes = sum(selected * i / passes + q_probe for i in range(passes)) * depth if passes else 0.0
+    if selector in _INCREMENTAL:
+        probes = passes * q_probe * depth
+    else:
+        probes = sum(selected * i / passes + q_probe for i in range(passes)) * depth if passes else 0.0
     layer_share = 2 / n_layers if n_layers else 0.1
     return probes + ctx_passes * n_context * layer_share + selected + n_question
 

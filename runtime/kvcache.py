@@ -57,6 +57,33 @@ class PeekLayer(DynamicLayer):
         return cache
 
 
+class RepairLayer(PeekLayer):
+    """A layer over working K/V [1, H_kv, N, D] that a selection pass repairs in place.
+
+    An update writes its first `len(slots)` tokens' fresh K/V into their slots of the
+    working K/V (kept: the next pass and the final recompute read them) and attends over
+    the working K/V plus the rest (the question), which it does not keep. Incremental
+    staged selection (`selectors/kvfuse_staged.select_incremental`) runs its probes on it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None):
+        super().__init__(keys, values)
+        self.slots = slots
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        s = 0 if self.slots is None else self.slots.numel()
+        if s:  # key_states: [1, H_kv, S + Q, D]; the first S are the repaired context tokens
+            self.keys.index_copy_(2, self.slots, key_states[:, :, :s])
+            self.values.index_copy_(2, self.slots, value_states[:, :, :s])
+        return super().update(key_states[:, :, s:], value_states[:, :, s:], *args, **kwargs)
+
+    @staticmethod
+    def cache(kv: torch.Tensor, slots: torch.Tensor | None = None) -> DynamicCache:
+        """A repairing pass's cache over working kv [L, 2, H_kv, N, D] (views: written in place)."""
+        cache = DynamicCache()
+        cache.layers = [RepairLayer(kv[l, 0][None], kv[l, 1][None], slots) for l in range(kv.shape[0])]
+        return cache
+
+
 class StreamedLayer(ScatterLayer):
     """A cache layer over fused[l] that makes the compute stream wait for layer l's copy.
 
@@ -91,13 +118,18 @@ class StreamedLayer(ScatterLayer):
         return self.keys, self.values
 
 
-def cache_from_kv(kv: torch.Tensor, slots: torch.Tensor | None = None, batch: int = 1) -> DynamicCache:
+def cache_from_kv(kv: torch.Tensor, slots: torch.Tensor | None = None, batch: int = 1,
+                  copy: bool = True) -> DynamicCache:
     """A DynamicCache holding kv [L, 2, H_kv, N, D] (copied, so the caller's tensor is untouched),
-    for a batch of `batch` sequences that share it ([batch, H_kv, N, D] per layer)."""
+    for a batch of `batch` sequences that share it ([batch, H_kv, N, D] per layer).
+    copy=False (batch 1): the layers are views of kv, and the pass writes its slots into kv."""
     cache = DynamicCache()
     cache.layers = []
     for l in range(kv.shape[0]):
-        k, v = (kv[l, i].unsqueeze(0).expand(batch, -1, -1, -1).clone() for i in (0, 1))
+        if not copy and batch == 1:
+            k, v = kv[l, 0][None], kv[l, 1][None]
+        else:
+            k, v = (kv[l, i].unsqueeze(0).expand(batch, -1, -1, -1).clone() for i in (0, 1))
         layer = ScatterLayer(k, v)
         layer.slots = slots
         cache.layers.append(layer)

@@ -272,6 +272,20 @@ class LayerwiseLoad:
         b.record(compute)
         self.stall_marks.append((a, b))
 
+    def working(self) -> torch.Tensor:
+        """[L, 2, H_kv, N, D] the request's own fused buffer, after the whole load: a selection
+        that repairs tokens (`SelectionContext.repair`) writes them here in place, and the
+        final recompute's cache reads them from here."""
+        self.wait_all()
+        self.repaired_in_place = True
+        return self.stored
+
+    def reset_working(self) -> None:
+        """A run starts. RuntimeError if an earlier run repaired the buffer in place: it no
+        longer holds the stored KV (the engine runs one selection per load)."""
+        if getattr(self, "repaired_in_place", False):
+            raise RuntimeError("this layer-wise load was repaired in place by an earlier run; load the chunks again")
+
     # ---- caches over the fused buffer ----------------------------------------------
     def cache(self, slots: torch.Tensor | None = None, peek: bool = False) -> DynamicCache:
         """A cache whose layer l waits for layer l's copy; the recompute writes into the fused

@@ -76,6 +76,9 @@ def test_cost_model_matches_the_reported_case():
     # the probes are bounded: a long question costs the fused path no more than Q itself on top
     long_q = G.fused_tokens(4000, 2000, "kvfuse", 0.15) - 2000
     assert long_q == pytest.approx(G.fused_tokens(4000, G.PROBE_QUESTION_TOKENS, "kvfuse", 0.15) - G.PROBE_QUESTION_TOKENS)
+    # an incremental selector's probes run each pick once: only the question's tokens come on top
+    assert G.fused_tokens(4000, 30, "kvfuse-inc", 0.15) == pytest.approx(600 + 3 * 30 + 30)
+    assert G.fused_tokens(4000, 30, "kvfuse-staged", 0.15) == pytest.approx(600 * (0 + 1 + 2) / 3 + 3 * 30 + 600 + 30)
 
 
 def test_long_question_falls_back_to_a_full_prefill(small_cache):

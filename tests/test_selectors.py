@@ -30,6 +30,11 @@ def lm(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompt(lm):
+    return make_prompt(lm)
+
+
+def make_prompt(lm):
+    """(prefix, chunks, question) of random tokens, the chunks prefilled after the prefix."""
     g = torch.Generator().manual_seed(3)
     prefix_kv = prefill_prefix(lm, PREFIX)
     prefix = ChunkData("prefix", prefix_kv, torch.tensor(PREFIX, dtype=torch.int32), torch.zeros(2, len(PREFIX)), 0)
@@ -263,3 +268,84 @@ def test_gradual_selector_plans_chunk_starts_then_probe_picks(lm, prompt):
     assert plan.keep == layer_schedule(list(gradual.LEVELS), lm.spec.n_layers, budget, prep.layout.context_len)
     assert torch.isin(starts, plan.initial).all() and torch.equal(plan.pinned, starts)
     assert plan.initial.numel() > budget > plan.keep[-1]
+
+
+# ----------------------------------------------------------------------------- incremental selection (repairs)
+
+def _register(monkeypatch, name, fn):
+    monkeypatch.setitem(SELECTORS, name, fn)
+
+
+def test_incremental_runs_each_pick_once_and_equals_the_joint_recompute_on_two_layers(lm, prompt, monkeypatch):
+    """kvfuse-inc: the probes recompute the chunk starts, then stage 1's and stage 2's picks, each
+    once, into the run's working cache; the final pass runs only stage 3's picks with the question.
+    With 2 layers a recomputed token's K/V are exact whatever else is stale (layer-0 K/V depend on
+    the token alone), so the result must equal a joint recompute of the same set."""
+    from kvfuse.runtime import fusion
+    prep = prepare(lm, *prompt)
+    stored = prep.kv.clone()
+    sizes = []
+    real = fusion.recompute
+    monkeypatch.setattr(fusion, "recompute", lambda *a, **k: sizes.append(a[5].numel()) or real(*a, **k))
+    res = run(prep, "kvfuse-inc", 0.3)
+    budget = round(0.3 * prep.layout.context_len)
+    starts = kvfuse_staged.chunk_starts(prep.ctx, budget)
+    rest = budget - starts.numel()
+    third = [round(rest * k / 3) for k in range(4)]
+    assert sizes == [starts.numel()] + [b - a for a, b in zip(third, third[1:])]   # 3 probes + the final pass
+    assert sum(sizes) == budget == res.n_recomputed
+    assert torch.equal(prep.kv, stored)                                   # the stored KV are untouched
+    monkeypatch.setattr(fusion, "recompute", real)
+    joint = run(prep, "kvfuse-inc", 0.3, selected=res.recomputed)
+    assert (res.logits - joint.logits).abs().max() < 1e-4
+    assert torch.allclose(kv_from_cache(res.cache), kv_from_cache(joint.cache), atol=1e-5)
+
+
+def test_incremental_run_does_not_leak_into_later_runs(lm, prompt):
+    prep = prepare(lm, *prompt)
+    fresh = run(prepare(lm, *prompt), "kvfuse-staged", 0.3)
+    run(prep, "kvfuse-inc", 0.3)
+    after = run(prep, "kvfuse-staged", 0.3)
+    assert torch.equal(after.recomputed, fresh.recomputed) and torch.equal(after.logits, fresh.logits)
+
+
+def test_repairing_every_token_at_once_is_the_full_prefill(tmp_path_factory, monkeypatch):
+    """One repair pass of all context tokens + the question over the working cache, then a final
+    pass of the question alone: a full prefill (4 layers, where stale K/V would show)."""
+    lm4 = load_model(str(tiny_model_dir(tmp_path_factory, arch="llama", num_hidden_layers=4)))
+    use_kvfuse_attention(lm4.model)
+    p = make_prompt(lm4)
+    ids, ref_cache, ref_logits = full_reference(lm4, p)
+
+    def repair_all(ctx, budget):
+        everything = torch.arange(ctx.layout.prefix_len, ctx.layout.question_start)
+        ctx.repair(everything)
+        return everything
+
+    _register(monkeypatch, "repair-all", repair_all)
+    prep = prepare(lm4, *p)
+    res = run(prep, "repair-all", 0.5)
+    assert (res.logits - ref_logits).abs().max() < 1e-3
+    assert torch.allclose(kv_from_cache(res.cache), kv_from_cache(ref_cache), atol=1e-4)
+    # ... while staged picks repaired one stage at a time are an approximation there
+    inc = run(prep, "kvfuse-inc", 0.5)
+    joint = run(prep, "kvfuse-inc", 0.5, selected=inc.recomputed)
+    assert not torch.allclose(kv_from_cache(inc.cache), kv_from_cache(joint.cache), atol=1e-4)
+
+
+def test_a_repaired_token_must_be_returned(lm, prompt, monkeypatch):
+    def forgets(ctx, budget):
+        ctx.repair(torch.tensor([ctx.layout.prefix_len]))
+        return torch.tensor([ctx.layout.prefix_len + 1])
+
+    def twice(ctx, budget):
+        ctx.repair(torch.tensor([ctx.layout.prefix_len]))
+        ctx.repair(torch.tensor([ctx.layout.prefix_len]))
+
+    _register(monkeypatch, "forgets", forgets)
+    _register(monkeypatch, "twice", twice)
+    prep = prepare(lm, *prompt)
+    with pytest.raises(ValueError, match="did not select"):
+        run(prep, "forgets", 0.1)
+    with pytest.raises(ValueError, match="repaired twice"):
+        run(prep, "twice", 0.1)

@@ -26,6 +26,8 @@ SELECTORS: dict[str, Selector] = {
     "prophet": prophet.select,
     "kvfuse": kvfuse_staged.select,           # the default: chunk starts + three probe stages (docs/selectors.md)
     "kvfuse-staged": kvfuse_staged.select,    # the same rule by its explicit name (result rows of both compare)
+    "kvfuse-inc": kvfuse_staged.select_incremental,  # the staged rule, each probe recomputing only the new
+                                              # picks into the run's working cache: ~1 recompute in all
     "kvfuse-1probe": kvfuse.select,           # one question probe, chunk starts, chunk budgets: ~1/6 of the
                                               # selection cost; not the default: it gets the demo's answer wrong
     "kvfuse-gradual": gradual.select,         # per-layer sets narrowed inside the recompute (LayerPlan), a3's probe

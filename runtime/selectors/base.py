@@ -23,6 +23,12 @@ context, so that several selectors and ratios on one prompt pay for each once:
 * `layer_kv(layer)` — K/V [2, H_kv, C, D] of every context token at `layer`,
   recomputed with the full context (the layers above are not run);
 * `saliency` — the stored per-token prior [S, C] (`loader.format.SALIENCY_SIGNALS`).
+
+One signal is not shared but belongs to the run: `repair(new)` recomputes the `new`
+context tokens with the question over the run's *working* cache, keeps their fresh K/V
+there, and returns the question's attention [L, Q, C] after the repair. Tokens repaired
+so far (`repaired`) must be among those the selector returns; the final recompute then
+runs only the rest (incremental staged selection: the probes' work is not redone).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class SelectionContext:
     recompute_layer: Callable[[int], torch.Tensor]         # layer -> fresh K/V [2, H_kv, C, D]
     saliency: torch.Tensor | None = None                   # [S_sig, C] offline prior, chunk order
     probe_layers: int | None = None                        # the plain probe reads layers 0..probe_layers-1 (None: all)
+    repairer: Callable[[torch.Tensor], torch.Tensor] | None = None  # new [S'] -> question attention [L, Q, C]
+    repaired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [R] this run's
     cached: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)              # signal key -> seconds it took to compute
     used: set = field(default_factory=set)                 # signal keys read since the last `used.clear()`
@@ -72,6 +80,20 @@ class SelectionContext:
         if depth is not None and key not in self.cached:
             key = (*key, depth)
         return self._signal(key, lambda: self.attend(selected).float())
+
+    def repair(self, new: torch.Tensor) -> torch.Tensor:
+        """[L, Q, C] question attention after recomputing `new` [S'] (absolute positions, not
+        repaired before) into this run's working cache, where they stay fresh for later passes
+        and the final recompute. Not cached: each call is a pass. Raises RuntimeError when the
+        source has no working cache, ValueError for a position repaired twice."""
+        if self.repairer is None:
+            raise RuntimeError("this fused source has no working cache to repair into (prepare_from wires one)")
+        new = new.long().cpu()
+        if torch.isin(new, self.repaired).any() or new.unique().numel() != new.numel():
+            raise ValueError("repair: a position is repaired twice")
+        attn = self.repairer(new).float()
+        self.repaired = torch.cat((self.repaired, new)).sort().values
+        return attn
 
     def layer_kv(self, layer: int) -> torch.Tensor:
         return self._signal(("layer_kv", layer), lambda: self.recompute_layer(layer))

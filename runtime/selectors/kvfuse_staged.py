@@ -112,17 +112,43 @@ def chunk_starts(ctx: SelectionContext, budget: int) -> torch.Tensor:
     return torch.cat([torch.arange(s, s + min(k, n)) for s, n in zip(lay.chunk_starts, lay.chunk_lens)])
 
 
-def select(ctx: SelectionContext, budget: int) -> torch.Tensor:
+def _staged(ctx: SelectionContext, budget: int, incremental: bool) -> torch.Tensor:
     lay = ctx.layout
     budget = clamp_budget(budget, lay.context_len)
     chosen = chunk_starts(ctx, budget)
+    pending = chosen                      # chosen but not yet recomputed in the working cache (incremental)
     first, rest = chosen.numel(), budget - chosen.numel()
     for stage in range(STAGES):
         take = first + round(rest * (stage + 1) / STAGES) - chosen.numel()
         if take <= 0:
             continue
-        relevance = fused_layer_attention(ctx.question_attention(chosen))   # [C]
+        if not incremental:
+            attn = ctx.question_attention(chosen)          # a pass of every pick so far + Q
+        elif pending.numel() or ctx.repaired.numel():
+            attn = ctx.repair(pending)                     # a pass of the new picks + Q; they stay fresh
+        else:
+            attn = ctx.question_attention()                # nothing to repair yet: the shared plain probe
+        relevance = fused_layer_attention(attn)            # [C]
         scores = _stage_scores(ctx, relevance)
         scores[chosen - lay.prefix_len] = float("-inf")
-        chosen = torch.cat((chosen, _pick(ctx, scores, relevance, take))).sort().values
+        pending = _pick(ctx, scores, relevance, take)
+        chosen = torch.cat((chosen, pending)).sort().values
     return chosen
+
+
+def select(ctx: SelectionContext, budget: int) -> torch.Tensor:
+    """Each stage's probe recomputes every pick so far with the question (then the recompute
+    runs them all again): about 2 x budget tokens of probes."""
+    return _staged(ctx, budget, incremental=False)
+
+
+def select_incremental(ctx: SelectionContext, budget: int) -> torch.Tensor:
+    """The same stages, but each probe recomputes only the picks not yet recomputed, and keeps
+    their fresh K/V in the run's working cache (`ctx.repair`); the final recompute runs only
+    the last stage's picks with the question. Tokens through the model: budget + STAGES + 1
+    passes of the question, about what the recompute alone costs. An earlier pick's K/V does
+    not see the later picks' repairs (it saw their stored K/V), which is the approximation."""
+    lay = ctx.layout
+    if budget >= lay.context_len:   # everything: one joint recompute, exactly the full prefill
+        return torch.arange(lay.prefix_len, lay.question_start)
+    return _staged(ctx, budget, incremental=True)
