@@ -3,6 +3,7 @@
 #   tests      the CUDA-marked tests (CI runs the rest) of the driver (fast path = plain path on every selector) + loader tests
 #   attention  per-layer recompute attention by backend (bench/attention.py) -> attention.{json,md}
 #   ttft       kvfuse bench ttft, issue 11's command -> ttft.{json,md}, profile.txt, profile trace
+#              (TTFT_SELECTOR, TTFT_COMPARE: the selector and the ones compared with it)
 #   serve      kvfuse bench serve -> serve.{json,md} (run it alone: 8 files at most come back)
 #   copy       the loader's host->GPU copies by design against the pinned ceiling, both shapes (bench/copy_ceiling.py)
 #              -> copy_ceiling.{json,md} (~1 minute)
@@ -45,7 +46,8 @@ fi
 if has ttft; then
   echo "== bench ttft" | tee -a "$LOG"
   timeout 330 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384,32768 --ratios 0.15 --reps 5 \
-    --selector kvfuse --compare-selectors a3,prophet,kvfuse-staged --out "$OUT" 2>&1 | grep -v Warning | tee -a "$LOG"
+    --selector "${TTFT_SELECTOR:-kvfuse}" --compare-selectors "${TTFT_COMPARE:-a3,prophet,kvfuse-staged}" --out "$OUT" 2>&1 \
+    | grep -v Warning | tee -a "$LOG"
   mv "$OUT"/profile_*.txt "$OUT/profile.txt" 2>/dev/null
 fi
 if has copy; then

@@ -161,7 +161,7 @@ class Runner:
 
 def _summary(runs: list[dict]) -> dict:
     out = {"ttft_ms": median([r["ttft_ms"] for r in runs]), "runs_ms": [round(r["ttft_ms"], 2) for r in runs]}
-    for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s"):
+    for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s", "repair_s"):
         if key in runs[0]:
             out[key] = median([r[key] for r in runs])
     for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan", "front_tokens"):
@@ -346,16 +346,15 @@ def markdown(result: dict) -> str:
         cmp = [(r, n, x) for r in s["rows"] for n, x in r.get("selectors", {}).items()]
         if cmp:
             lines += ["Warm fused TTFT by selector (the selection's own cost shows here):", "",
-                      "| context | ratio | selector | warm ms | select ms | recompute ms | speed-up |", "|---|---|---|---|---|---|---|"]
+                      "| context | ratio | selector | warm ms | select ms | of which repair ms | recompute ms | speed-up |",
+                      "|---|---|---|---|---|---|---|---|"]
             for r in s["rows"]:
                 if "selectors" not in r:
                     continue
                 w = r["warm"]
-                lines.append(f"| {r['context']} | {r['ratio']} | {result['config']['selector']} | {w['ttft_ms']:.1f} | "
-                             f"{1e3 * w['select_s']:.1f} | {1e3 * w['recompute_s']:.1f} | {w['speedup']:.2f}x |")
-                for n, x in r["selectors"].items():
+                for n, x in [(result['config']['selector'], w), *r["selectors"].items()]:
                     lines.append(f"| {r['context']} | {r['ratio']} | {n} | {x['ttft_ms']:.1f} | {1e3 * x['select_s']:.1f} | "
-                                 f"{1e3 * x['recompute_s']:.1f} | {x['speedup']:.2f}x |")
+                                 f"{1e3 * x.get('repair_s', 0.0):.1f} | {1e3 * x['recompute_s']:.1f} | {x['speedup']:.2f}x |")
             lines.append("")
     if result["targets"]:
         lines += ["## Targets (Llama-3-8B shape, warm pool, ratio 0.15)", "", "| what | target | measured | met |",

@@ -478,7 +478,8 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
     selected: absolute positions (or a `LayerPlan`) to recompute instead of asking the selector. attention /
     groups: the recompute's attention backend (see `recompute`). Timings (seconds):
     assemble_s or open_s (getting the KV), select_s (with the signals it read, whoever paid
-    for them), recompute_s, total_s. On CUDA, with a selector of DEVICE_SELECTORS the
+    for them; with the repair passes of an incremental selector, whose share is repair_s),
+    recompute_s, total_s. On CUDA, with a selector of DEVICE_SELECTORS the
     selection never leaves the GPU: select_s is then the host's time to queue it, and the
     GPU time shows in recompute_s."""
     if not 0.0 <= ratio <= 1.0:
@@ -491,7 +492,7 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
                  and not (groups is not None and groups > 1) and attention != "grouped")
     prep.on_device = on_device
     ctx.used.clear()
-    ctx.repaired = torch.zeros(0, dtype=torch.long)
+    ctx.repaired, ctx.repair_s = torch.zeros(0, dtype=torch.long), 0.0
     if hasattr(source, "reset_working"):
         source.reset_working()
     paid_before = sum(ctx.costs.values())
@@ -527,7 +528,7 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
     initial = plan.initial if plan is not None else selected
     kept = narrowing[0].kept.cpu() if narrowing else (initial.cpu() if plan is not None else None)
     return FusionResult(cache, logits, prep.layout, initial.cpu(), timings={
-        **got, "select_s": select_s, "recompute_s": t_done - t_select,
+        **got, "select_s": select_s, "recompute_s": t_done - t_select, "repair_s": ctx.repair_s,
         "total_s": sum(got.values()) + select_s + t_done - t_select,
     }, layer_counts=list(plan.keep) if plan is not None else None, kept=kept)
 

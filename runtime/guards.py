@@ -47,16 +47,18 @@ _PROBES = {
     "a3": (1, 0.1, 0),           # probes layers 0..1 only (runtime/layerwise.py PROBE_LAYERS)
     "qattn": (1, 1.0, 0),
     "prophet": (2, 1.0, 0),
-    "kvfuse": (3, 1.0, 0),       # selectors/kvfuse_staged.py STAGES (the default rule)
+    "kvfuse": (3, 1.0, 0),       # selectors/kvfuse_staged.py STAGES (the default rule; incremental probes)
     "kvfuse-staged": (3, 1.0, 0),  # the same
-    "kvfuse-inc": (3, 1.0, 0),   # the staged rule's passes, but each runs only its new picks (_INCREMENTAL)
+    "kvfuse-joint-probes": (3, 1.0, 0),
+    "kvfuse-inc": (3, 1.0, 0),
     "kvfuse-1probe": (1, 1.0, 0),  # one plain probe through selectors/kvfuse.py PROBE_SHARE of the layers
     "kvfuse-gradual": (1, 0.1, 0),  # a3's probe; the narrowing runs inside the recompute at equal FLOPs
 }
 
-# Selectors whose probes recompute each pick once, into the run's working cache: the final recompute
-# runs only the rest, so their probes add just the question's tokens to the budget.
-_INCREMENTAL = {"kvfuse-inc"}
+# Selectors whose probes run each pick once, into the run's working cache (selectors/kvfuse_staged.py):
+# "probes": the final recompute runs every pick again; "kept": only those the probes did not run.
+# Probe i of k of the others runs every pick so far (about i/k of the budget).
+_INCREMENTAL = {"kvfuse": "probes", "kvfuse-staged": "probes", "kvfuse-inc": "kept"}
 
 
 class ContextOverflowError(ValueError):
@@ -110,8 +112,11 @@ def fused_tokens(n_context: int, n_question: int, selector: str, ratio: float, n
     passes, depth, ctx_passes = _PROBES.get(selector, (1, 1.0, 0))  # an unknown selector: one full probe
     selected = ratio * n_context
     q_probe = min(n_question, PROBE_QUESTION_TOKENS)
-    if selector in _INCREMENTAL:
+    kind = _INCREMENTAL.get(selector)
+    if kind == "kept":            # the probes' picks and the final pass's add up to the budget
         probes = passes * q_probe * depth
+    elif kind == "probes":        # the probes run the picks of all stages but the last, once
+        probes = (selected * (passes - 1) / passes + passes * q_probe) * depth
     else:
         probes = sum(selected * i / passes + q_probe for i in range(passes)) * depth if passes else 0.0
     layer_share = 2 / n_layers if n_layers else 0.1

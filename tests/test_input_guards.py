@@ -78,7 +78,8 @@ def test_cost_model_matches_the_reported_case():
     assert long_q == pytest.approx(G.fused_tokens(4000, G.PROBE_QUESTION_TOKENS, "kvfuse", 0.15) - G.PROBE_QUESTION_TOKENS)
     # an incremental selector's probes run each pick once: only the question's tokens come on top
     assert G.fused_tokens(4000, 30, "kvfuse-inc", 0.15) == pytest.approx(600 + 3 * 30 + 30)
-    assert G.fused_tokens(4000, 30, "kvfuse-staged", 0.15) == pytest.approx(600 * (0 + 1 + 2) / 3 + 3 * 30 + 600 + 30)
+    assert G.fused_tokens(4000, 30, "kvfuse-joint-probes", 0.15) == pytest.approx(600 * (0 + 1 + 2) / 3 + 3 * 30 + 600 + 30)
+    assert G.fused_tokens(4000, 30, "kvfuse", 0.15) == pytest.approx(600 * 2 / 3 + 3 * 30 + 600 + 30)
 
 
 def test_long_question_falls_back_to_a_full_prefill(small_cache):

@@ -148,7 +148,7 @@ def test_kvfuse_staged_refines_in_stages(lm, prompt):
     seen = []
     attend = prep.ctx.attend
     prep.ctx.attend = lambda sel: seen.append(sel.clone()) or attend(sel)
-    sel = run(prep, "kvfuse-staged", 0.3).recomputed
+    sel = run(prep, "kvfuse-joint-probes", 0.3).recomputed
     budget = round(0.3 * prep.layout.context_len)
     starts = kvfuse_staged.chunk_starts(prep.ctx, budget)
     assert starts.numel() > 0 and torch.isin(starts, sel).all()
@@ -276,36 +276,39 @@ def _register(monkeypatch, name, fn):
     monkeypatch.setitem(SELECTORS, name, fn)
 
 
-def test_incremental_runs_each_pick_once_and_equals_the_joint_recompute_on_two_layers(lm, prompt, monkeypatch):
-    """kvfuse-inc: the probes recompute the chunk starts, then stage 1's and stage 2's picks, each
-    once, into the run's working cache; the final pass runs only stage 3's picks with the question.
-    With 2 layers a recomputed token's K/V are exact whatever else is stale (layer-0 K/V depend on
-    the token alone), so the result must equal a joint recompute of the same set."""
+@pytest.mark.parametrize("name", ["kvfuse", "kvfuse-inc"])
+def test_incremental_probes_run_each_pick_once_and_equal_joint_probes_on_two_layers(lm, prompt, monkeypatch, name):
+    """The probes recompute the chunk starts, then stage 1's and stage 2's picks, each once, into
+    the run's working cache; the final pass runs every pick (kvfuse) or only stage 3's (kvfuse-inc)
+    with the question. With 2 layers a recomputed token's K/V are exact whatever else is stale
+    (layer-0 K/V depend on the token alone), so both must select and answer as joint probes do."""
     from kvfuse.runtime import fusion
     prep = prepare(lm, *prompt)
     stored = prep.kv.clone()
     sizes = []
     real = fusion.recompute
     monkeypatch.setattr(fusion, "recompute", lambda *a, **k: sizes.append(a[5].numel()) or real(*a, **k))
-    res = run(prep, "kvfuse-inc", 0.3)
+    res = run(prep, name, 0.3)
     budget = round(0.3 * prep.layout.context_len)
     starts = kvfuse_staged.chunk_starts(prep.ctx, budget)
     rest = budget - starts.numel()
     third = [round(rest * k / 3) for k in range(4)]
-    assert sizes == [starts.numel()] + [b - a for a, b in zip(third, third[1:])]   # 3 probes + the final pass
-    assert sum(sizes) == budget == res.n_recomputed
+    stages = [starts.numel()] + [b - a for a, b in zip(third, third[1:])]
+    assert sizes == stages[:3] + ([budget] if name == "kvfuse" else stages[3:])   # 3 probes + the final pass
+    assert res.n_recomputed == budget
     assert torch.equal(prep.kv, stored)                                   # the stored KV are untouched
     monkeypatch.setattr(fusion, "recompute", real)
-    joint = run(prep, "kvfuse-inc", 0.3, selected=res.recomputed)
+    joint = run(prep, "kvfuse-joint-probes", 0.3)
+    assert torch.equal(res.recomputed, joint.recomputed)
     assert (res.logits - joint.logits).abs().max() < 1e-4
     assert torch.allclose(kv_from_cache(res.cache), kv_from_cache(joint.cache), atol=1e-5)
 
 
 def test_incremental_run_does_not_leak_into_later_runs(lm, prompt):
     prep = prepare(lm, *prompt)
-    fresh = run(prepare(lm, *prompt), "kvfuse-staged", 0.3)
+    fresh = run(prepare(lm, *prompt), "kvfuse-joint-probes", 0.3)
     run(prep, "kvfuse-inc", 0.3)
-    after = run(prep, "kvfuse-staged", 0.3)
+    after = run(prep, "kvfuse-joint-probes", 0.3)
     assert torch.equal(after.recomputed, fresh.recomputed) and torch.equal(after.logits, fresh.logits)
 
 

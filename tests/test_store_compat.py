@@ -41,9 +41,9 @@ def corpus(tmp_path):
     return path
 
 
-# The fixture's answers came from v1's selectors; v1's `kvfuse` rule is `kvfuse-staged` now
-# (the default became the one-probe rule, a change of selection, not of the store).
-SAME_RULE = {"kvfuse": "kvfuse-staged", "reuse": "reuse", "epic": "epic"}
+# The fixture's answers came from v1's selectors; v1's `kvfuse` rule is `kvfuse-joint-probes` now
+# (the default's probes became incremental, which may move a token of the selection: not the store).
+SAME_RULE = {"kvfuse": "kvfuse-joint-probes", "reuse": "reuse", "epic": "epic"}
 
 
 def check_answers(cache, lm):
@@ -127,7 +127,7 @@ def test_ask_says_a_plain_prefill_ran_where_fusion_could_not_win(v1_store, tmp_p
     want = next(a for a in EXPECTED["answers"] if a["selector"] == "kvfuse" and not a["fused"])
     r = CliRunner().invoke(main, ["ask", str(v1_store), want["question"], "--model",
                                   str(tiny_model_dir(tmp_path_factory)), "--max-new-tokens", "2",
-                                  "--selector", "kvfuse-staged"])
+                                  "--selector", "kvfuse-joint-probes"])
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.output.splitlines() if ln.startswith("tokens:"))
     assert "plain prefill over the stored prefix" in line and "ratio" not in line

@@ -24,10 +24,13 @@ SELECTORS: dict[str, Selector] = {
     "a3": a3.select,
     "qattn": qattn.select,
     "prophet": prophet.select,
-    "kvfuse": kvfuse_staged.select,           # the default: chunk starts + three probe stages (docs/selectors.md)
+    "kvfuse": kvfuse_staged.select,           # the default: chunk starts + three probe stages (docs/selectors.md),
+                                              # each probe running only its new picks (incremental probes)
     "kvfuse-staged": kvfuse_staged.select,    # the same rule by its explicit name (result rows of both compare)
-    "kvfuse-inc": kvfuse_staged.select_incremental,  # the staged rule, each probe recomputing only the new
-                                              # picks into the run's working cache: ~1 recompute in all
+    "kvfuse-joint-probes": kvfuse_staged.select_joint_probes,  # the same stages, each probe re-running every
+                                              # pick so far (the rule as first shipped: ~1.6x the probe tokens)
+    "kvfuse-inc": kvfuse_staged.select_incremental,  # the probes' picks kept, the final pass runs only the
+                                              # last stage's: ~1 recompute in all, +0.02-0.03 first-token KL
     "kvfuse-1probe": kvfuse.select,           # one question probe, chunk starts, chunk budgets: ~1/6 of the
                                               # selection cost; not the default: it gets the demo's answer wrong
     "kvfuse-gradual": gradual.select,         # per-layer sets narrowed inside the recompute (LayerPlan), a3's probe
