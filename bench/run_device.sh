@@ -45,7 +45,7 @@ if has attention; then
 fi
 if has ttft; then
   echo "== bench ttft" | tee -a "$LOG"
-  timeout 330 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384,32768 --ratios 0.15 --reps 5 \
+  timeout 450 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384,32768 --ratios 0.15 --reps 5 \
     --selector "${TTFT_SELECTOR:-kvfuse}" --compare-selectors "${TTFT_COMPARE:-a3,prophet,kvfuse-staged}" --out "$OUT" 2>&1 \
     | grep -v Warning | tee -a "$LOG"
   mv "$OUT"/profile_*.txt "$OUT/profile.txt" 2>/dev/null

@@ -61,6 +61,7 @@ class TTFTConfig:
     out_dir: str = "bench/results"
     extra: dict = field(default_factory=dict)
     kv_dtype: str = "model"        # how the synthetic store holds the KV: "model", "fp8", "int8"
+    cold_reps: int = 3             # cold runs with the plan (page cache dropped and pools cleared before each)
 
 
 def ensure_store(root: Path, lm, n_chunks: int, chunk_tokens: int, prefix_tokens: int, device: str,
@@ -120,6 +121,8 @@ class Runner:
         self.engine, self.lm, self.question, self.selector = engine, engine.lm, question, selector
         self.tiers = engine.source.tiers
         self.n = 0
+        self.mallocs = torch.cuda.memory_stats(self.tiers.device).get("num_device_alloc", 0) \
+            if self.tiers.device.type == "cuda" else 0
 
     def fused(self, request: list[str], ratio: float, state: str, rates: LoadRates | None = None) -> dict:
         """One request; state cold / warm / hot. rates: the cold-load plan's (None: load every chunk)."""
@@ -139,7 +142,12 @@ class Runner:
         res = self.engine.fused_prefill(FusionRequest(question_ids=self.question.tolist(), chunk_ids=list(request[1:]),
                                                       selector=self.selector, ratio=ratio, request_id=rid))
         ms = (time.perf_counter() - t0) * 1e3
-        return {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()}}
+        out = {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()}}
+        if t.device.type == "cuda":   # new cudaMalloc segments during the request (an allocator not yet warm)
+            stats = torch.cuda.memory_stats(t.device)
+            out["cuda_mallocs"] = stats.get("num_device_alloc", 0) - self.mallocs
+            self.mallocs = stats.get("num_device_alloc", 0)
+        return out
 
     def loader_only(self, request: list[str]) -> dict:
         """A warm load with no compute: every layer copied, gathered and re-rotated."""
@@ -164,7 +172,7 @@ def _summary(runs: list[dict]) -> dict:
     for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s", "repair_s"):
         if key in runs[0]:
             out[key] = median([r[key] for r in runs])
-    for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan", "front_tokens"):
+    for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan", "front_tokens", "cuda_mallocs"):
         if key in runs[-1]:
             out[key] = runs[-1][key]
     return out
@@ -234,7 +242,7 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
                 # one warm request first teaches the plan what this fused pass costs (rates.fused_scale),
                 # as a serving engine's earlier requests do
                 runner.fused(request, ratio, "warm", rates)
-                row["cold"] = _summary([runner.fused(request, ratio, "cold", rates)])
+                row["cold"] = _summary([runner.fused(request, ratio, "cold", rates) for _ in range(cfg.cold_reps)])
                 row["cold_load_all"] = _summary([runner.fused(request, ratio, "cold")])
                 row["cold_load_all"]["speedup"] = row["full_ms"] / row["cold_load_all"]["ttft_ms"]
                 runner.fused(request, ratio, "warm")  # pinned again after the cold run's evictions
@@ -334,11 +342,12 @@ def markdown(result: dict) -> str:
         cold = [r for r in s["rows"] if r["cold"].get("cold_plan")]
         if cold:
             lines += ["Cold (page cache dropped, nothing pinned): the cold-load plan against loading every chunk:", "",
-                      "| context | ratio | full prefill ms | cold ms (plan) | chunks recomputed | plan's estimate ms | "
+                      "| context | ratio | full prefill ms | cold ms (plan; median of runs) | chunks recomputed | plan's estimate ms | "
                       "cold ms, all loaded | disk GB/s | prefill tok/s |", "|---|---|---|---|---|---|---|---|---|"]
             for r in cold:
                 p = r["cold"]["cold_plan"]
-                lines.append(f"| {r['context']} | {r['ratio']} | {r['full_ms']:.1f} | {r['cold']['ttft_ms']:.1f} | "
+                runs = ", ".join(f"{x:.0f}" for x in r["cold"]["runs_ms"])
+                lines.append(f"| {r['context']} | {r['ratio']} | {r['full_ms']:.1f} | {r['cold']['ttft_ms']:.1f} ({runs}) | "
                              f"{p['recomputed']} of {len(p['choices'])} | {1e3 * p['est_s']:.0f} | "
                              f"{r['cold_load_all']['ttft_ms']:.1f} | {p['rates']['disk_gbps']:.2f} | "
                              f"{p['rates']['prefill_tok_s']:.0f} |")

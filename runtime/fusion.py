@@ -126,7 +126,8 @@ class FusedKV(Protocol):
 
     def wait_all(self) -> None: ...                # the compute stream may read every layer from now on
 
-    def working(self) -> torch.Tensor: ...         # [L, 2, H_kv, N, D] this run's cache to repair in place
+    def working(self) -> torch.Tensor: ...         # [L, 2, H_kv, N + T, D] this run's cache to repair in place
+                                                   # (N = question_start; T >= 0 tokens of room for a probe)
 
     def reset_working(self) -> None: ...           # a new run starts from the stored KV again
 
@@ -159,15 +160,17 @@ class HostKV:
             return PeekLayer.cache(self.kv)
         if self._working is not None and not peek:     # the final recompute over the run's repairs
             working, self._working = self._working, None
-            return cache_from_kv(working, slots=slots, copy=False)
+            return cache_from_kv(working[:, :, :, :self.layout.question_start], slots=slots, copy=False)
         return cache_from_kv(self.kv, slots=slots)
 
     def wait_all(self) -> None:
         pass
 
     def working(self) -> torch.Tensor:
-        if self._working is None:
-            self._working = self.kv.clone()
+        if self._working is None:                                                 # room for the question
+            kv = self.kv
+            self._working = kv.new_empty((*kv.shape[:3], kv.shape[3] + self.layout.question_len, kv.shape[4]))
+            self._working[:, :, :, :kv.shape[3]] = kv
         return self._working
 
     def reset_working(self) -> None:
@@ -434,7 +437,7 @@ def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, p
         rec = AttentionRecorder(query_rows=slice(new.numel(), None))
         p_layout, p_question = probe_view(layout, question_ids)
         recompute(lm, working, p_layout, source.context_tokens, p_question, new, rec, peek=True,
-                  cache_factory=lambda kv, slots: RepairLayer.cache(kv, slots))
+                  cache_factory=lambda kv, slots: RepairLayer.cache(kv, layout.question_start, slots))
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L, Q, C]
         return _to_host(attn)
 

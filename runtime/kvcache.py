@@ -37,17 +37,31 @@ class ScatterLayer(DynamicLayer):
         return super().update(key_states[:, :, s:], value_states[:, :, s:], *args, **kwargs)
 
 
+def _append_view(keys, values, room, key_states, value_states):
+    """(keys + new, values + new) along the tokens: written into `room` ([1, H_kv, N + T, D]
+    buffers whose first N tokens are keys/values) when the new tokens fit, else concatenated.
+    At 16k tokens a concatenation copies the whole layer's K/V (64 MB for Llama-3-8B) per pass."""
+    n, q = keys.shape[-2], key_states.shape[-2]
+    if room is not None and n + q <= room[0].shape[-2]:
+        room[0][:, :, n:n + q] = key_states
+        room[1][:, :, n:n + q] = value_states
+        return room[0][:, :, :n + q], room[1][:, :, :n + q]
+    return torch.cat((keys, key_states), -2), torch.cat((values, value_states), -2)
+
+
 class PeekLayer(DynamicLayer):
     """A read-only layer over stored K/V [1, H_kv, N, D]: an update attends over the stored
-    K/V plus the new tokens and keeps nothing (the question probe; no copy of the cache)."""
+    K/V plus the new tokens and keeps nothing (the question probe; no copy of the cache).
+    room: buffers [1, H_kv, N + T, D] beginning with the stored K/V, whose tail may take the
+    new tokens (scratch: what a probe writes there is overwritten by the next pass)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room=None):
         super().__init__()
         self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.room = keys, values, room
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat((self.keys, key_states), -2), torch.cat((self.values, value_states), -2)
+        return _append_view(self.keys, self.values, self.room, key_states, value_states)
 
     @staticmethod
     def cache(kv: torch.Tensor) -> DynamicCache:
@@ -63,10 +77,10 @@ class RepairLayer(PeekLayer):
     An update writes its first `len(slots)` tokens' fresh K/V into their slots of the
     working K/V (kept: the next pass and the final recompute read them) and attends over
     the working K/V plus the rest (the question), which it does not keep. Incremental
-    staged selection (`selectors/kvfuse_staged.select_incremental`) runs its probes on it."""
+    staged selection (`selectors/kvfuse_staged.py`) runs its probes on it."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None):
-        super().__init__(keys, values)
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None, room=None):
+        super().__init__(keys, values, room)
         self.slots = slots
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -77,10 +91,13 @@ class RepairLayer(PeekLayer):
         return super().update(key_states[:, :, s:], value_states[:, :, s:], *args, **kwargs)
 
     @staticmethod
-    def cache(kv: torch.Tensor, slots: torch.Tensor | None = None) -> DynamicCache:
-        """A repairing pass's cache over working kv [L, 2, H_kv, N, D] (views: written in place)."""
+    def cache(kv: torch.Tensor, n_stored: int, slots: torch.Tensor | None = None) -> DynamicCache:
+        """A repairing pass's cache over working kv [L, 2, H_kv, N + T, D]: the first N =
+        n_stored tokens are the context's K/V (written in place), the T after them room for
+        the pass's question."""
         cache = DynamicCache()
-        cache.layers = [RepairLayer(kv[l, 0][None], kv[l, 1][None], slots) for l in range(kv.shape[0])]
+        cache.layers = [RepairLayer(kv[l, 0, :, :n_stored][None], kv[l, 1, :, :n_stored][None], slots,
+                                    room=(kv[l, 0][None], kv[l, 1][None])) for l in range(kv.shape[0])]
         return cache
 
 
@@ -101,8 +118,8 @@ class StreamedLayer(ScatterLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if self.load is not None:
             self.load.wait(self.idx, ahead=0 if self.peek else None)
-        if self.peek:  # the probe: attend over the stored K/V plus the question, keep nothing
-            return torch.cat((self.keys, key_states), -2), torch.cat((self.values, value_states), -2)
+        if self.peek:  # the probe: attend over the stored K/V plus the question (in the tail), keep nothing
+            return _append_view(self.keys, self.values, self.tail, key_states, value_states)
         self.load = None  # landed; later updates (decoding) append as usual
         s = 0 if self.slots is None else self.slots.numel()
         n = self.keys.shape[-2]

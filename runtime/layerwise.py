@@ -273,12 +273,12 @@ class LayerwiseLoad:
         self.stall_marks.append((a, b))
 
     def working(self) -> torch.Tensor:
-        """[L, 2, H_kv, N, D] the request's own fused buffer, after the whole load: a selection
-        that repairs tokens (`SelectionContext.repair`) writes them here in place, and the
-        final recompute's cache reads them from here."""
+        """[L, 2, H_kv, N + Q, D] the request's own fused buffer, after the whole load: a
+        selection that repairs tokens (`SelectionContext.repair`) writes them here in place,
+        its probe's question goes into the tail, and the final recompute reads them from here."""
         self.wait_all()
         self.repaired_in_place = True
-        return self.stored
+        return self.fused
 
     def reset_working(self) -> None:
         """A run starts. RuntimeError if an earlier run repaired the buffer in place: it no

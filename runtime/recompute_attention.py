@@ -53,7 +53,7 @@ _flex_compiled = None
 def default_backend(device: torch.device | str, rows: int | None = None) -> str:
     """The backend a pass of `rows` queries on `device` uses: $KVFUSE_RECOMPUTE_ATTENTION, else
     on CUDA flex, or $KVFUSE_SMALL_PASS_ATTENTION (SMALL_PASS_BACKEND) for a pass of at most
-    SMALL_PASS_ROWS queries (a question probe: flex parallelises over query blocks, so a few
+    SMALL_PASS_ROWS ($KVFUSE_SMALL_PASS_ROWS) queries (a question probe: flex parallelises over query blocks, so a few
     rows over 16k keys leave most of the GPU idle); sdpa elsewhere."""
     name = os.environ.get("KVFUSE_RECOMPUTE_ATTENTION")
     if name:
@@ -63,7 +63,8 @@ def default_backend(device: torch.device | str, rows: int | None = None) -> str:
     small = os.environ.get("KVFUSE_SMALL_PASS_ATTENTION", SMALL_PASS_BACKEND)
     if small not in BACKENDS:
         raise ValueError(f"KVFUSE_SMALL_PASS_ATTENTION={small!r}: choose one of {', '.join(BACKENDS)}")
-    if torch.device(device).type == "cuda" and rows is not None and rows <= SMALL_PASS_ROWS and small != "flex":
+    limit = int(os.environ.get("KVFUSE_SMALL_PASS_ROWS", SMALL_PASS_ROWS))
+    if torch.device(device).type == "cuda" and rows is not None and rows <= limit and small != "flex":
         return small
     if torch.device(device).type == "cuda":
         return "dense" if CUDA_BACKEND == "flex" and _flex_failed is not None else CUDA_BACKEND
