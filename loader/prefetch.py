@@ -118,13 +118,27 @@ def pread_into(fd: int, buf: memoryview, offset: int) -> None:
 
 
 class ShardReader:
-    """Reads a chunk's tensors from its shard by byte offset; file handles and headers are kept open."""
+    """Reads a chunk's tensors from its shard by byte offset; file handles and headers are kept open.
 
-    def __init__(self, store: Store, drop_page_cache: bool = False):
+    The small per-chunk tensors (tokens, saliency: ~4 KB for a 512-token chunk, against tens of
+    MB of KV) of the last `meta_entries` chunks read stay in memory, so a chunk the engine
+    recomputes instead of loading needs no disk read when it was seen before."""
+
+    def __init__(self, store: Store, drop_page_cache: bool = False, meta_entries: int = 16384):
         self.store = store
         self.drop_page_cache = drop_page_cache  # the pinned pool caches it: don't keep a second copy
         self._open: dict[str, tuple[int, dict[str, TensorSpan]]] = {}
         self._lock = threading.Lock()
+        self._meta: OrderedDict[str, dict] = OrderedDict()    # chunk id -> tokens, saliency, pos_base (LRU)
+        self.meta_entries = meta_entries
+
+    def _remember(self, chunk_id: str, meta: dict) -> dict:
+        with self._lock:
+            self._meta[chunk_id] = meta
+            self._meta.move_to_end(chunk_id)
+            while len(self._meta) > self.meta_entries:
+                self._meta.popitem(last=False)
+        return meta
 
     def _shard(self, shard: str):
         with self._lock:
@@ -180,15 +194,21 @@ class ShardReader:
         if verify and fmt.checksum(kv_out, small["tok"], small["sal"], *out[1:]) != rec.checksum:
             note_damage(self.store.cache_dir, rec.shard)
             raise CorruptShardError(f"chunk {chunk_id} in shard {rec.shard} fails its checksum; {ADVICE}.")
-        return {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base}
+        return self._remember(chunk_id, {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base})
 
     def read_meta(self, chunk_id: str) -> dict:
         """chunk_id's tokens [T] int32, saliency [S, T] float16 and pos_base, without its KV
-        (a chunk recomputed instead of loaded needs only its tokens)."""
+        (a chunk recomputed instead of loaded needs only its tokens); from memory when the
+        chunk was read lately (chunk ids are content hashes: the bytes can't have changed)."""
+        with self._lock:
+            meta = self._meta.get(chunk_id)
+            if meta is not None:
+                self._meta.move_to_end(chunk_id)
+                return meta
         rec = self.store.record(chunk_id)
         fd, _ = self._shard(rec.shard)
         small = self._small(fd, self.spans(chunk_id))
-        return {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base}
+        return self._remember(chunk_id, {"tokens": small["tok"], "saliency": small["sal"], "pos_base": rec.pos_base})
 
     @staticmethod
     def _small(fd: int, spans: dict[str, TensorSpan]) -> dict[str, torch.Tensor]:

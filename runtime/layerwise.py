@@ -345,6 +345,13 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
         plan, prefix_pooled = plan_request_loads(tiers, request_id, len(question_ids), selector, ratio, rates,
                                                  lm.spec.n_layers)
     front = plan.front if plan is not None else 0
+    if front and front == len(chunk_ids) - 1 and not prefix_pooled and selected is None and not recompute:
+        # nothing pooled, everything recomputed: the full prefill from the tokens, queued on the GPU
+        # before any of the loader's bookkeeping (no fused buffer, no pool entries)
+        result = prefill_everything(lm, tiers, request_id, chunk_ids, question_ids, t0)
+        result.timings["cold_plan"] = plan.as_dict()
+        learn_rates(rates, plan, result, len(question_ids))
+        return result
     if front and front == len(chunk_ids) - 1:       # every chunk: a full prefill (over the prefix if pooled)
         recompute += chunk_ids[1:] if prefix_pooled else chunk_ids
         # reads not yet started are cancelled: eight reader threads copying into pinned memory slow the
@@ -391,6 +398,30 @@ def prefill_front(lm: LoadedModel, tiers: Tiers, request_id: str,
     tokens = torch.cat([metas[c]["tokens"].long() for c in ids])                         # [P']
     cache, _ = full_prefill(lm, tokens)
     return kv_from_cache(cache).to(tiers.gpu.dtype), tokens, len(metas[ids[0]]["tokens"])
+
+
+def prefill_everything(lm: LoadedModel, tiers: Tiers, request_id: str, chunk_ids: list[str],
+                       question_ids: torch.Tensor, t0: float) -> FusionResult:
+    """A queued request whose chunks (prefix included) are all recomputed: the full prefill of
+    its tokens. The chunks' reads not yet started are cancelled and the request leaves the
+    queue; only the tokens are read (from the reader's metadata cache when it has them).
+    t0: when the request's handling began (perf_counter), for open_s."""
+    tiers.prefetcher.skip(request_id, chunk_ids)
+    metas = tiers.read_metas(chunk_ids)
+    prefix_tokens = metas[chunk_ids[0]]["tokens"].long()
+    context = [metas[c]["tokens"].long() for c in chunk_ids[1:]]
+    t_open = time.perf_counter()
+    cache, logits = full_prefill(lm, torch.cat((prefix_tokens, *context, question_ids.long())))
+    tiers.prefetcher.finish(request_id)                 # meanwhile the GPU runs the prefill
+    if lm.model.device.type == "cuda":
+        torch.cuda.current_stream(lm.model.device).synchronize()
+    t_done = time.perf_counter()
+    P, C = len(prefix_tokens), sum(len(t) for t in context)
+    layout = FusedLayout(prefix_len=P, chunk_ids=tuple(chunk_ids[1:]), chunk_lens=tuple(len(t) for t in context),
+                         question_len=len(question_ids))
+    return FusionResult(cache, logits, layout, torch.arange(P, P + C), timings={
+        "open_s": t_open - t0, "plain_prefill": True, "select_s": 0.0, "recompute_s": t_done - t_open,
+        "total_s": t_done - t0, "hot": 0, "warm": 0, "cold": 0, "recompute": len(chunk_ids), "h2d_bytes": 0})
 
 
 def prefill_over_prefix(lm: LoadedModel, load: "LayerwiseLoad", question_ids: torch.Tensor) -> FusionResult:

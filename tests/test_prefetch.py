@@ -163,3 +163,23 @@ def test_wrong_pool_shape_is_a_clear_error(store):
         assert ids[0] not in pre.pool
     finally:
         pre.close()
+
+
+def test_chunk_metadata_stays_in_memory_bounded(store):
+    """A recomputed chunk needs only its tokens: read once from the shard, then from memory
+    (the last `meta_entries` chunks), equal to what the shard holds."""
+    from kvfuse.loader.prefetch import ShardReader
+    st, _, ids = store
+    reader = ShardReader(st, meta_entries=2)
+    reads = []
+    small = reader._small
+    reader._small = lambda fd, spans: reads.append(1) or small(fd, spans)
+    first = reader.read_meta(ids[0])
+    again = reader.read_meta(ids[0])
+    assert len(reads) == 1 and again is first
+    assert torch.equal(first["tokens"], st.read(ids[0]).tokens)
+    reader.read_meta(ids[1])
+    reader.read_meta(ids[2])                          # evicts ids[0], the least recently used
+    reader.read_meta(ids[0])
+    assert len(reads) == 4 and len(reader._meta) == 2
+    reader.close()
