@@ -317,7 +317,7 @@ def markdown(result: dict) -> str:
              f"Versions: torch {env['torch']}, transformers {env['transformers']}, CUDA {env.get('cuda')}, "
              f"python {env['python']}  ",
              f"Selector `{cfg['selector']}`, {cfg['chunk_tokens']}-token chunks, prefix {cfg['prefix_tokens']} + "
-             f"question {cfg['question_tokens']} tokens, median of {cfg['reps']} runs (cold: 1 run).  "]
+             f"question {cfg['question_tokens']} tokens, median of {cfg['reps']} runs (cold: median of {cfg.get('cold_reps', 1)}; all loaded: 1 run).  "]
     att = result.get("recompute_attention")
     if att:
         lines.append(f"Recompute attention: `{att['backend']}`"
