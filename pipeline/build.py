@@ -67,7 +67,7 @@ from kvfuse.runtime.prompt import PROMPT_RULE, PromptTemplate
 from .chunker import Chunk, chunk_document
 from .corpus import Document, read_corpus
 from .isolated_kv import ISOLATED_KV, IsolatedKV
-from .precompute import embed_chunk, prefill_chunk, prefill_chunks, prefill_prefix
+from .precompute import embed_chunks, prefill_chunk, prefill_chunks, prefill_prefix
 from .relate import EmbeddingCache, MiniLM, check_embedder, top_neighbours
 from .staging import HostStager
 
@@ -183,8 +183,25 @@ def embed_items(lm: LoadedModel, prefix_ids, items: list[tuple[str, tuple[int, .
     if not items:
         return {}
     prefix_kv = prefill_prefix(lm, prefix_ids)
-    vecs = torch.stack([embed_chunk(lm, prefix_kv, ids, keep, prefix_ids, to_cpu=False) for _, ids, _ in items])
-    return {cid: v.clone() for (cid, _, _), v in zip(items, vecs.cpu())}  # one sync per batch; own storage each
+    size = GPU_BATCH if lm.model.device.type == "cuda" else 1         # the CPU is compute-bound: no gain
+    vecs: dict[str, torch.Tensor] = {}
+    for group in length_groups(items, lambda item: len(item[1]), size):
+        out = embed_chunks(lm, prefix_kv, [ids for _, ids, _ in group], keep, prefix_ids, to_cpu=False)  # [B, hidden]
+        vecs.update((cid, v) for (cid, _, _), v in zip(group, out))
+    stacked = torch.stack([vecs[cid] for cid, _, _ in items]).cpu()  # one sync per batch
+    return {cid: v.clone() for (cid, _, _), v in zip(items, stacked)}  # own storage each
+
+
+def length_groups(items: list, length, size: int) -> list[list]:
+    """Consecutive items with equal `length(item)` (any comparable key) grouped by up to `size`, in order."""
+    groups: list[list] = []
+    for item in items:
+        last = groups[-1] if groups else None
+        if last is not None and len(last) < size and length(last[0]) == length(item):
+            last.append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 class Computed(list):
@@ -199,16 +216,9 @@ GPU_BATCH = 4  # isolated chunks of one length prefilled per forward on a GPU (`
 def job_batches(jobs: list[Job], size: int) -> list[list[Job]]:
     """Jobs in order, consecutive isolated chunks of one length grouped by up to `size`
     (the prefix and enriched chunks alone)."""
-    groups: list[list[Job]] = []
-    for job in jobs:
-        alone = job.is_prefix or bool(job.neighbour_ids)
-        last = groups[-1] if groups else None
-        if (not alone and last and len(last) < size and not (last[0].is_prefix or last[0].neighbour_ids)
-                and len(last[0].token_ids) == len(job.token_ids)):
-            last.append(job)
-        else:
-            groups.append([job])
-    return groups
+    def key(job: Job):
+        return ("alone", id(job)) if job.is_prefix or job.neighbour_ids else len(job.token_ids)
+    return length_groups(jobs, key, size)
 
 
 def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, metadata: dict[str, str],

@@ -5,6 +5,7 @@
     [(kv, sal), ...] = prefill_chunks(lm, prefix_kv, [ids_a, ids_b])  # isolated, one length, batched (GPU)
     kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids, neighbour_ids)  # FusionRAG-enriched
     emb = embed_chunk(lm, prefix_kv, chunk_ids, keep, prefix_ids)   # [hidden] float32, keeps the isolated KV
+    embs = embed_chunks(lm, prefix_kv, [ids_a, ids_b], keep, prefix_ids)  # [2, hidden]: one length, batched (GPU)
     kv, sal = prefill_chunk(lm, prefix_kv, chunk_ids, neighbour_ids,  # enriched, without rerunning that pass
                             isolated=keep.take(lm, prefix_ids, chunk_ids))
 
@@ -52,7 +53,7 @@ def prefill_prefix(lm: LoadedModel, prefix_ids) -> torch.Tensor:
 def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.Tensor,
                           recorder: AttentionRecorder | None = None):
     """Run ids [N] (or a batch [B, N], each sequence after its own copy of the prefix) after the
-    prefix cache; returns (cache, last hidden states [N, hidden] of the first sequence)."""
+    prefix cache; returns (cache, last hidden states [N, hidden]; [B, N, hidden] for a batch)."""
     device = lm.model.device
     P = prefix_kv.shape[3]
     batch = ids if ids.dim() == 2 else ids[None]                                        # [B, N]
@@ -65,7 +66,7 @@ def _prefill_after_prefix(lm: LoadedModel, prefix_kv: torch.Tensor, ids: torch.T
     with record_attention(recorder) if recorder is not None else nullcontext():
         out = lm.model.model(input_ids=batch, position_ids=positions, **cache_kwargs(lm.model.model, cache),
                              use_cache=True)
-    return cache, out.last_hidden_state[0]
+    return cache, out.last_hidden_state[0] if ids.dim() == 1 else out.last_hidden_state
 
 
 @torch.inference_mode()
@@ -78,12 +79,25 @@ def embed_chunk(lm: LoadedModel, prefix_kv: torch.Tensor, chunk_ids, keep: Isola
     `keep` (and the prefix's token ids, prefix_kv's key there), its KV [L, 2, H_kv, T, D]
     is kept there, on the model's device, for prefill_chunk.
     """
-    chunk = torch.as_tensor(chunk_ids).long()
-    cache, hidden = _prefill_after_prefix(lm, prefix_kv, chunk)
+    return embed_chunks(lm, prefix_kv, [chunk_ids], keep, prefix_ids, to_cpu)[0]
+
+
+@torch.inference_mode()
+def embed_chunks(lm: LoadedModel, prefix_kv: torch.Tensor, chunks: list, keep: IsolatedKV | None = None,
+                 prefix_ids=(), to_cpu: bool = True) -> torch.Tensor:
+    """`embed_chunk` for chunks of one length in one batched forward: [B, hidden] float32 (and
+    each chunk's isolated KV kept, with `keep`). A GPU forward of one 512-token chunk is bound
+    by the host launching its kernels, so B chunks cost little more than one. Raises ValueError
+    for chunks of different lengths."""
+    ids = [list(c) for c in chunks]
+    if any(len(c) != len(ids[0]) for c in ids):
+        raise ValueError(f"embed_chunks needs chunks of one length, got {sorted({len(c) for c in ids})}")
+    T, P = len(ids[0]), prefix_kv.shape[3]
+    cache, hidden = _prefill_after_prefix(lm, prefix_kv, torch.tensor(ids, dtype=torch.long))    # [B, T, hidden]
     if keep is not None and keep.accepts(lm):
-        P = prefix_kv.shape[3]
-        keep.put(lm, prefix_ids, chunk_ids, kv_from_cache(cache, P, P + len(chunk)))
-    emb = hidden.float().mean(0)
+        for b, chunk_ids in enumerate(chunks):
+            keep.put(lm, prefix_ids, chunk_ids, kv_from_cache(cache, P, P + T, seq=b))
+    emb = hidden.float().mean(1)                                                                 # [B, hidden]
     return emb.cpu() if to_cpu else emb
 
 
