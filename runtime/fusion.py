@@ -126,8 +126,9 @@ class FusedKV(Protocol):
 
     def wait_all(self) -> None: ...                # the compute stream may read every layer from now on
 
-    def working(self) -> torch.Tensor: ...         # [L, 2, H_kv, N + T, D] this run's cache to repair in place
-                                                   # (N = question_start; T >= 0 tokens of room for a probe)
+    def repair_cache(self, slots: torch.Tensor): ...  # a cache over this run's working KV that keeps the
+                                                   # slots' fresh K/V (`kvcache.RepairLayer`); the final
+                                                   # recompute's `cache` then reads them
 
     def reset_working(self) -> None: ...           # a new run starts from the stored KV again
 
@@ -166,12 +167,12 @@ class HostKV:
     def wait_all(self) -> None:
         pass
 
-    def working(self) -> torch.Tensor:
-        if self._working is None:                                                 # room for the question
+    def repair_cache(self, slots: torch.Tensor):
+        if self._working is None:                        # this run's copy, with room for the question
             kv = self.kv
             self._working = kv.new_empty((*kv.shape[:3], kv.shape[3] + self.layout.question_len, kv.shape[4]))
             self._working[:, :, :, :kv.shape[3]] = kv
-        return self._working
+        return RepairLayer.cache(self._working, self.layout.question_start, slots)
 
     def reset_working(self) -> None:
         self._working = None
@@ -433,11 +434,10 @@ def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, p
     def repairer(new: torch.Tensor) -> torch.Tensor:
         """Question attention [L, Q, C] from one pass of `new` + Q over the run's working cache,
         into which the pass writes `new`'s fresh K/V (`kvcache.RepairLayer`)."""
-        working = source.working()                           # waits for the whole load
         rec = AttentionRecorder(query_rows=slice(new.numel(), None))
         p_layout, p_question = probe_view(layout, question_ids)
-        recompute(lm, working, p_layout, source.context_tokens, p_question, new, rec, peek=True,
-                  cache_factory=lambda kv, slots: RepairLayer.cache(kv, layout.question_start, slots))
+        recompute(lm, source, p_layout, source.context_tokens, p_question, new, rec, peek=True,
+                  cache_factory=lambda _, slots: source.repair_cache(slots))
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L, Q, C]
         return _to_host(attn)
 
@@ -446,7 +446,7 @@ def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, p
         return recompute_context_layer(lm, source.stored, layout, source.context_tokens, layer)
 
     ctx = SelectionContext(layout=layout, kv=source.stored, attend=attend, recompute_layer=recompute_layer,
-                           saliency=source.saliency, repairer=repairer if hasattr(source, "working") else None)
+                           saliency=source.saliency, repairer=repairer if hasattr(source, "repair_cache") else None)
     prep = Prepared(lm, source, question_ids, ctx, per_request)
     return prep
 
@@ -504,8 +504,8 @@ def run(prep: Prepared, selector: str = "kvfuse", ratio: float = 0.15, selected:
     if selected is None:
         depth = probe_depth(selector, lm.spec.n_layers)
         ctx.probe_layers = depth if prep.per_request else None
-        if depth == lm.spec.n_layers:
-            source.wait_all()  # an unknown selector may read any layer of ctx.kv
+        if depth == lm.spec.n_layers and getattr(select, "reads_stored", True):
+            source.wait_all()  # a selector may read any layer of ctx.kv (its probes and repairs wait per layer)
         budget = round(ratio * prep.layout.context_len)
         selected = select(ctx, budget)
     plan = selected if isinstance(selected, LayerPlan) else None

@@ -79,11 +79,14 @@ class RepairLayer(PeekLayer):
     the working K/V plus the rest (the question), which it does not keep. Incremental
     staged selection (`selectors/kvfuse_staged.py`) runs its probes on it."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None, room=None):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None, room=None,
+                 before=None):
         super().__init__(keys, values, room)
-        self.slots = slots
+        self.slots, self.before = slots, before    # before(): e.g. make the compute stream wait for the layer
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.before is not None:
+            self.before()
         s = 0 if self.slots is None else self.slots.numel()
         if s:  # key_states: [1, H_kv, S + Q, D]; the first S are the repaired context tokens
             self.keys.index_copy_(2, self.slots, key_states[:, :, :s])
@@ -91,13 +94,16 @@ class RepairLayer(PeekLayer):
         return super().update(key_states[:, :, s:], value_states[:, :, s:], *args, **kwargs)
 
     @staticmethod
-    def cache(kv: torch.Tensor, n_stored: int, slots: torch.Tensor | None = None) -> DynamicCache:
+    def cache(kv: torch.Tensor, n_stored: int, slots: torch.Tensor | None = None, wait=None) -> DynamicCache:
         """A repairing pass's cache over working kv [L, 2, H_kv, N + T, D]: the first N =
         n_stored tokens are the context's K/V (written in place), the T after them room for
-        the pass's question."""
+        the pass's question. wait(l), if given, runs before layer l's update (a layer-wise load
+        makes the compute stream wait there for layer l's copy)."""
         cache = DynamicCache()
         cache.layers = [RepairLayer(kv[l, 0, :, :n_stored][None], kv[l, 1, :, :n_stored][None], slots,
-                                    room=(kv[l, 0][None], kv[l, 1][None])) for l in range(kv.shape[0])]
+                                    room=(kv[l, 0][None], kv[l, 1][None]),
+                                    before=None if wait is None else (lambda l=l: wait(l)))
+                        for l in range(kv.shape[0])]
         return cache
 
 

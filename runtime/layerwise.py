@@ -66,7 +66,7 @@ from .coldplan import ChunkLoad, ColdPlan, LoadRates, plan_cold
 from .fusion import FusionResult, full_prefill, prepare_from, probe_depth, run
 from .fusion import recompute as recompute_pass
 from .guards import fused_tokens
-from .kvcache import StreamedLayer, cache_from_kv, kv_from_cache
+from .kvcache import RepairLayer, StreamedLayer, cache_from_kv, kv_from_cache
 from .layout import FusedLayout
 from .model import LoadedModel, ModelSpec
 from .recompute_attention import plan_query_groups
@@ -272,13 +272,12 @@ class LayerwiseLoad:
         b.record(compute)
         self.stall_marks.append((a, b))
 
-    def working(self) -> torch.Tensor:
-        """[L, 2, H_kv, N + Q, D] the request's own fused buffer, after the whole load: a
-        selection that repairs tokens (`SelectionContext.repair`) writes them here in place,
-        its probe's question goes into the tail, and the final recompute reads them from here."""
-        self.wait_all()
+    def repair_cache(self, slots: torch.Tensor) -> DynamicCache:
+        """A repair pass's cache over the request's own fused buffer: layer l waits for its
+        copy, then the pass writes the slots' fresh K/V into it in place (the question's into
+        the tail, scratch); the final recompute reads them from there."""
         self.repaired_in_place = True
-        return self.fused
+        return RepairLayer.cache(self.fused, self.layout.question_start, slots, wait=self.wait)
 
     def reset_working(self) -> None:
         """A run starts. RuntimeError if an earlier run repaired the buffer in place: it no

@@ -39,6 +39,11 @@ SELECTORS: dict[str, Selector] = {
 
 DEFAULT = "kvfuse"
 
+# The staged rules read no stored K/V themselves (only through probes and repairs, which wait for
+# each layer's copy): on a layer-wise load their first pass starts while later layers still load.
+for _select in (kvfuse_staged.select, kvfuse_staged.select_joint_probes, kvfuse_staged.select_incremental):
+    _select.reads_stored = False
+
 
 def get_selector(name: str) -> Selector:
     try:
