@@ -286,3 +286,19 @@ def test_forced_positions_join_a_layer_plan_at_every_layer():
     assert out.initial.tolist() == [3, 5, 9, 12, 20, 21]
     assert out.keep == [6, 6, 5, 4]   # 9 was in the plan already, but may not be dropped any more
     assert sorted(out.pinned.tolist()) == [5, 9, 20, 21]
+
+
+def test_a_split_must_win_clearly_or_the_full_prefill_runs():
+    """A plan that reads from disk must be estimated under FULL_PREFILL_MARGIN of the full prefill:
+    its estimate rests on more rates than the prefill's (H200: a 1% win by estimate ran 13% slower)."""
+    from kvfuse.runtime.coldplan import FULL_PREFILL_MARGIN
+    # 2 chunks of 100 tokens at 1000 tok/s (full prefill 0.2 s), 0.1 s each from disk; the fused
+    # pass over the back costs `fused` tokens: prefilling one chunk while the other loads takes
+    # 0.1 + fused / 1000 s
+    rates = LoadRates(disk_gbps=1.0, h2d_gbps=1e9, prefill_tok_s=1000)
+    close = plan_cold(chunks("cold", "cold", nbytes=GB // 10), rates, 0, 0, lambda n: 90.0)
+    assert close.choices == ["recompute", "recompute"]          # 0.19 s against 0.2 s: not worth the risk
+    assert close.est_s == close.recompute_all_s == pytest.approx(0.2)
+    clear = plan_cold(chunks("cold", "cold", nbytes=GB // 10), rates, 0, 0, lambda n: 50.0)
+    assert clear.choices == ["recompute", "load"] and clear.est_s == pytest.approx(0.15)
+    assert clear.est_s < FULL_PREFILL_MARGIN * clear.recompute_all_s
