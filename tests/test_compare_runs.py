@@ -28,3 +28,29 @@ def test_shared_examples_are_paired_and_a_constant_difference_has_a_point_interv
     assert not any(line.startswith("reuse") for line in lines)      # no rows: skipped
     with pytest.raises(SystemExit, match="no results.jsonl"):
         compare([str(tmp_path / "a"), str(tmp_path / "nowhere")], ["kvfuse"], 0.15)
+
+
+def test_sweep_keeps_the_examples_every_cell_shares(tmp_path):
+    """bench/sweep.py: means over the examples present in every (method, ratio) cell; the first
+    method's paired answer-KL gain over the others; the report and plot are written."""
+    from kvfuse.bench.sweep import main, paired_gains, shared_examples, sweep_table
+    from kvfuse.bench.compare_runs import load_rows
+    rows = [row(f"e{i}", "full-prefill", 1.0, 1.0, 0.0) for i in range(4)]
+    for r, kl in ((0.1, 0.3), (0.2, 0.2)):
+        rows += [row(f"e{i}", "kvfuse", r, 1.0, kl) for i in range(4)]
+        rows += [row(f"e{i}", "reuse", r, 0.0, kl + 0.1) for i in range(4 if r == 0.1 else 2)]   # n = 2 at 0.2
+    write(tmp_path / "run", rows)
+    (tmp_path / "run" / "meta.json").write_text(json.dumps({"suite": "facts", "model": "m"}))
+    data = load_rows(str(tmp_path / "run"))
+    examples = shared_examples(data, ["kvfuse", "reuse"], [0.1, 0.2])
+    assert examples == ["e0", "e1"]
+    table = sweep_table(data, ["kvfuse", "reuse"], [0.1, 0.2], examples)
+    assert [(t["method"], t["ratio"], t["n"]) for t in table] == [("kvfuse", 0.1, 2), ("kvfuse", 0.2, 2),
+                                                                  ("reuse", 0.1, 2), ("reuse", 0.2, 2)]
+    assert table[0]["answer_kl"] == pytest.approx(0.3) and table[2]["retention"] == 0.0
+    gains = paired_gains(data, "kvfuse", ["reuse"], [0.1, 0.2], examples)
+    assert [round(g["gain"], 6) for g in gains] == [0.1, 0.1] and gains[0]["lo"] == pytest.approx(0.1)
+    main([str(tmp_path / "run"), "--methods", "kvfuse,reuse", "--ratios", "0.1,0.2", "--out", str(tmp_path / "s")])
+    assert (tmp_path / "s.png").stat().st_size > 0 and "| reuse | 0.2 | 0.000 |" in (tmp_path / "s.md").read_text()
+    with pytest.raises(SystemExit, match="every cell"):
+        main([str(tmp_path / "run"), "--methods", "kvfuse,prophet", "--ratios", "0.1"])
