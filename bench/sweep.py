@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else Path(args.run_dir) / "sweep"
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{meta['suite']} · {meta['model']} · n = {len(examples)}"
-    plot(table, full, out.with_suffix(".png"), title)
+    plot(table, full, out.parent / f"{out.name}.png", title)   # (not with_suffix: names hold dots, "qwen2.5")
     lines = [f"# Recompute-ratio sweep: {title}", "",
              f"- command: `python3 -m kvfuse.bench.sweep {args.run_dir} --methods {args.methods} --ratios {args.ratios}`",
              f"- examples: the {len(examples)} that every (method, ratio) cell shares; full prefill score {full:.3f}",
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
               "| ratio | versus | gain | 95% interval |", "|---|---|---|---|"]
     lines += [f"| {g['ratio']} | {g['versus']} | {g['gain']:+.4f} | [{g['lo']:+.4f}, {g['hi']:+.4f}] |"
               for g in paired_gains(rows, methods[0], methods[1:], ratios, examples)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

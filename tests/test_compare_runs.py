@@ -50,7 +50,8 @@ def test_sweep_keeps_the_examples_every_cell_shares(tmp_path):
     assert table[0]["answer_kl"] == pytest.approx(0.3) and table[2]["retention"] == 0.0
     gains = paired_gains(data, "kvfuse", ["reuse"], [0.1, 0.2], examples)
     assert [round(g["gain"], 6) for g in gains] == [0.1, 0.1] and gains[0]["lo"] == pytest.approx(0.1)
-    main([str(tmp_path / "run"), "--methods", "kvfuse,reuse", "--ratios", "0.1,0.2", "--out", str(tmp_path / "s")])
-    assert (tmp_path / "s.png").stat().st_size > 0 and "| reuse | 0.2 | 0.000 |" in (tmp_path / "s.md").read_text()
+    main([str(tmp_path / "run"), "--methods", "kvfuse,reuse", "--ratios", "0.1,0.2", "--out", str(tmp_path / "s-qwen2.5")])
+    assert (tmp_path / "s-qwen2.5.png").stat().st_size > 0
+    assert "| reuse | 0.2 | 0.000 |" in (tmp_path / "s-qwen2.5.md").read_text()
     with pytest.raises(SystemExit, match="every cell"):
         main([str(tmp_path / "run"), "--methods", "kvfuse,prophet", "--ratios", "0.1"])
