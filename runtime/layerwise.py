@@ -405,13 +405,15 @@ def prefill_everything(lm: LoadedModel, tiers: Tiers, request_id: str, chunk_ids
     its tokens. The chunks' reads not yet started are cancelled and the request leaves the
     queue; only the tokens are read (from the reader's metadata cache when it has them).
     t0: when the request's handling began (perf_counter), for open_s."""
-    tiers.prefetcher.skip(request_id, chunk_ids)
-    metas = tiers.read_metas(chunk_ids)
-    prefix_tokens = metas[chunk_ids[0]]["tokens"].long()
-    context = [metas[c]["tokens"].long() for c in chunk_ids[1:]]
-    t_open = time.perf_counter()
-    cache, logits = full_prefill(lm, torch.cat((prefix_tokens, *context, question_ids.long())))
-    tiers.prefetcher.finish(request_id)                 # meanwhile the GPU runs the prefill
+    try:
+        tiers.prefetcher.skip(request_id, chunk_ids)
+        metas = tiers.read_metas(chunk_ids)
+        prefix_tokens = metas[chunk_ids[0]]["tokens"].long()
+        context = [metas[c]["tokens"].long() for c in chunk_ids[1:]]
+        t_open = time.perf_counter()
+        cache, logits = full_prefill(lm, torch.cat((prefix_tokens, *context, question_ids.long())))
+    finally:
+        tiers.prefetcher.finish(request_id)             # (on success: while the GPU runs the prefill)
     if lm.model.device.type == "cuda":
         torch.cuda.current_stream(lm.model.device).synchronize()
     t_done = time.perf_counter()
