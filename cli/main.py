@@ -83,8 +83,9 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
         click.echo(f"repaired {len(report.repaired)} damaged chunks: {', '.join(report.repaired)}", err=True)
     transcoded = f", {report.transcoded} re-encoded from the model-dtype release" if report.transcoded else ""
     click.echo(f"release {report.release}: {report.chunks} chunks ({report.computed} computed, "
-               f"{report.reused} reused{transcoded}), {report.tokens} tokens prefilled in {report.seconds:.1f} s "
-               f"({report.tokens_per_s:.0f} tok/s)")
+               f"{report.reused} reused{transcoded}), {report.tokens} chunk tokens stored "
+               f"({report.prefilled} run through the model, with neighbours and embeddings) in {report.seconds:.1f} s "
+               f"({report.tokens_per_s:.0f} stored tok/s)")
 
 
 @main.command()
@@ -165,7 +166,10 @@ def verify(cache_dir, release, quick, as_json):
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--dtype", default=None)
 @click.option("--top-k", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--selector", default="kvfuse", show_default=True)
+@click.option("--selector", default="kvfuse", show_default=True,
+              help="Which context tokens to recompute: kvfuse (the default), kvfuse-inc (faster, a little less "
+                   "faithful), prophet, a3, cacheblend, epic, reuse (none), full (a full prefill); the rest "
+                   "and what each costs: docs/selectors.md.")
 @click.option("--ratio", default=0.15, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1))
 @click.option("--compare", is_flag=True, help="Also run a full prefill of the same prompt and compare.")

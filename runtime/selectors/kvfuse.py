@@ -1,4 +1,7 @@
-"""`kvfuse` (ours, the default): chunk starts, then one question probe split over chunks by relevance.
+"""`kvfuse-1probe` (ours): chunk starts, then one question probe split over chunks by relevance.
+
+Not the default: on the demo's own question it names the wrong painter (docs/selectors.md);
+the default `kvfuse` is the staged rule (`kvfuse_staged.py`), whose helpers this module shares.
 
 0. Chunk starts: the first START_TOKENS tokens of every chunk (at most START_SHARE of
    the budget) are taken up front, whatever the question: prefilled right after the
@@ -13,10 +16,10 @@
    relevant tokens of each chunk are taken.
 
 Cost: one pass of the question's tokens (at most `guards.PROBE_QUESTION_TOKENS`) through
-PROBE_SHARE of the layers, before the recompute. The former default, `kvfuse-staged`
-(`kvfuse_staged.py`), refined the relevance in three stages, each probe re-running the
-picks so far with the question (~2 x budget tokens through every layer): on the dev runs
-(docs/selectors.md) the single probe's answers tie it, at a sixth of its selection cost.
+PROBE_SHARE of the layers, before the recompute. The staged rule (`kvfuse_staged.py`)
+refines the relevance in three stages instead: on the dev runs (docs/selectors.md) the
+single probe's answers tie it at a fraction of its selection cost, but its first-token KL
+is worse and it gets the demo's answer wrong.
 """
 
 from __future__ import annotations
