@@ -184,12 +184,10 @@ def embed_items(lm: LoadedModel, prefix_ids, items: list[tuple[str, tuple[int, .
         return {}
     prefix_kv = prefill_prefix(lm, prefix_ids)
     size = GPU_BATCH if lm.model.device.type == "cuda" else 1         # the CPU is compute-bound: no gain
-    vecs: dict[str, torch.Tensor] = {}
-    for group in length_groups(items, lambda item: len(item[1]), size):
-        out = embed_chunks(lm, prefix_kv, [ids for _, ids, _ in group], keep, prefix_ids, to_cpu=False)  # [B, hidden]
-        vecs.update((cid, v) for (cid, _, _), v in zip(group, out))
-    stacked = torch.stack([vecs[cid] for cid, _, _ in items]).cpu()  # one sync per batch
-    return {cid: v.clone() for (cid, _, _), v in zip(items, stacked)}  # own storage each
+    groups = length_groups(items, lambda item: len(item[1]), size)     # consecutive: items' order kept
+    vecs = torch.cat([embed_chunks(lm, prefix_kv, [ids for _, ids, _ in g], keep, prefix_ids, to_cpu=False)
+                      for g in groups]).cpu()                           # [N, hidden]; one sync per batch
+    return {cid: v.clone() for (cid, _, _), v in zip(items, vecs)}      # own storage each
 
 
 def length_groups(items: list, length, size: int) -> list[list]:

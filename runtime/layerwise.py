@@ -177,6 +177,7 @@ class LayerwiseLoad:
         # of equal length laid end to end (one dequantisation per run and layer)
         self.scale_runs = scale_runs(pairs, self.starts) if tiers.codec.quantised else []
         self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
+        self.repaired_in_place = False   # a selection repaired tokens into `fused` (repair_cache)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
         cuda = self.stream is not None
         timing = measure_stall and cuda
@@ -282,7 +283,7 @@ class LayerwiseLoad:
     def reset_working(self) -> None:
         """A run starts. RuntimeError if an earlier run repaired the buffer in place: it no
         longer holds the stored KV (the engine runs one selection per load)."""
-        if getattr(self, "repaired_in_place", False):
+        if self.repaired_in_place:
             raise RuntimeError("this layer-wise load was repaired in place by an earlier run; load the chunks again")
 
     # ---- caches over the fused buffer ----------------------------------------------
