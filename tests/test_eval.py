@@ -205,3 +205,18 @@ def test_evaluate_kv_dtype_pairs_each_method_with_its_quantised_store(lm, tmp_pa
     ev.rewrite_report(cfg.out)
     assert json.loads((cfg.out / "accuracy-facts-tiny-isolated-int8.json").read_text())["kv_paired"] == \
         json.loads(json.dumps(report["kv_paired"]))
+
+
+def test_selector_dev_scores_whole_answers(lm, tmp_path, monkeypatch, capsys):
+    """The selector dev loop's --answers: ratio 1.0 is the full prefill, so its answer KL is 0 and
+    its whole greedy answer is the full prefill's; plain reuse is scored on the same answers."""
+    from kvfuse.bench import selector_dev
+    cfg = ev.EvalConfig(suite="facts", model="tiny", methods=["reuse"], ratios=[0.5], n=2, seed=0,
+                        out=tmp_path / "facts", build={"enrich": False}, progress=False, corpus_examples=2)
+    ev.evaluate(cfg, lm)
+    monkeypatch.setattr(selector_dev, "load_model", lambda name: lm)
+    selector_dev.main([str(tmp_path / "facts"), "kvfuse,reuse", "--ratios", "1.0", "--answers"])
+    means = {line.split()[0]: [float(x) for x in line.split()[2:]] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  ")}
+    assert means["kvfuse"][0] < 1e-4 and means["kvfuse"][1] < 1e-4 and means["kvfuse"][2] == 1.0
+    assert means["reuse"][1] >= 0.0 and 0.0 <= means["reuse"][2] <= 1.0
