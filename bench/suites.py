@@ -89,13 +89,15 @@ _NOUN = ("anchor badger beacon canyon cedar comet falcon garden glacier harbor i
          "valley walnut willow zephyr").split()
 
 
-def _essay_pool(tokenizer, seed: int) -> list[tuple[str, str, int]]:
-    """(doc_id, text, n_tokens) of NIAH_POOL essay pieces, cut by the store's chunker."""
+def _essay_pool(tokenizer, seed: int, chunk_tokens: int = NIAH_CHUNK_TOKENS) -> list[tuple[str, str, int]]:
+    """(doc_id, text, n_tokens) of NIAH_POOL essay pieces of at most chunk_tokens - 40 tokens (room
+    for a needle), cut by the store's chunker."""
     pieces = []
+    tag = "pool" if chunk_tokens == NIAH_CHUNK_TOKENS else f"pool{chunk_tokens}"
     for doc in paul_graham_essays():
-        for c in chunk_document(doc, tokenizer, NIAH_CHUNK_TOKENS - 40):  # room for a needle
-            if c.n_tokens >= 120:
-                pieces.append((f"pool/{doc.doc_id}#{c.chunk_no}", c.text.strip(), c.n_tokens))
+        for c in chunk_document(doc, tokenizer, chunk_tokens - 40):
+            if c.n_tokens >= (chunk_tokens - 40) // 2 + 12:   # 120 for 256-token chunks: no stubs
+                pieces.append((f"{tag}/{doc.doc_id}#{c.chunk_no}", c.text.strip(), c.n_tokens))
     random.Random(f"pool-{seed}").shuffle(pieces)
     return pieces[:NIAH_POOL]
 
@@ -156,10 +158,12 @@ def _niah_example(i: int, pool, rng: random.Random) -> tuple[Example, list[Docum
     return Example(f"niah-{i}", tuple(doc_ids), question, answers, variant, 4 + 12 * len(answers), prefix), docs
 
 
-def essay_suite(name: str, make_example, tokenizer, n: int, seed: int) -> Suite:
+def essay_suite(name: str, make_example, tokenizer, n: int, seed: int,
+                chunk_tokens: int = NIAH_CHUNK_TOKENS) -> Suite:
     """`n` examples made by `make_example(i, essay_pool, rng) -> (Example, extra documents)` over the
-    essay haystack; deterministic for a seed and prefix-stable in n (example i has its own rng)."""
-    pool = _essay_pool(tokenizer, seed)
+    essay haystack of pieces of at most chunk_tokens - 40 tokens; deterministic for a seed and
+    prefix-stable in n (example i has its own rng)."""
+    pool = _essay_pool(tokenizer, seed, chunk_tokens)
     docs = {p[0]: Document(p[0], p[1], {}) for p in pool}
     examples = []
     for i in range(n):
@@ -167,7 +171,7 @@ def essay_suite(name: str, make_example, tokenizer, n: int, seed: int) -> Suite:
         examples.append(ex)
         docs.update((d.doc_id, d) for d in extra)
     used = {d for ex in examples for d in ex.doc_ids}
-    return Suite(name, [d for k, d in docs.items() if k in used], examples, NIAH_CHUNK_TOKENS, "recall", False)
+    return Suite(name, [d for k, d in docs.items() if k in used], examples, chunk_tokens, "recall", False)
 
 
 def niah_suite(tokenizer, n: int, seed: int) -> Suite:

@@ -17,6 +17,12 @@ piece, the pieces in shuffled order:
 
 Chunk-wise KV computes each piece without the other, so only recomputation (or
 enrichment that happens to pair the two) can join the hops.
+
+Sized for the accuracy model (issue 12 asks full-prefill accuracy >= 0.8): with a
+decoy chain of the same shape (`XCHUNK_DECOY`) qwen2.5-0.5b's full prefill scored
+0.62 over 30 examples (vartrack 0.70, twohop 0.53), and a shorter haystack (~650
+tokens of 120-token pieces) did not help (0.50 over the first 5); without the
+decoy it scores 0.9+ (`python -m kvfuse.bench.full_accuracy --suite xchunk`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from kvfuse.pipeline.corpus import Document
 from .suites import Example, Suite, _ADJ, _NOUN, _insert, essay_suite
 
 XCHUNK_CONTEXT_TOKENS = 900    # haystack per example (4 hop sentences among ~6 essay pieces)
+XCHUNK_CHUNK_TOKENS = 256      # store chunk size; essay pieces hold at most this - 40 tokens
+XCHUNK_DECOY = False           # a second chain of the same shape with another value: off, see below
 XCHUNK_KINDS = ("vartrack", "twohop")
 
 
@@ -67,7 +75,7 @@ def _example(i: int, pool, rng: random.Random) -> tuple[Example, list[Document]]
             break
         hay.append(j)
         total += pool[j][2]
-    sentences = chain + decoy
+    sentences = chain + (decoy if XCHUNK_DECOY else [])
     hosts = rng.sample(range(len(hay)), len(sentences))  # one hop per piece, pieces already shuffled
     doc_ids, docs = [], []
     for h, j in enumerate(hay):
@@ -83,4 +91,4 @@ def _example(i: int, pool, rng: random.Random) -> tuple[Example, list[Document]]
 
 def xchunk_suite(tokenizer, n: int, seed: int) -> Suite:
     """`n` examples (vartrack and twohop alternating), deterministic for a seed and prefix-stable in n."""
-    return essay_suite("xchunk", _example, tokenizer, n, seed)
+    return essay_suite("xchunk", _example, tokenizer, n, seed, XCHUNK_CHUNK_TOKENS)

@@ -7,6 +7,7 @@ from conftest import tiny_model_dir
 
 from kvfuse.bench.facts_suite import KINDS, OTHER_KIND, SAME_KIND, facts_suite
 from kvfuse.bench.suites import fact_match, make_suite, needle_recall
+from kvfuse.bench import xchunk_suite as xs
 from kvfuse.bench.xchunk_suite import xchunk_suite
 from kvfuse.runtime.model import load_model
 
@@ -80,5 +81,18 @@ def test_xchunk_answer_needs_two_chunks(tokenizer):
             assert any(f"VAR {first} = {value}." in t for t in texts)
             assert any(f"VAR {second} = {first}." in t for t in texts)
             assert not any(second in t and value in t for t in texts)  # the second name needs both chunks
-        # a decoy chain of the same shape with another value
+        # two hops, each in its own piece (and a decoy chain of the same shape when switched on)
+        assert sum(t.count("VAR ") + t.count("The code for ") for t in texts) == (4 if xs.XCHUNK_DECOY else 2)
+        assert sum(("VAR " in t) or ("The code for " in t) for t in texts) == (4 if xs.XCHUNK_DECOY else 2)
+
+
+def test_xchunk_decoy_chain_when_switched_on(tokenizer, monkeypatch):
+    monkeypatch.setattr(xs, "XCHUNK_DECOY", True)
+    for ex, texts in _xchunk_texts(tokenizer):
         assert sum(t.count("VAR ") + t.count("The code for ") for t in texts) == 4
+
+
+def _xchunk_texts(tokenizer):
+    s = xchunk_suite(tokenizer, 4, seed=0)
+    docs = {d.doc_id: d.text for d in s.documents}
+    return [(ex, [docs[d] for d in ex.doc_ids]) for ex in s.examples]
