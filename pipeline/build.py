@@ -208,7 +208,7 @@ class Computed(list):
     isolated_kept_tokens: int = 0
 
 
-GPU_BATCH = 4  # isolated chunks of one length prefilled per forward on a GPU (`prefill_chunks`)
+GPU_BATCH = 8  # isolated chunks of one length prefilled per forward on a GPU (`prefill_chunks`); measured: bench/results/build_throughput_gpu_fp8_256.md
 
 
 def job_batches(jobs: list[Job], size: int) -> list[list[Job]]:

@@ -220,3 +220,16 @@ def test_selector_dev_scores_whole_answers(lm, tmp_path, monkeypatch, capsys):
              if line.startswith("  ")}
     assert means["kvfuse"][0] < 1e-4 and means["kvfuse"][1] < 1e-4 and means["kvfuse"][2] == 1.0
     assert means["reuse"][1] >= 0.0 and 0.0 <= means["reuse"][2] <= 1.0
+
+
+def test_oracle_answer_positions_spell_the_answer():
+    from conftest import WORDS, make_tiny_tokenizer
+    from kvfuse.bench.oracle_selection import answer_positions
+    tok = make_tiny_tokenizer()
+    words = sorted(set(WORDS))[:6]
+    ids = torch.tensor(tok.convert_tokens_to_ids(words))
+    answer = " ".join(words[2:4])
+    got = answer_positions(tok, ids, answer, start=100)
+    assert got == [102, 103]
+    assert tok.decode([int(ids[p - 100]) for p in got]) == answer
+    assert answer_positions(tok, ids, "not in the chunk", start=100) == []
