@@ -148,7 +148,7 @@ def run_gpu(args) -> dict:
 
     loader = RandomModelLoader(args.shape)
     docs = random_docs(args.chunks // 4, 4 * 500)  # ~4 chunks of <= 512 tokens per doc
-    cluster = ClusterConfig(gpus=args.gpus)
+    cluster = ClusterConfig(gpus=args.gpus, **({"task_tokens": args.task_tokens} if args.task_tokens else {}))
     rows = []
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="kvfuse-bench-"))
     disk_gbps = disk_write_gbps(tmp)
@@ -260,6 +260,8 @@ def main(argv=None) -> None:
     gpu = sub.add_parser("gpu")
     gpu.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     gpu.add_argument("--chunks", type=int, default=64)
+    gpu.add_argument("--task-tokens", type=int, default=None, help="prefill tokens per Dask precompute task "
+                     "(default: ClusterConfig's)")
     gpu.add_argument("--gpus", type=int, default=1)
     gpu.add_argument("--rounds", type=int, default=2)
     gpu.add_argument("--workdir", default=None, help="where the caches are built (default: a temp folder)")

@@ -238,7 +238,12 @@ def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, 
     # converts 64 MiB chunks (H200: a CPU-side encode made the fp8 build 2.3x slower than bf16)
     encode_here = codec.quantised and prefix_kv.is_cuda
     S = len(fmt.SALIENCY_SIGNALS)
-    per_token = lm.spec.kv_bytes_per_token() + 4 + 2 * S  # kv + tok + sal bytes
+    # bytes per token handed to the shard writers (kv or its codes + scales, tokens, saliency): what
+    # `bytes_after` is counted in, so a task's last shards shrink to about one chunk (an fp8 build
+    # counted in bf16 bytes closed its first shard at 2/3 of the task, not at 1/2)
+    kv_bytes = (codec.bytes_per_token(lm.spec.n_layers, lm.spec.n_kv_heads, lm.spec.head_dim, lm.spec.dtype, 512)
+                if encode_here else lm.spec.kv_bytes_per_token())
+    per_token = kv_bytes + 4 + 2 * S
     left = sum(len(j.token_ids) for j in jobs) * per_token
     out = Computed()
     batch = batch or (GPU_BATCH if prefix_kv.is_cuda else 1)

@@ -150,6 +150,13 @@ def precompute_task(prefix_ids, jobs: list[Job], cache_dir: str | tuple, metadat
 
 # ---------------------------------------------------------------- the stages, driven from here
 
+# A task ends by waiting for its last shards to be written, while its GPU idles: larger tasks on a GPU
+# (H200, fp8 isolated build, 128k tokens: 10.7k tok/s at 16k tokens per task, 12.3k at 64k; docs/pipeline.md).
+# On the CPU a task of 16k tokens is already minutes of prefill (and the progress bar moves per task).
+GPU_TASK_TOKENS = 65536
+CPU_TASK_TOKENS = 16384
+
+
 @dataclass
 class ClusterConfig:
     scheduler: str | None = None      # an existing scheduler; default: $KVFUSE_SCHEDULER, else a LocalCluster
@@ -157,7 +164,8 @@ class ClusterConfig:
     gpus: int = 0                     # GPUs to use (tasks then carry resources={"GPU": 1})
     torch_threads: int | None = None  # per worker; default: the machine's cores split among the workers
     retries: int = 2                  # per task
-    task_tokens: int = 16384          # prefill cost per precompute task (one or more shards each)
+    task_tokens: int | None = None    # prefill cost per precompute task (one or more shards each); default:
+                                      # GPU_TASK_TOKENS with gpus, else CPU_TASK_TOKENS
     dashboard: bool = False
 
 
@@ -207,7 +215,8 @@ class DaskStages:
                 bar.update(futures[fut])
 
     def precompute(self, ctx: BuildContext, jobs: list[Job], cache_dir: Path):
-        batches = _batches(jobs, lambda j: j.cost, self.cluster.task_tokens)
+        batches = _batches(jobs, lambda j: j.cost, self.cluster.task_tokens or
+                           (GPU_TASK_TOKENS if self.cluster.gpus else CPU_TASK_TOKENS))
         meta = ctx.shard_metadata()
         futures = [self._submit(precompute_task, ctx.prefix_ids, b, worker_location(cache_dir), meta,
                                 self.config.shard_bytes, self.config.shard_writers)
