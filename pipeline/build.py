@@ -238,12 +238,7 @@ def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, 
     # converts 64 MiB chunks (H200: a CPU-side encode made the fp8 build 2.3x slower than bf16)
     encode_here = codec.quantised and prefix_kv.is_cuda
     S = len(fmt.SALIENCY_SIGNALS)
-    # bytes per token handed to the shard writers (kv or its codes + scales, tokens, saliency): what
-    # `bytes_after` is counted in, so a task's last shards shrink to about one chunk (an fp8 build
-    # counted in bf16 bytes closed its first shard at 2/3 of the task, not at 1/2)
-    kv_bytes = (codec.bytes_per_token(lm.spec.n_layers, lm.spec.n_kv_heads, lm.spec.head_dim, lm.spec.dtype, 512)
-                if encode_here else lm.spec.kv_bytes_per_token())
-    per_token = kv_bytes + 4 + 2 * S
+    per_token = handed_bytes_per_token(lm, codec if encode_here else None)
     left = sum(len(j.token_ids) for j in jobs) * per_token
     out = Computed()
     batch = batch or (GPU_BATCH if prefix_kv.is_cuda else 1)
@@ -262,6 +257,17 @@ def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, 
                                 on_done)
     out.extend(pool.written)
     return out
+
+
+def handed_bytes_per_token(lm: LoadedModel, encoder=None, chunk_tokens: int = 512) -> float:
+    """Bytes per token `_write_group` hands the shard writers: the KV (or, with `encoder`, a
+    codec, its codes and scales), the token id and the saliency rows. The shard pool's
+    `bytes_after` is counted in these, so a task's last shards shrink to about one chunk
+    (an fp8 build counted in bf16 bytes closed its first shard at 2/3 of a task, not 1/2)."""
+    s = lm.spec
+    kv = (encoder.bytes_per_token(s.n_layers, s.n_kv_heads, s.head_dim, s.dtype, chunk_tokens)
+          if encoder is not None else s.kv_bytes_per_token())
+    return kv + 4 + 2 * len(fmt.SALIENCY_SIGNALS)
 
 
 def _write_group(group: list[Job], computed, pool: ShardWriterPool, stager: HostStager, encoder, left: int,

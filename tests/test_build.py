@@ -234,3 +234,21 @@ def test_build_cache_kv_dtype_fp8_and_inspect(tmp_path, model_dir):
     assert 0.25 < b["kv_bytes"] / a["kv_bytes"] < 0.35
     res = runner.invoke(main, ["build-cache", str(c), "--cache", str(tmp_path / "x"), *common, "--kv-dtype", "fp4"])
     assert res.exit_code != 0 and "fp4" in res.output
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8", "int8"])
+def test_shard_sizes_are_counted_in_the_bytes_the_writers_get(model_dir, kv_dtype):
+    """The shard pool's bytes_after must be counted in what `_write_group` hands it: for a store
+    encoded on the GPU, the codes and scales, not the model dtype's KV (else an fp8 task closes its
+    first shard late and ends waiting for more unoverlapped writing)."""
+    from kvfuse.loader.quant import kv_codec
+    lm = load_model(str(model_dir))
+    codec = kv_codec(kv_dtype)
+    T = 512
+    kv = torch.randn(lm.spec.n_layers, 2, lm.spec.n_kv_heads, T, lm.spec.head_dim).to(lm.spec.dtype)
+    codes, scales = codec.encode(kv)
+    handed = codes.numel() * codes.element_size() + (0 if scales is None else scales.numel() * scales.element_size())
+    handed += T * 4 + len(fmt.SALIENCY_SIGNALS) * T * 2           # token ids (int32), saliency (float16)
+    want = handed / T
+    got = build.handed_bytes_per_token(lm, codec if codec.quantised else None, T)
+    assert got == pytest.approx(want, rel=1e-6)
