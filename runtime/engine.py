@@ -355,8 +355,16 @@ class FusionEngine:
             if not view.retriever.matches(question):
                 notes.append("retrieval: none of the question's search terms (stop words are left out) occurs "
                              "in any chunk, so these chunks are arbitrary")
-            elif len(hits) < req.top_k:
-                notes.append(f"retrieval: {len(hits)} of the {req.top_k} chunks asked for share a term with the question")
+            else:
+                if len(hits) < req.top_k:
+                    notes.append(f"retrieval: {len(hits)} of the {req.top_k} chunks asked for share a term with the "
+                                 "question")
+                absent = view.retriever.missing(question)
+                if absent:
+                    shown = ", ".join(repr(t) for t in absent[:3]) + (" ..." if len(absent) > 3 else "")
+                    notes.append(f"retrieval: {shown} occur{'s' if len(absent) == 1 else ''} in no chunk of this "
+                                 "release, so the chunks matched the question's other terms only; the answer may "
+                                 "not be in the corpus")
         else:
             if not isinstance(req.chunk_ids, list) or not all(isinstance(c, str) for c in req.chunk_ids):
                 raise RequestError("chunk_ids", "must be a list of chunk id strings")

@@ -3,6 +3,7 @@
     retriever = BM25Retriever(texts)
     hits = retriever.top("Who painted it?", k=4)    # [(index, score)], best first
     if not retriever.matches("what is the?"): ...   # no term of the question occurs anywhere
+    retriever.missing("Who built the Eiffel Tower?")  # ["eiffel"]: terms no chunk holds
 
 Terms (`terms`): the text is NFKC-normalised and case-folded, then cut into runs
 of letters, digits and marks. Scripts written without spaces between words (Han,
@@ -64,6 +65,11 @@ class BM25Retriever:
     def matches(self, query: str) -> bool:
         """Whether any term of `query` occurs in some text (False: retrieval can only guess)."""
         return any(t in self.vocab for t in terms(query))
+
+    def missing(self, query: str) -> list[str]:
+        """The terms of `query` that occur in no text, in question order (no repeats): a name
+        the corpus never mentions means the retrieved chunks matched on the other terms only."""
+        return list(dict.fromkeys(t for t in terms(query) if t not in self.vocab))
 
     def top(self, query: str, k: int) -> list[tuple[int, float]]:
         """The k best texts as (index, BM25 score), best first; ties and a query without

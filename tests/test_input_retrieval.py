@@ -70,3 +70,14 @@ def test_engine_reports_scores_and_no_match(tmp_path_factory):
     assert [engine.store.record(c).doc_id for c in a.chunk_ids] == ["b"] and any("1 of the 2" in n for n in a.notes)
     none = engine.ask("what is the ?", top_k=2, max_new_tokens=2)
     assert none.retrieval_scores == [0.0, 0.0] and any("search terms" in n for n in none.notes)
+    assert not any("in no chunk" in n for n in a.notes)  # every term of a's question is in the corpus
+    # an off-corpus name: the chunks match on the question's other terms only, and the answer says so
+    off = engine.ask("what is the capital of atlantis ?", top_k=2, max_new_tokens=2)
+    assert [n for n in off.notes if "'atlantis' occurs in no chunk" in n]
+
+
+def test_missing_lists_the_terms_no_text_holds():
+    r = BM25Retriever(CORPORA["english"][0])
+    assert r.missing("Who painted the Eiffel tower, the Eiffel tower?") == ["eiffel"]
+    assert r.missing("Who painted the lighthouse tower?") == []
+    assert r.missing("what is the?") == []          # stop words are no terms
