@@ -82,14 +82,17 @@ def test_xchunk_answer_needs_two_chunks(tokenizer):
             assert any(f"VAR {second} = {first}." in t for t in texts)
             assert not any(second in t and value in t for t in texts)  # the second name needs both chunks
         # two hops, each in its own piece (and a decoy chain of the same shape when switched on)
-        assert sum(t.count("VAR ") + t.count("The code for ") for t in texts) == (4 if xs.XCHUNK_DECOY else 2)
-        assert sum(("VAR " in t) or ("The code for " in t) for t in texts) == (4 if xs.XCHUNK_DECOY else 2)
+        assert sum(t.count("VAR ") + t.count("The code for ") for t in texts) == {"chain": 4, "hop": 3, "none": 2}[xs.XCHUNK_DECOY]
+        assert sum(("VAR " in t) or ("The code for " in t) for t in texts) == {"chain": 4, "hop": 3, "none": 2}[xs.XCHUNK_DECOY]
 
 
-def test_xchunk_decoy_chain_when_switched_on(tokenizer, monkeypatch):
-    monkeypatch.setattr(xs, "XCHUNK_DECOY", True)
+@pytest.mark.parametrize("decoy,hops", [("chain", 4), ("hop", 3), ("none", 2)])
+def test_xchunk_decoy_modes(tokenizer, monkeypatch, decoy, hops):
+    monkeypatch.setattr(xs, "XCHUNK_DECOY", decoy)
     for ex, texts in _xchunk_texts(tokenizer):
-        assert sum(t.count("VAR ") + t.count("The code for ") for t in texts) == 4
+        assert sum(t.count("VAR ") + t.count("The code for ") for t in texts) == hops
+        values = [v for t in texts for v in re.findall(r"(?:VAR \w+ = |The code for \S+ is )(\d+)\.", t)]
+        assert len(values) == (1 if decoy == "none" else 2)   # a decoy always brings its own value
 
 
 def _xchunk_texts(tokenizer):
