@@ -170,8 +170,9 @@ class Runner:
 def _summary(runs: list[dict]) -> dict:
     out = {"ttft_ms": median([r["ttft_ms"] for r in runs]), "runs_ms": [round(r["ttft_ms"], 2) for r in runs]}
     for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s", "repair_s"):
-        if key in runs[0]:
-            out[key] = median([r[key] for r in runs])
+        values = [r[key] for r in runs if key in r]  # runs may differ: a cold run's plan may prefill everything
+        if values:
+            out[key] = median(values)
     for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan", "front_tokens", "cuda_mallocs"):
         if key in runs[-1]:
             out[key] = runs[-1][key]

@@ -214,9 +214,19 @@ class DaskStages:
                 yield fut.result()
                 bar.update(futures[fut])
 
+    def _task_tokens(self, total: int) -> int:
+        """Prefill tokens per precompute task: ClusterConfig.task_tokens, else on GPUs up to
+        GPU_TASK_TOKENS but small enough for two tasks per worker (a small corpus still keeps
+        every GPU busy), never under CPU_TASK_TOKENS; on the CPU, CPU_TASK_TOKENS."""
+        if self.cluster.task_tokens:
+            return self.cluster.task_tokens
+        if not self.cluster.gpus:
+            return CPU_TASK_TOKENS
+        workers = max(1, len(self.client.scheduler_info()["workers"]))
+        return max(CPU_TASK_TOKENS, min(GPU_TASK_TOKENS, -(-total // (2 * workers))))
+
     def precompute(self, ctx: BuildContext, jobs: list[Job], cache_dir: Path):
-        batches = _batches(jobs, lambda j: j.cost, self.cluster.task_tokens or
-                           (GPU_TASK_TOKENS if self.cluster.gpus else CPU_TASK_TOKENS))
+        batches = _batches(jobs, lambda j: j.cost, self._task_tokens(sum(j.cost for j in jobs)))
         meta = ctx.shard_metadata()
         futures = [self._submit(precompute_task, ctx.prefix_ids, b, worker_location(cache_dir), meta,
                                 self.config.shard_bytes, self.config.shard_writers)

@@ -42,3 +42,16 @@ def test_bench_commands_smoke(tmp_path):
     serve = json.loads((tmp_path / "out" / "serve.json").read_text())
     assert [p["policy"] for p in serve["policies"]] == ["lru", "lookahead"]
     assert all(p["requests"] == 6 and p["chunk_accesses"] == 18 for p in serve["policies"])
+
+
+def test_ttft_summary_of_runs_with_different_plans():
+    """Cold runs of one request may take different plans (a split with repair passes, then the
+    full prefill, which has none): the summary takes each timing's median over the runs that have it."""
+    from kvfuse.bench.ttft import _summary
+    runs = [{"ttft_ms": 10.0, "select_s": 0.002, "repair_s": 0.001, "recompute_s": 0.005},
+            {"ttft_ms": 8.0, "recompute_s": 0.008},
+            {"ttft_ms": 9.0, "select_s": 0.004, "repair_s": 0.003, "recompute_s": 0.006}]
+    out = _summary(runs)
+    assert out["ttft_ms"] == 9.0 and out["runs_ms"] == [10.0, 8.0, 9.0]
+    assert out["repair_s"] == pytest.approx(0.002) and out["select_s"] == pytest.approx(0.003)
+    assert out["recompute_s"] == pytest.approx(0.006)

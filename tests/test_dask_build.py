@@ -18,6 +18,7 @@ from test_refresh import make_docs, write_docs
 from kvfuse.loader import format as fmt
 from kvfuse.loader.store import Store, read_current
 from kvfuse.pipeline.build import BuildConfig, build_cache
+from kvfuse.pipeline import dask_job
 from kvfuse.pipeline.dask_job import ClusterConfig, ModelLoader, build_on_dask, open_client
 from kvfuse.runtime.model import load_model
 
@@ -170,3 +171,19 @@ def test_cli_build_cache_on_the_scheduler_named_by_the_env_var(tmp_path, client,
     assert out.exit_code == 0, out.output
     assert f"{want.stats()['chunks']} chunks" in out.output
     assert [r.chunk_id for r in Store.open(tmp_path / "cache").records()] == [r.chunk_id for r in want.records()]
+
+
+@pytest.mark.parametrize("gpus,workers,total,want", [
+    (0, 1, 10**6, dask_job.CPU_TASK_TOKENS),             # CPU: small tasks (minutes each already)
+    (1, 1, 10**6, dask_job.GPU_TASK_TOKENS),             # a big corpus on a GPU: the largest tasks
+    (1, 1, 131072, 65536),                                # two tasks per worker
+    (4, 4, 131072, dask_job.CPU_TASK_TOKENS),            # a small corpus over 4 GPUs: every GPU gets work
+    (2, 2, 200000, 50000),
+])
+def test_task_tokens_keep_gpus_busy(gpus, workers, total, want):
+    class FakeClient:
+        def scheduler_info(self):
+            return {"workers": {f"w{i}": {} for i in range(workers)}}
+    stages = dask_job.DaskStages(FakeClient(), BuildConfig(), ClusterConfig(gpus=gpus))
+    assert stages._task_tokens(total) == want
+    assert dask_job.DaskStages(FakeClient(), BuildConfig(), ClusterConfig(gpus=gpus, task_tokens=150))._task_tokens(total) == 150
