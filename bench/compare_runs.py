@@ -32,6 +32,12 @@ def load_rows(folder: str) -> dict[tuple[str, str, float], dict]:
     return rows
 
 
+def full_answers(folder) -> dict[str, list[int]]:
+    """example id -> the full prefill's greedy answer ids in FOLDER/results.jsonl."""
+    return {ex: r["answer_ids"] for (ex, m, ratio), r in load_rows(folder).items()
+            if (m, ratio) == FULL and "answer_ids" in r}
+
+
 def compare(folders: list[str], methods: list[str], ratio: float) -> list[str]:
     data = {f: load_rows(f) for f in folders}
     lines = []

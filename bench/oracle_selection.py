@@ -23,6 +23,7 @@ from kvfuse.runtime.engine import FusionEngine
 from kvfuse.runtime.fusion import full_prefill, prepare, run
 from kvfuse.runtime.model import load_model
 
+from .compare_runs import full_answers
 from .evaluate import ExampleInputs
 from .metrics import answer_kls
 from .suites import make_suite
@@ -74,12 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = json.loads((args.run_dir / "meta.json").read_text())
     if meta["suite"] != "facts":
         raise SystemExit(f"{args.run_dir} is a {meta['suite']} run; the oracle needs a facts run (one gold document)")
-    full = {}
-    with open(args.run_dir / "results.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("method") == "full-prefill":
-                full[row["example"]] = row["answer_ids"]
+    full = full_answers(args.run_dir)
     lm = load_model(meta["model"])
     tok = lm.tokenizer
     inputs = ExampleInputs(FusionEngine(args.run_dir / "store", lm, verify=False))

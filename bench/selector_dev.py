@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kvfuse.bench.compare_runs import full_answers
 from kvfuse.bench.evaluate import ExampleInputs, _stop_ids, first_token_kl
 from kvfuse.bench.metrics import answer_kls
 from kvfuse.bench.suites import make_suite
@@ -54,14 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     kl: dict[tuple[str, float], list[float]] = {c: [] for c in cells_of}
     akl: dict[tuple[str, float], list[float]] = {c: [] for c in cells_of}
     agree: dict[tuple[str, float], list[float]] = {c: [] for c in cells_of}
-    full_answers = _full_answers(args.run_dir) if args.answers else {}
+    answers_of = full_answers(args.run_dir) if args.answers else {}
     done = 0
     n_run = len(list((args.run_dir / "full").glob("*.pt")))  # suites are prefix-stable in n
     suite = make_suite(meta["suite"], lm.tokenizer, n_run, meta["seed"])
     stop = _stop_ids(lm, suite)
     for ex in suite.examples:
         full_path = args.run_dir / "full" / f"{ex.id}.pt"
-        if done >= args.n or not full_path.exists() or (args.answers and ex.id not in full_answers):
+        if done >= args.n or not full_path.exists() or (args.answers and ex.id not in answers_of):
             continue
         done += 1
         full_lp = torch.load(full_path)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             kl[c].append(first_token_kl(full_lp, res.logits))
             cells.append(f"{c[0]}@{c[1]}={kl[c][-1]:.3f}")
         if args.answers:
-            ids = full_answers[ex.id]
+            ids = answers_of[ex.id]
             all_ids = torch.cat([inputs.engine.prefix.tokens, *[ch.tokens for ch in chunks], q_ids.int()])
             n = len(all_ids)
             pending = [full_prefill(lm, all_ids)] + [(res.cache, res.logits) for res in results]
@@ -93,17 +94,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / max(1, len(values))
-
-
-def _full_answers(run_dir: Path) -> dict[str, list[int]]:
-    """example id -> the full prefill's greedy answer ids, from the run's results.jsonl."""
-    out = {}
-    with open(run_dir / "results.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("method") == "full-prefill" and "answer_ids" in row:
-                out[row["example"]] = row["answer_ids"]
-    return out
 
 
 if __name__ == "__main__":
