@@ -36,7 +36,7 @@ class _Module:  # what sdpa_attention_forward reads from an attention module
     training = False
 
 
-def _events(fn, reps: int) -> list[float]:
+def event_times(fn, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -48,7 +48,9 @@ def _events(fn, reps: int) -> list[float]:
     return out
 
 
-def measure(context: int, ratio: float, reps: int = 20, seed: int = 0, device: str = "cuda") -> dict:
+def scattered_problem(context: int, ratio: float, seed: int = 0, device: str = "cuda"):
+    """One layer's recompute attention: (positions [R] ascending, n_keys, q [1, H_Q, R, D],
+    k / v [1, H_KV, n_keys, D] bf16): ratio x context random context rows + the question's."""
     gen = torch.Generator().manual_seed(seed)
     n_keys = PREFIX + context + QUESTION
     chosen = torch.randperm(context, generator=gen)[: round(ratio * context)].sort().values + PREFIX
@@ -57,6 +59,12 @@ def measure(context: int, ratio: float, reps: int = 20, seed: int = 0, device: s
     q = torch.randn(1, H_Q, R, D, device=device, dtype=torch.bfloat16)
     k = torch.randn(1, H_KV, n_keys, D, device=device, dtype=torch.bfloat16)
     v = torch.randn(1, H_KV, n_keys, D, device=device, dtype=torch.bfloat16)
+    return positions, n_keys, q, k, v
+
+
+def measure(context: int, ratio: float, reps: int = 20, seed: int = 0, device: str = "cuda") -> dict:
+    positions, n_keys, q, k, v = scattered_problem(context, ratio, seed, device)
+    R = positions.numel()
     scale = D ** -0.5
     rows = slice(0, 256)
     ref_mask = torch.arange(n_keys, device=device)[None] <= positions[rows, None]            # [r, K]
@@ -73,8 +81,8 @@ def measure(context: int, ratio: float, reps: int = 20, seed: int = 0, device: s
             out["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         err = float((first[:, rows].float() - ref).norm() / ref.norm())
-        setup = _events(lambda: _setup(sq.backend, positions, n_keys), reps)
-        layer = _events(lambda: sq.attend(_Module(), q, k, v, scale), reps)
+        setup = event_times(lambda: _setup(sq.backend, positions, n_keys), reps)
+        layer = event_times(lambda: sq.attend(_Module(), q, k, v, scale), reps)
         out["backends"][name] = {"backend_used": sq.backend, "layer_ms": statistics.median(layer),
                                  "setup_ms": statistics.median(setup), "rel_err": err,
                                  "pass_ms_32_layers": 32 * statistics.median(layer) + statistics.median(setup)}

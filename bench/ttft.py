@@ -133,6 +133,7 @@ class Runner:
             t.gpu.clear()
             t.host.clear()
             t.prefetcher.reader.drop_cached_pages()
+            cached = t.prefetcher.reader.cached_bytes()    # what the drop left: ~0, or the run is not cold
         elif state == "warm":
             t.gpu.clear()
         self.n += 1
@@ -143,6 +144,8 @@ class Runner:
                                                       selector=self.selector, ratio=ratio, request_id=rid))
         ms = (time.perf_counter() - t0) * 1e3
         out = {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()}}
+        if state == "cold" and cached is not None:
+            out["page_cache_mb"] = cached / 1e6
         if t.device.type == "cuda":   # new cudaMalloc segments during the request (an allocator not yet warm)
             stats = torch.cuda.memory_stats(t.device)
             out["cuda_mallocs"] = stats.get("num_device_alloc", 0) - self.mallocs
@@ -169,7 +172,7 @@ class Runner:
 
 def _summary(runs: list[dict]) -> dict:
     out = {"ttft_ms": median([r["ttft_ms"] for r in runs]), "runs_ms": [round(r["ttft_ms"], 2) for r in runs]}
-    for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s", "repair_s"):
+    for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s", "repair_s", "page_cache_mb"):
         values = [r[key] for r in runs if key in r]  # runs may differ: a cold run's plan may prefill everything
         if values:
             out[key] = median(values)
@@ -215,13 +218,16 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
     gen = torch.Generator().manual_seed(1)
     question = torch.randint(0, lm.model.config.vocab_size, (cfg.question_tokens,), generator=gen)
     runner = Runner(engine, question, cfg.selector)
-    prefix_tokens = store.read(prefix, verify=False).tokens
+    # the tokens without the KV: a `Store.read` of a quantised chunk dequantises through its memory
+    # map, and the kernel keeps mapped pages however the cold runs drop the page cache
+    metas = tiers.read_metas([prefix, *ids])
+    prefix_tokens = metas[prefix]["tokens"]
     rows = []
     try:
         for ctx in cfg.contexts:
             n = ctx // cfg.chunk_tokens
             request = [prefix, *ids[:n]]
-            tokens = torch.cat([prefix_tokens, *[store.read(c, verify=False).tokens for c in ids[:n]],
+            tokens = torch.cat([prefix_tokens, *[metas[c]["tokens"] for c in ids[:n]],
                                 question.int()])
             full_ms, _ = timed(lambda: full_prefill(lm, tokens), cfg.device, reps=cfg.reps)
             torch.cuda.empty_cache() if cfg.device.startswith("cuda") else None
@@ -344,14 +350,14 @@ def markdown(result: dict) -> str:
         if cold:
             lines += ["Cold (page cache dropped, nothing pinned): the cold-load plan against loading every chunk:", "",
                       "| context | ratio | full prefill ms | cold ms (plan; median of runs) | chunks recomputed | plan's estimate ms | "
-                      "cold ms, all loaded | disk GB/s | prefill tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+                      "cold ms, all loaded | disk GB/s | prefill tok/s | page cache left MB |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in cold:
                 p = r["cold"]["cold_plan"]
                 runs = ", ".join(f"{x:.0f}" for x in r["cold"]["runs_ms"])
                 lines.append(f"| {r['context']} | {r['ratio']} | {r['full_ms']:.1f} | {r['cold']['ttft_ms']:.1f} ({runs}) | "
                              f"{p['recomputed']} of {len(p['choices'])} | {1e3 * p['est_s']:.0f} | "
                              f"{r['cold_load_all']['ttft_ms']:.1f} | {p['rates']['disk_gbps']:.2f} | "
-                             f"{p['rates']['prefill_tok_s']:.0f} |")
+                             f"{p['rates']['prefill_tok_s']:.0f} | {r['cold'].get('page_cache_mb', float('nan')):.0f} |")
             lines.append("")
         cmp = [(r, n, x) for r in s["rows"] for n, x in r.get("selectors", {}).items()]
         if cmp:

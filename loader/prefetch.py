@@ -36,6 +36,36 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
               "F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}
 
 
+def resident_bytes(fd: int) -> int | None:
+    """How many bytes of the file open at fd are in the page cache (Linux mincore over a
+    fresh read-only mapping); None where mincore is not available."""
+    import ctypes
+    import mmap
+
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        return None
+    try:
+        pages = -(-size // mmap.PAGESIZE)
+        vec = torch.empty(pages, dtype=torch.uint8)
+        if libc.mincore(ctypes.c_void_p(addr), size, ctypes.c_void_p(vec.data_ptr())) != 0:
+            return None
+        return int((vec & 1).sum()) * mmap.PAGESIZE
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), size)
+
+
 class RequestQueue:
     """Pending requests in arrival order: id -> chunk ids. Position 0 runs next (or now)."""
 
@@ -231,6 +261,20 @@ class ShardReader:
             except OSError:  # a read-only descriptor on some filesystems: the pages are clean there anyway
                 pass
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def cached_bytes(self) -> int | None:
+        """Bytes of the open shards that sit in the page cache now (mincore; None where the
+        platform has no mincore). A benchmark checks with it that a dropped cache really is cold:
+        the kernel keeps pages that some process maps (e.g. a `Store.read` of a quantised chunk,
+        which dequantises through the memory map), whatever `drop_cached_pages` asks."""
+        total = 0
+        for rec in {r.shard for r in self.store.records(include_prefix=True)}:
+            fd, _ = self._shard(rec)
+            got = resident_bytes(fd)
+            if got is None:
+                return None
+            total += got
+        return total
 
     def close(self) -> None:
         with self._lock:

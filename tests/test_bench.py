@@ -55,3 +55,36 @@ def test_ttft_summary_of_runs_with_different_plans():
     assert out["ttft_ms"] == 9.0 and out["runs_ms"] == [10.0, 8.0, 9.0]
     assert out["repair_s"] == pytest.approx(0.002) and out["select_s"] == pytest.approx(0.003)
     assert out["recompute_s"] == pytest.approx(0.006)
+
+
+def _page_cache_drops(folder) -> bool:
+    """Whether this filesystem forgets a file's pages on request (tmpfs keeps them: they are the file)."""
+    import os
+    from kvfuse.loader.prefetch import resident_bytes
+    path = folder / "probe.bin"
+    path.write_bytes(b"x" * (1 << 16))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return resident_bytes(fd) == 0
+    finally:
+        os.close(fd)
+
+
+def test_cold_runs_of_a_quantised_store_are_cold(tmp_path):
+    """The cold runs drop the page cache; pages some part of the process maps stay (the bench once
+    read each chunk's tokens with `Store.read`, which dequantises an int8/fp8 chunk through its
+    memory map, so "cold" runs of a quantised store read from memory). The bench reports what the
+    drop left, and it is nothing."""
+    (tmp_path / "stores").mkdir()
+    if not _page_cache_drops(tmp_path / "stores"):
+        pytest.skip("this filesystem keeps file pages in memory whatever is asked (tmpfs)")
+    common = ["--device", "cpu", "--store-root", str(tmp_path / "stores"), "--out", str(tmp_path / "out"),
+              "--host-pool-gb", "0.002", "--gpu-pool-gb", "0.001"]
+    r = CliRunner().invoke(main, ["bench", "ttft", "--shapes", "tiny", "--contexts", "1024", "--ratios", "0.15",
+                                  "--reps", "1", "--profile", "none", "--compare-selectors", "none",
+                                  "--kv-dtype", "int8", *common], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "out" / "ttft.json").read_text())["shapes"][0]["rows"][0]
+    assert row["cold"]["page_cache_mb"] == 0.0
