@@ -110,6 +110,38 @@ def run_variant(name, positions, n_keys, q, k, v, ref, reps):
     return {"ms": events(call, reps), "first_call_s": first_s, "rel_err": err}
 
 
+def product_layouts(positions, n_keys, q, k, v, ref, reps) -> list[dict]:
+    """runtime.recompute_attention's flex as a recompute pass calls it, by input layout: the
+    queries contiguous [1, H, R, D] (as above) or as the model hands them over (a transposed
+    view of [1, R, H, D]: q_proj's output), the keys / values contiguous or views of a larger
+    per-layer buffer (the fused buffer keeps room for the question). Per layer, masks built once."""
+    from kvfuse.runtime.recompute_attention import ScatteredQueries
+
+    class Module:
+        num_key_value_groups, is_causal, training = H_Q // H_KV, True, False
+
+    R = positions.numel()
+    q_view = q.transpose(1, 2).contiguous().transpose(1, 2)                   # same values, [1, R, H, D] storage
+    room = torch.empty(2, H_KV, n_keys + 512, D, device=k.device, dtype=k.dtype)
+    room[0, :, :n_keys], room[1, :, :n_keys] = k[0], v[0]
+    k_view, v_view = room[0, :, :n_keys][None], room[1, :, :n_keys][None]     # [1, H_kv, K, D], head stride K + 512
+    out = []
+    for name, qq, kk, vv in (("q contiguous, K/V contiguous", q, k, v),
+                             ("q transposed view, K/V contiguous", q_view, k, v),
+                             ("q contiguous, K/V buffer views", q, k_view, v_view),
+                             ("q transposed view, K/V buffer views", q_view, k_view, v_view)):
+        sq = ScatteredQueries(positions, n_keys, "flex")
+        try:
+            got = sq.attend(Module(), qq, kk, vv, D ** -0.5)                    # [1, R, H, D]
+            torch.cuda.synchronize()
+            err = float((got[:, :ref.shape[2]].transpose(1, 2).float() - ref).norm() / ref.norm())
+            out.append({"variant": f"product, {name}", "ms": events(lambda: sq.attend(Module(), qq, kk, vv, D ** -0.5),
+                                                                   reps), "rel_err": err})
+        except Exception as exc:  # noqa: BLE001
+            out.append({"variant": f"product, {name}", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="16384,32768")
@@ -129,6 +161,13 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - a variant this torch does not take
                 got = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             got.update(context=context, rows=positions.numel(), variant=name)
+            if "ms" in got:
+                got["tflops"] = visible / (got["ms"] / 1e3)
+            rows.append(got)
+            print(json.dumps(got), flush=True)
+        # the product's flex (ScatteredQueries) by input layout
+        for got in product_layouts(positions, n_keys, q, k, v, ref, a.reps):
+            got.update(context=context, rows=positions.numel())
             if "ms" in got:
                 got["tflops"] = visible / (got["ms"] / 1e3)
             rows.append(got)
