@@ -7,8 +7,9 @@ queries as `bench/attention.py` (ratio x context sorted random positions plus a
 32-token question at the end). Times FlexAttention as the product runs it
 (`torch.compile(flex_attention, dynamic=True)`, default kernel options) against
 variants: a static-shape compile, explicit kernel options (tile sizes, warps,
-pipeline stages), max-autotune, the grouped-query heads packed into the query
-rows, and, as a reference for what a Hopper-tuned kernel does on the same rows,
+pipeline stages), TMA, max-autotune, the grouped-query heads packed into the query
+rows, the product's own call (`ScatteredQueries.attend`) by input layout
+(contiguous or views of a larger buffer, as the fused cache hands them over), and, as a reference for what a Hopper-tuned kernel does on the same rows,
 cuDNN attention with no mask at all (twice the work: every key for every row).
 Writes flex_probe.json under --out and prints a table. Not a product path.
 """
