@@ -128,12 +128,13 @@ class Runner:
         """One request; state cold / warm / hot. rates: the cold-load plan's (None: load every chunk)."""
         t = self.tiers
         self.engine.source.rates = rates
+        cached = None                                      # cold: bytes of the store the page cache still holds
         if state == "cold":
             t.prefetcher.drain()   # reads a recomputing request left running would stay pinned
             t.gpu.clear()
             t.host.clear()
             t.prefetcher.reader.drop_cached_pages()
-            cached = t.prefetcher.reader.cached_bytes()    # what the drop left: ~0, or the run is not cold
+            cached = t.prefetcher.reader.cached_bytes()    # what the drop left: 0, or the run is not cold
         elif state == "warm":
             t.gpu.clear()
         self.n += 1
@@ -144,7 +145,7 @@ class Runner:
                                                       selector=self.selector, ratio=ratio, request_id=rid))
         ms = (time.perf_counter() - t0) * 1e3
         out = {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()}}
-        if state == "cold" and cached is not None:
+        if cached is not None:
             out["page_cache_mb"] = cached / 1e6
         if t.device.type == "cuda":   # new cudaMalloc segments during the request (an allocator not yet warm)
             stats = torch.cuda.memory_stats(t.device)

@@ -254,8 +254,7 @@ class ShardReader:
         """Ask the kernel to forget every open shard's cached pages (a cold start for benchmarks).
         Each shard is flushed first: the kernel keeps dirty pages (a store written moments ago),
         and a "cold" read of those would run at memory speed."""
-        for rec in {r.shard for r in self.store.records(include_prefix=True)}:
-            fd, _ = self._shard(rec)
+        for fd in self._shard_fds():
             try:
                 os.fsync(fd)
             except OSError:  # a read-only descriptor on some filesystems: the pages are clean there anyway
@@ -267,14 +266,13 @@ class ShardReader:
         platform has no mincore). A benchmark checks with it that a dropped cache really is cold:
         the kernel keeps pages that some process maps (e.g. a `Store.read` of a quantised chunk,
         which dequantises through the memory map), whatever `drop_cached_pages` asks."""
-        total = 0
-        for rec in {r.shard for r in self.store.records(include_prefix=True)}:
-            fd, _ = self._shard(rec)
-            got = resident_bytes(fd)
-            if got is None:
-                return None
-            total += got
-        return total
+        got = [resident_bytes(fd) for fd in self._shard_fds()]
+        return None if None in got else sum(got)
+
+    def _shard_fds(self):
+        """The descriptor of every shard of the store (opened on first use)."""
+        for shard in {r.shard for r in self.store.records(include_prefix=True)}:
+            yield self._shard(shard)[0]
 
     def close(self) -> None:
         with self._lock:

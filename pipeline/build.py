@@ -238,7 +238,8 @@ def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, 
     # converts 64 MiB chunks (H200: a CPU-side encode made the fp8 build 2.3x slower than bf16)
     encode_here = codec.quantised and prefix_kv.is_cuda
     S = len(fmt.SALIENCY_SIGNALS)
-    per_token = handed_bytes_per_token(lm, codec if encode_here else None)
+    per_token = handed_bytes_per_token(lm, codec if encode_here else None,
+                                       max((len(j.token_ids) for j in jobs), default=1))
     left = sum(len(j.token_ids) for j in jobs) * per_token
     out = Computed()
     batch = batch or (GPU_BATCH if prefix_kv.is_cuda else 1)
@@ -261,7 +262,8 @@ def compute_jobs(lm: LoadedModel, prefix_ids, jobs: list[Job], cache_dir: Path, 
 
 def handed_bytes_per_token(lm: LoadedModel, encoder=None, chunk_tokens: int = 512) -> float:
     """Bytes per token `_write_group` hands the shard writers: the KV (or, with `encoder`, a
-    codec, its codes and scales), the token id and the saliency rows. The shard pool's
+    codec, its codes and scales, the per-chunk key scales spread over `chunk_tokens`), the
+    token id and the saliency rows. The shard pool's
     `bytes_after` is counted in these, so a task's last shards shrink to about one chunk
     (an fp8 build counted in bf16 bytes closed its first shard at 2/3 of a task, not 1/2)."""
     s = lm.spec

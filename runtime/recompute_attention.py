@@ -84,17 +84,18 @@ def plan_query_groups(positions: torch.Tensor, n_keys: int, groups: int, align: 
 
 
 def flex_block_mask(positions: torch.Tensor, n_keys: int, block: int = FLEX_BLOCK):
-    """FlexAttention BlockMask for queries at ascending `positions` [R] over keys 0..n_keys-1.
+    """FlexAttention BlockMask for queries at `positions` [R] (ascending in a recompute pass;
+    any order works) over keys 0..n_keys-1.
 
     Query block i (rows i*block..) sees key block j fully if j's last key <= the block's
-    first position, partly (mask_mod decides) if j's first key <= its last position."""
+    lowest position, partly (mask_mod decides) if j's first key <= its highest position."""
     from torch.nn.attention.flex_attention import BlockMask
 
     R, dev = positions.numel(), positions.device
     nq, nk = -(-R // block), -(-n_keys // block)
     pos = torch.cat((positions, positions[-1:].expand(nq * block - R)))       # [nq * block]
     rows = pos.view(nq, block)
-    first, last = rows[:, 0], rows[:, -1]                                      # [nq] min / max position
+    first, last = rows.min(-1).values, rows.max(-1).values                    # [nq] min / max position
     k_first = torch.arange(nk, device=dev) * block                            # [nk]
     k_last = (k_first + block - 1).clamp(max=n_keys - 1)
     full = k_last[None, :] <= first[:, None]                                  # [nq, nk]

@@ -178,6 +178,15 @@ def test_flex_block_mask_matches_positions():
     assert blocks[2].nonzero().max() == 151 and blocks[2, :152].all()
 
 
+def test_flex_block_mask_of_unordered_rows():
+    """Rows in any order (grouped-query heads packed into rows restart at each head): a block
+    is bounded by its lowest and highest position, not its first and last row."""
+    from kvfuse.runtime.recompute_attention import flex_block_mask
+    blocks = flex_block_mask(torch.tensor([300, 5, 10, 301]), 400, block=2).to_dense()[0, 0]
+    assert blocks[0].nonzero().max() == 150 and blocks[0, :151].all()   # rows 300 and 5: keys up to 300
+    assert blocks[1].nonzero().max() == 150 and blocks[1, :151].all()   # rows 10 and 301
+
+
 def test_concurrent_fusions_on_threads_match_sequential(lm):
     """The attention's pass state is per thread: an engine may fuse on several threads at once."""
     from concurrent.futures import ThreadPoolExecutor

@@ -26,34 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfuse.bench.attention import D, H_KV, H_Q, event_times, scattered_problem
-
-
-def block_mask(pos: torch.Tensor, n_keys: int, block: int):
-    """Like runtime.recompute_attention.flex_block_mask, with per-block min / max positions, so the
-    rows need not ascend (the packed variant's rows restart at each head)."""
-    from torch.nn.attention.flex_attention import BlockMask
-    R, dev = pos.numel(), pos.device
-    nq, nk = -(-R // block), -(-n_keys // block)
-    padded = torch.cat((pos, pos[-1:].expand(nq * block - R)))
-    rows = padded.view(nq, block)
-    first, last = rows.min(-1).values, rows.max(-1).values
-    k_first = torch.arange(nk, device=dev) * block
-    k_last = (k_first + block - 1).clamp(max=n_keys - 1)
-    full = k_last[None, :] <= first[:, None]
-    partial = (k_first[None, :] <= last[:, None]) & ~full
-
-    def blocks(m):
-        num = m.sum(-1, dtype=torch.int32)[None, None]
-        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
-        return num, order
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return kv_idx <= padded[q_idx]
-
-    kv_num, kv_idx = blocks(partial)
-    full_num, full_idx = blocks(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(R, n_keys))
+from kvfuse.runtime.recompute_attention import flex_block_mask
 
 
 def events(fn, reps: int) -> float:
@@ -96,11 +69,11 @@ def run_variant(name, positions, n_keys, q, k, v, ref, reps):
     if packed:
         n_rep = H_Q // H_KV
         qp = q.view(1, H_KV, n_rep * R, D)          # head h = kv head h // n_rep: rows [rep][r]
-        bm = block_mask(positions.repeat(n_rep), n_keys, block)
+        bm = flex_block_mask(positions.repeat(n_rep), n_keys, block)
         call = lambda: fn(qp, k, v, block_mask=bm, scale=scale, kernel_options=options)  # noqa: E731
         unpack = lambda o: o.view(1, H_Q, R, D)   # noqa: E731
     else:
-        bm = block_mask(positions, n_keys, block)
+        bm = flex_block_mask(positions, n_keys, block)
         call = lambda: fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=True, kernel_options=options)  # noqa: E731
         unpack = lambda o: o  # noqa: E731
     t0 = time.perf_counter()
