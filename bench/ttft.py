@@ -333,8 +333,10 @@ def markdown(result: dict) -> str:
     lines.append("")
     for s in result["shapes"]:
         c = s["ceiling"]
-        lines += [f"## {s['shape']} (bf16, random weights)", "",
-                  f"Host->GPU in this run: pinned {c['pinned_gbps']:.1f} GB/s, pageable {c['pageable_gbps']:.1f} GB/s.",
+        kv = cfg.get("kv_dtype", "model")
+        lines += [f"## {s['shape']} (random weights; KV stored {'in the model dtype' if kv == 'model' else 'as ' + kv})", "",
+                  f"Host->GPU in this run: pinned {c['pinned_gbps']:.1f} GB/s, pageable {c['pageable_gbps']:.1f} GB/s."
+                  if c["pinned_gbps"] == c["pinned_gbps"] else "Host->GPU: none (no GPU in this run).",
                   "",
                   "| context | ratio | full prefill ms | fused cold ms | fused warm ms | fused hot ms | speed-up warm | "
                   "speed-up hot | stall warm ms (% TTFT) | loader GB/s (% pinned) | + gather, rotation GB/s |",
