@@ -173,7 +173,8 @@ class Runner:
 
 def _summary(runs: list[dict]) -> dict:
     out = {"ttft_ms": median([r["ttft_ms"] for r in runs]), "runs_ms": [round(r["ttft_ms"], 2) for r in runs]}
-    for key in ("stall_ms", "copy_ms", "open_s", "select_s", "recompute_s", "repair_s", "page_cache_mb"):
+    for key in ("stall_ms", "copy_ms", "open_s", "acquire_s", "issue_s", "select_s", "recompute_s", "repair_s",
+                "page_cache_mb"):
         values = [r[key] for r in runs if key in r]  # runs may differ: a cold run's plan may prefill everything
         if values:
             out[key] = median(values)

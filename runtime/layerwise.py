@@ -24,7 +24,7 @@ the fused buffer [L, 2, H_kv, N + Q, D] at their new positions (a quantised
 store's fp8/int8 codes, and their scales, travel as they are stored; the gather's
 copy converts the codes and `quant.dequantize_` scales them in place right after
 it, before the rotation: three broadcast kernels per run of equal-length chunks, no
-per-token scale tensor), re-rotate the
+per-token scale tensor; a run's scale rows are stacked once per layer group), re-rotate the
 keys by each token's position delta on the GPU (cos/sin tables made once per
 request), and record event l. (Two streams, so the copy engine never waits for
 the gather kernels.) The cache layers of the model (`kvcache.StreamedLayer`)
@@ -93,6 +93,23 @@ def layer_groups(n_layers: int, max_group: int = MAX_GROUP) -> list[tuple[int, i
             size = min(2 * size, max_group)
         start = end
     return out
+
+
+def gather_runs(pairs, starts) -> list[tuple[int, int, list[PoolEntry]]]:
+    """[(start, end, [entry, ...])]: the entries with a slot (not the chunks recomputed instead of
+    loaded) grouped into runs that lie end to end in the fused buffer and share a storage dtype,
+    so the gather copies a layer of each run with one concatenation instead of one copy per chunk
+    (H200, 33 chunks, 32 layers: 32 ms of host time queueing per-chunk copies)."""
+    runs: list[tuple[int, int, list[PoolEntry]]] = []
+    for (g, _), s in zip(pairs, starts):
+        if g.kv is None:
+            continue
+        if runs and runs[-1][1] == s and runs[-1][2][0].kv.dtype == g.kv.dtype:
+            runs[-1][2].append(g)
+            runs[-1] = (runs[-1][0], s + g.n_tokens, runs[-1][2])
+            continue
+        runs.append((s, s + g.n_tokens, [g]))
+    return runs
 
 
 def scale_runs(pairs, starts) -> list[tuple[int, list[PoolEntry]]]:
@@ -176,6 +193,8 @@ class LayerwiseLoad:
         # pools hold codes [L, 2, H_kv, T, D] + scales [L, H_kv, W]: the chunks with codes, in runs
         # of equal length laid end to end (one dequantisation per run and layer)
         self.scale_runs = scale_runs(pairs, self.starts) if tiers.codec.quantised else []
+        self.group_rows, self.rows_group = [], -1   # the runs' scale rows of layer group rows_group (issue)
+        self.gather_runs = gather_runs(pairs, self.starts)
         self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.repaired_in_place = False   # a selection repaired tokens into `fused` (repair_cache)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
@@ -192,7 +211,9 @@ class LayerwiseLoad:
                 stream.wait_stream(compute)  # fused was allocated on the compute stream
                 self.fused.record_stream(stream)
             self.t_start.record(self.h2d)
+        t_issue = time.perf_counter()
         self.issue(max(1, first))
+        self.timings["issue_s"] = time.perf_counter() - t_issue   # the host queueing the first layers' gathers
 
     # ---- the side streams ----------------------------------------------------------
     def issue(self, upto: int) -> None:
@@ -209,14 +230,20 @@ class LayerwiseLoad:
             with torch.cuda.stream(self.stream) if cuda else nullcontext():
                 if cuda:
                     self.stream.wait_event(self.h2d_events[gi])
-                loaded = [(g, s) for (g, _), s in zip(self.pairs, self.starts) if g.kv is not None]
-                if loaded:
-                    dst = [self.fused[l, :, :, s:s + g.n_tokens] for g, s in loaded]
-                    torch._foreach_copy_(dst, [g.kv[l] for g, _ in loaded])   # [2, H_kv, T, D] each
-                    for start, run in self.scale_runs:  # codes -> KV in place, before the rotation
-                        rows = run[0].scales[l][:, None] if len(run) == 1 else torch.stack([g.scales[l] for g in run], 1)
-                        dequantize_(self.fused[l, :, :, start:start + len(run) * run[0].n_tokens], rows,
-                                    self.key_offsets)  # rows [H_kv, n, W]
+                for start, end, run in self.gather_runs:     # one concatenation per run of adjacent chunks
+                    dst = self.fused[l, :, :, start:end]       # [2, H_kv, n, D]
+                    src = [g.kv[l] for g in run]               # [2, H_kv, T, D] each, contiguous in its slot
+                    if src[0].dtype == dst.dtype:
+                        torch.cat(src, dim=2, out=dst)
+                    else:   # codes: gathered as stored (as bytes: cat's batched kernel), converted by one copy
+                        dst.copy_(torch.cat([x.view(torch.uint8) for x in src], dim=2).view(src[0].dtype))
+                if self.scale_runs and self.rows_group != gi:   # each run's scales of the group, stacked once
+                    self.group_rows = [run[0].scales[a:b, :, None] if len(run) == 1 else
+                                       torch.stack([g.scales[a:b] for g in run], 2) for _, run in self.scale_runs]
+                    self.rows_group = gi                          # [b-a, H_kv, n, W] per run
+                for (start, run), rows in zip(self.scale_runs, self.group_rows):  # codes -> KV, before the rotation
+                    dequantize_(self.fused[l, :, :, start:start + len(run) * run[0].n_tokens], rows[l - a],
+                                self.key_offsets)  # rows [H_kv, n, W]
                 if self.any_loaded:
                     rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
                 if cuda:
@@ -360,14 +387,16 @@ def fuse_layerwise(lm: LoadedModel, tiers: Tiers, request_id: str, question_ids:
     elif front:                                     # prefill the front from its tokens while the back loads
         recompute += chunk_ids[:1 + front]
         front_kv, front_tokens, n_prefix = prefill_front(lm, tiers, request_id, chunk_ids[:1 + front])
+    t_acquire = time.perf_counter()
     pairs, counts = tiers.acquire(request_id, recompute=recompute)   # waits for the disk reads of the back
+    t_acquire = time.perf_counter() - t_acquire
     if front_kv is not None:   # the front's fresh K/V is the prefix of the fused pass over the back
         tiers.release_entries(pairs[:1 + front])   # hot ones among them were acquired: not used
         meta = {"tokens": front_tokens, "saliency": None, "pos_base": 0}
         pairs = [(PoolEntry(chunk_ids[0], -1, front_kv.shape[3], 0, front_kv, meta=meta), None), *pairs[1 + front:]]
     load = LayerwiseLoad(tiers, request_id, pairs, len(question_ids), lm.rope_inv_freq(), depth, measure_stall,
                          counts, first=n_probe)
-    load.timings["open_s"] = time.perf_counter() - t0
+    load.timings.update(open_s=time.perf_counter() - t0, acquire_s=t_acquire)
     try:
         if selected is None and load.recompute_positions.numel() == load.layout.context_len > 0:
             result = prefill_over_prefix(lm, load, question_ids)   # nothing loaded to select from

@@ -113,6 +113,39 @@ def test_quantised_store_layerwise_matches_plain_path(tmp_path_factory, kv_dtype
         tiers.close()
 
 
+def test_gather_runs_split_at_gaps_and_dtypes():
+    """A layer is gathered with one concatenation per run of adjacent chunks of one storage dtype."""
+    from kvfuse.loader.pool import PoolEntry
+    from kvfuse.runtime.layerwise import gather_runs
+
+    def entry(name, n, dtype):
+        kv = None if dtype is None else torch.zeros(1, 2, 1, n, 2, dtype=dtype)
+        return PoolEntry(name, 0, n, 0, kv), None
+
+    f8, bf = torch.float8_e4m3fn, torch.bfloat16
+    pairs = [entry("p", 4, bf), entry("a", 8, f8), entry("b", 8, f8), entry("gap", 8, None), entry("c", 8, f8)]
+    runs = gather_runs(pairs, [0, 4, 12, 20, 28])
+    assert [(s, e, [g.chunk_id for g in run]) for s, e, run in runs] == \
+        [(0, 4, ["p"]), (4, 20, ["a", "b"]), (28, 36, ["c"])]
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_every_chunk_recomputed_over_a_loaded_prefix(tmp_path_factory, kv_dtype):
+    """Only the prefix is gathered (every chunk recomputed instead of loaded): its codes are
+    dequantised like any chunk's, so the pass equals the plain path recomputing every context token."""
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32, kv_dtype=kv_dtype)
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        q = question(lm)
+        _, want, _ = plain_logits(lm, store, prefix, ids, q, torch.arange(P, P + len(ids) * T))
+        tiers.submit("r", [prefix, *ids])
+        got = fuse_layerwise(lm, tiers, "r", q, selector="a3", ratio=0.2, recompute=ids)
+        assert got.timings.get("plain_prefill") and got.timings["recompute"] == len(ids)
+        torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=1e-4)
+    finally:
+        tiers.close()
+
+
 @pytest.mark.parametrize("selector", ["a3", "epic", "cacheblend", "prophet", "kvfuse"])
 def test_selection_matches_plain_fuse(tmp_path_factory, selector):
     lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
