@@ -431,15 +431,17 @@ def prepare_from(lm: LoadedModel, source: FusedKV, question_ids: torch.Tensor, p
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L', Q, C]
         return attn if prep.on_device else _to_host(attn)
 
-    def repairer(new: torch.Tensor) -> torch.Tensor:
+    def repairer(new: torch.Tensor, reduce=None) -> torch.Tensor:
         """Question attention [L, Q, C] from one pass of `new` + Q over the run's working cache,
-        into which the pass writes `new`'s fresh K/V (`kvcache.RepairLayer`)."""
+        into which the pass writes `new`'s fresh K/V (`kvcache.RepairLayer`); on the host.
+        reduce: applied where the pass ran, before the copy (e.g. [L, Q, C] -> [C]: on a GPU the
+        host then copies and scores 1/(L*Q) of the bytes while the GPU does the sum)."""
         rec = AttentionRecorder(query_rows=slice(new.numel(), None))
         p_layout, p_question = probe_view(layout, question_ids)
         recompute(lm, source, p_layout, source.context_tokens, p_question, new, rec, peek=True,
                   cache_factory=lambda _, slots: source.repair_cache(slots))
         attn = torch.stack([rec.maps[l][:, ctx_cols] for l in sorted(rec.maps)])      # [L, Q, C]
-        return _to_host(attn)
+        return _to_host(attn if reduce is None else reduce(attn))
 
     def recompute_layer(layer: int) -> torch.Tensor:
         source.wait_all()

@@ -95,6 +95,10 @@ def layer_groups(n_layers: int, max_group: int = MAX_GROUP) -> list[tuple[int, i
     return out
 
 
+def cuda_device(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def gather_runs(pairs, starts) -> list[tuple[int, int, list[PoolEntry]]]:
     """[(start, end, [entry, ...])]: the entries with a slot (not the chunks recomputed instead of
     loaded) grouped into runs that lie end to end in the fused buffer and share a storage dtype,
@@ -168,7 +172,10 @@ class LayerwiseLoad:
         self.cos, self.sin = rotation_table(delta, inv_freq)                     # [C, D] float32 each
         self.context = slice(P, N)
         metas = [g.meta for g in chunks]
-        self.context_tokens = torch.cat([m["tokens"].long() for m in metas])     # [C]
+        tokens = torch.cat([m["tokens"].long() for m in metas])                  # [C]
+        # on the model's device once: every pass (probe, repairs, recompute) indexes its picks' tokens
+        # there, and a pageable copy per pass would wait for the GPU to drain first
+        self.context_tokens = tokens.pin_memory().to(device, non_blocking=True) if cuda_device(device) else tokens
         # [R] absolute positions of the chunks recomputed instead of loaded (no slot: kv None)
         spans = [torch.arange(s, s + g.n_tokens) for (g, _), s in zip(self.pairs[1:], self.starts[1:]) if g.kv is None]
         self.recompute_positions = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)

@@ -50,7 +50,7 @@ class SelectionContext:
     recompute_layer: Callable[[int], torch.Tensor]         # layer -> fresh K/V [2, H_kv, C, D]
     saliency: torch.Tensor | None = None                   # [S_sig, C] offline prior, chunk order
     probe_layers: int | None = None                        # the plain probe reads layers 0..probe_layers-1 (None: all)
-    repairer: Callable[[torch.Tensor], torch.Tensor] | None = None  # new [S'] -> question attention [L, Q, C]
+    repairer: Callable[..., torch.Tensor] | None = None   # (new [S'], reduce) -> question attention [L, Q, C]
     repaired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [R] this run's
     repair_s: float = 0.0                                  # seconds this run's repair passes took
     cached: dict = field(default_factory=dict)
@@ -82,20 +82,23 @@ class SelectionContext:
             key = (*key, depth)
         return self._signal(key, lambda: self.attend(selected).float())
 
-    def repair(self, new: torch.Tensor, keep: bool = True) -> torch.Tensor:
+    def repair(self, new: torch.Tensor, keep: bool = True,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """[L, Q, C] question attention after recomputing `new` [S'] (absolute positions, not
         repaired before) into this run's working cache, where they stay fresh for later passes
         and the final recompute. Not cached: each call is a pass. Raises RuntimeError when the
         source has no working cache, ValueError for a position repaired twice.
         keep=False: the final recompute runs `new` again (with the rest), so only the later
-        probes gain from this pass; `new` may then be repaired again."""
+        probes gain from this pass; `new` may then be repaired again.
+        reduce: a function of the [L, Q, C] attention (e.g. `fused_layer_attention`), run on
+        the device of the pass before the result comes to the host; returns its result."""
         if self.repairer is None:
             raise RuntimeError("this fused source has no working cache to repair into (prepare_from wires one)")
         new = new.long().cpu()
         if torch.isin(new, self.repaired).any() or new.unique().numel() != new.numel():
             raise ValueError("repair: a position is repaired twice")
         t0 = time.perf_counter()
-        attn = self.repairer(new).float()                 # on the host: the pass has finished
+        attn = self.repairer(new, reduce).float()         # on the host: the pass has finished
         self.repair_s += time.perf_counter() - t0
         if keep:
             self.repaired = torch.cat((self.repaired, new)).sort().values

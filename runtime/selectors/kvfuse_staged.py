@@ -130,13 +130,12 @@ def _staged(ctx: SelectionContext, budget: int, probes: str) -> torch.Tensor:
         if take <= 0:
             continue
         if probes == "joint":
-            attn = ctx.question_attention(chosen)          # a pass of every pick so far + Q
-        elif pending.numel() or repairing:
-            attn = ctx.repair(pending, keep=probes == "kept")   # a pass of the new picks + Q
+            relevance = fused_layer_attention(ctx.question_attention(chosen))  # a pass of every pick so far + Q
+        elif pending.numel() or repairing:                 # a pass of the new picks + Q, fused where it ran
+            relevance = ctx.repair(pending, keep=probes == "kept", reduce=fused_layer_attention)
             repairing = True
-        else:
-            attn = ctx.question_attention()                # nothing to repair yet: the shared plain probe
-        relevance = fused_layer_attention(attn)            # [C]
+        else:                                              # nothing to repair yet: the shared plain probe
+            relevance = fused_layer_attention(ctx.question_attention())
         scores = _stage_scores(ctx, relevance)
         scores[chosen - lay.prefix_len] = float("-inf")
         pending = _pick(ctx, scores, relevance, take)
