@@ -304,6 +304,18 @@ def test_incremental_probes_run_each_pick_once_and_equal_joint_probes_on_two_lay
     assert torch.allclose(kv_from_cache(res.cache), kv_from_cache(joint.cache), atol=1e-5)
 
 
+def test_repair_reduces_where_the_pass_ran(lm, prompt):
+    """`repair(reduce=)` returns the reduction of the attention the same pass gives without it,
+    bit for bit (on the CPU the same ops run on the same tensor)."""
+    from kvfuse.runtime.selectors.base import fused_layer_attention
+    first, second = prepare(lm, *prompt), prepare(lm, *prompt)     # each with its own working cache
+    new = torch.tensor([start + 1 for start in first.layout.chunk_starts])
+    plain = fused_layer_attention(first.ctx.repair(new))
+    reduced = second.ctx.repair(new, reduce=fused_layer_attention)
+    assert reduced.shape == plain.shape == (first.layout.context_len,)
+    assert torch.equal(reduced, plain)
+
+
 def test_incremental_run_does_not_leak_into_later_runs(lm, prompt):
     prep = prepare(lm, *prompt)
     fresh = run(prepare(lm, *prompt), "kvfuse-joint-probes", 0.3)
