@@ -50,6 +50,7 @@ driver adds to the selection, so every layer's K/V of those tokens is computed f
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from typing import Sequence
@@ -75,6 +76,11 @@ from .rope import rotate_keys_, rotation_table
 __all__ = ["LayerwiseLoad", "Tiers", "fuse_layerwise", "layer_groups", "open_load", "plan_query_groups", "probe_depth",
            "tiers_for"]
 
+# The gather as one Triton kernel per layer (`gather_kernel.GatherPlan`): True to use it where it can
+# run (on the CPU: under Triton's interpreter, for the tests), None = on CUDA, False = never. Opt-in
+# (KVFUSE_GATHER_KERNEL=1) until measured on a GPU: written and checked bit for bit against the torch
+# gather in the interpreter (2026-11-30), not yet run on a GPU (docs/loader.md).
+GATHER_KERNEL: bool | None = {"1": True, "auto": None}.get(os.environ.get("KVFUSE_GATHER_KERNEL", "0"), False)
 MAX_GROUP = 8   # layers per host -> GPU copy at most (8 MiB for Llama-3-8B, 8 of its 32 layers)
 LEARN_DISK_BYTES = 256 << 20   # a request's disk wait teaches the plan's disk rate from this many bytes up
 
@@ -202,6 +208,8 @@ class LayerwiseLoad:
         self.scale_runs = scale_runs(pairs, self.starts) if tiers.codec.quantised else []
         self.group_rows, self.rows_group = [], -1   # the runs' scale rows of layer group rows_group (issue)
         self.gather_runs = gather_runs(pairs, self.starts)
+        self.kernel = self._kernel_plan(tiers, inv_freq) if (GATHER_KERNEL if GATHER_KERNEL is not None
+                                                             else tiers.copy_stream is not None) else None
         self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.repaired_in_place = False   # a selection repaired tokens into `fused` (repair_cache)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream
@@ -237,6 +245,11 @@ class LayerwiseLoad:
             with torch.cuda.stream(self.stream) if cuda else nullcontext():
                 if cuda:
                     self.stream.wait_event(self.h2d_events[gi])
+                if self.kernel is not None:   # copy, decode and re-rotation in one kernel
+                    self.kernel.launch(self.fused[l], l)
+                    if cuda:
+                        self.events[l].record(self.stream)
+                    continue
                 for start, end, run in self.gather_runs:     # one concatenation per run of adjacent chunks
                     dst = self.fused[l, :, :, start:end]       # [2, H_kv, n, D]
                     src = [g.kv[l] for g in run]               # [2, H_kv, T, D] each, contiguous in its slot
@@ -259,6 +272,21 @@ class LayerwiseLoad:
         if self.issued:  # the first layers are queued: the rest of the copies go now, to keep the copy engine busy
             for gi in range(self.copied, len(self.groups)):
                 self._copy_group(gi, *self.groups[gi])
+
+    def _kernel_plan(self, tiers: Tiers, inv_freq: torch.Tensor):
+        """The fused gather kernel's plan for this request's loaded entries, or None (no Triton,
+        an entry outside the GPU pool's arena: the cold plan's prefilled front)."""
+        from .gather_kernel import GatherPlan
+        # (entry, new start, position shift): the prefix stays where it is (the torch path leaves it unrotated)
+        loaded = [(g, s, 0.0 if i == 0 else float(s - g.meta["pos_base"]))
+                  for i, ((g, _), s) in enumerate(zip(self.pairs, self.starts)) if g.kv is not None]
+        if not loaded:
+            return None
+        quantised = tiers.codec.quantised
+        return GatherPlan.build([g.kv for g, _, _ in loaded], [g.scales for g, _, _ in loaded] if quantised else None,
+                                [s for _, s, _ in loaded], [shift for _, _, shift in loaded],
+                                tiers.gpu.arena, tiers.gpu.scale_arena if quantised else None, inv_freq,
+                                tiers.codec.key_cols)
 
     def _copy_group(self, gi: int, a: int, b: int) -> None:
         """Warm/cold chunks' layers a..b-1, pinned -> GPU slot: one copy per chunk ([b-a, 2, H_kv, T, D],

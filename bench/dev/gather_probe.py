@@ -36,17 +36,22 @@ def entries(context: int, kv_dtype: str, device: str):
     codec = kv_codec(kv_dtype)
     pairs = []
     pin = (lambda t: t.cpu().pin_memory()) if device == "cuda" else (lambda t: t.clone())
-    for i, n in enumerate([PREFIX] + [CHUNK] * (context // CHUNK)):
+    lens = [PREFIX] + [CHUNK] * (context // CHUNK)
+    # the GPU slots live in one arena (and one scale arena), as the GPU pool holds them
+    arena = torch.empty(len(lens), L * 2 * H_KV * CHUNK * D, dtype=codec.storage_dtype(torch.bfloat16), device=device)
+    scale_arena = torch.empty(len(lens), L * H_KV * codec.row_width(D, CHUNK), dtype=torch.bfloat16,
+                              device=device) if codec.quantised else None
+    for i, n in enumerate(lens):
         kv = torch.randn(L, 2, H_KV, n, D, device=device, dtype=torch.bfloat16)
         codes, scales = codec.encode(kv)
         meta = {"tokens": torch.zeros(n, dtype=torch.int32), "saliency": torch.zeros(1, n),
                 "pos_base": 0 if i == 0 else PREFIX}
         host = PoolEntry(f"c{i}", i, n, codes.nbytes, pin(codes),
                          None if scales is None else pin(scales), meta=meta)
-        gpu = PoolEntry(f"c{i}", i, n, codes.nbytes, torch.empty_like(codes),
-                        None if scales is None else torch.empty_like(scales), meta=meta)
+        gpu = PoolEntry(f"c{i}", i, n, codes.nbytes, arena[i, : codes.numel()].view(codes.shape),
+                        None if scales is None else scale_arena[i, : scales.numel()].view(scales.shape), meta=meta)
         pairs.append((gpu, host))
-    return codec, pairs
+    return codec, pairs, arena, scale_arena
 
 
 class PerChunkCopies(LayerwiseLoad):
@@ -75,10 +80,24 @@ class PerChunkCopies(LayerwiseLoad):
             self._copy_group(gi, *self.groups[gi])
 
 
-def one_load(codec, pairs, device: str, cls=LayerwiseLoad) -> dict:
+class KernelGather(LayerwiseLoad):
+    """The gather as one Triton kernel per layer (runtime/gather_kernel.py; opt-in in the product)."""
+
+    def __init__(self, *args, **kwargs):
+        from kvfuse.runtime import layerwise
+        layerwise.GATHER_KERNEL = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            layerwise.GATHER_KERNEL = False
+        assert self.kernel is not None
+
+
+def one_load(codec, pairs, arena, scale_arena, device: str, cls=LayerwiseLoad) -> dict:
     cuda = device == "cuda"
     tiers = SimpleNamespace(device=torch.device(device), dtype=torch.bfloat16, codec=codec,
-                            gpu=SimpleNamespace(slot_shape=(L, 2, H_KV, CHUNK, D)),
+                            gpu=SimpleNamespace(slot_shape=(L, 2, H_KV, CHUNK, D), arena=arena,
+                                                scale_arena=scale_arena),
                             h2d_stream=torch.cuda.Stream() if cuda else None,
                             copy_stream=torch.cuda.Stream() if cuda else None, release=lambda *a: None)
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
@@ -106,18 +125,19 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     variants = [(d, name, cls) for d in args.dtypes.split(",")
-                for name, cls in (("per-chunk copies", PerChunkCopies), ("cat per run", LayerwiseLoad))]
+                for name, cls in (("per-chunk copies", PerChunkCopies), ("cat per run", LayerwiseLoad),
+                                  ("triton kernel", KernelGather))]
     if device == "cpu":
         variants = [v for v in variants if v[2] is LayerwiseLoad]
     for kv_dtype, variant, cls in variants:
-        codec, pairs = entries(args.context, kv_dtype, device)
-        runs = [one_load(codec, pairs, device, cls) for _ in range(args.reps + 1)][1:]   # first: allocator warm-up
+        codec, pairs, arena, scale_arena = entries(args.context, kv_dtype, device)
+        runs = [one_load(codec, pairs, arena, scale_arena, device, cls) for _ in range(args.reps + 1)][1:]   # first: allocator warm-up
         row = {"kv_dtype": kv_dtype, "variant": variant, "context": args.context,
                **{k: statistics.median(r[k] for r in runs) for k in runs[0]}, "runs": runs}
         rows.append(row)
         print(f"{kv_dtype:6s} {variant:17s} open {row['open_ms']:6.1f} ms (issue {row['issue_ms']:6.1f})  wall {row['wall_ms']:6.1f} ms"
               f"  copy {row['copy_ms']:6.1f}  h2d {row['h2d_ms']:6.1f}", flush=True)
-        del pairs
+        del pairs, arena, scale_arena
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gather_probe.json").write_text(json.dumps({
