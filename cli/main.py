@@ -113,11 +113,17 @@ def gc(cache_dir, keep, grace, dry_run):
 @storage_options
 @click.option("--release", default=None, help="A release id (default: CURRENT).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(cache_dir, release, as_json):
+@click.option("--chunks", "list_chunks", is_flag=True,
+              help="List the release's chunk ids (the prefix first), one per line, instead of the summary.")
+def inspect(cache_dir, release, as_json, list_chunks):
     """Show a cache's release, model, chunks, tokens and bytes."""
     from kvfuse.loader.store import Store, list_releases
     with Store.open(cache_dir, release, lease=False) as store:
         stats = store.stats()
+        chunk_ids = store.chunk_ids() if list_chunks else []
+    if list_chunks:
+        click.echo(json.dumps(chunk_ids) if as_json else "\n".join(chunk_ids))
+        return
     stats["releases"] = list_releases(store.cache_dir)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
@@ -175,13 +181,17 @@ def verify(cache_dir, release, quick, as_json):
 @click.option("--compare", is_flag=True, help="Also run a full prefill of the same prompt and compare.")
 @click.option("--on-overflow", default="error", show_default=True, type=click.Choice(["error", "drop"]),
               help="A prompt longer than the model's positions: stop with an error, or drop the least relevant chunks.")
-def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_tokens, compare, on_overflow="error"):
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch CPU threads (default: torch's choice; on a machine busy with other work, fewer run faster).")
+def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_tokens, compare, on_overflow="error",
+        threads=None):
     """Answer QUESTION from the chunks retrieved out of CACHE_DIR."""
     from kvfuse.runtime.engine import FusionEngine
     from kvfuse.runtime.selectors import get_selector
     get_selector(selector)  # fail before loading anything
     if not question.strip():
         raise click.BadParameter("give a non-empty question", param_hint="QUESTION")
+    _set_threads(threads)
     engine = FusionEngine(cache_dir, _load(model, dtype))
     try:
         a = engine.ask(question, top_k=top_k, selector=selector, ratio=ratio, max_new_tokens=max_new_tokens,
@@ -215,18 +225,27 @@ def run():  # pragma: no cover
 @click.option("--workdir", default="demo_cache", show_default=True, type=click.Path())
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--question", default=None, help="Default: a question about a painting in the sample.")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch CPU threads (default: torch's choice; on a machine busy with other work, fewer run faster).")
 @click.pass_context
-def demo(ctx, workdir, model, question):
+def demo(ctx, workdir, model, question, threads):
     """Sample corpus + default model -> cache -> an answered question, compared with a full prefill."""
     from pathlib import Path
     from kvfuse.cli.demo import DEMO_QUESTION, demo_corpus
+    _set_threads(threads)
     corpus = demo_corpus(Path(workdir) / "corpus.jsonl")
     click.echo(f"corpus: {corpus}")
     ctx.invoke(build_cache_cmd, corpus=str(corpus), cache_dir=str(Path(workdir) / "cache"), model=model,
                dtype=None, chunk_tokens=512, shard_mb=1024)
     ctx.invoke(inspect, cache_dir=str(Path(workdir) / "cache"), release=None, as_json=False)
     ctx.invoke(ask, cache_dir=str(Path(workdir) / "cache"), question=question or DEMO_QUESTION, model=model,
-               dtype=None, top_k=4, selector="kvfuse", ratio=0.15, max_new_tokens=48, compare=True)
+               dtype=None, top_k=4, selector="kvfuse", ratio=0.15, max_new_tokens=48, compare=True, threads=threads)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
 
 
 from kvfuse.cli.eval import eval_cmd  # noqa: E402

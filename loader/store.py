@@ -244,6 +244,11 @@ class Store:
     def __contains__(self, chunk_id: str) -> bool:
         return chunk_id in self._records
 
+    def chunk_ids(self) -> list[str]:
+        """Every stored chunk id of the release: the shared prefix first, then the rest sorted."""
+        prefix = self.prefix_id
+        return [prefix] + sorted(c for c in self._records if c != prefix)
+
     def __len__(self) -> int:
         """Distinct chunks (stored KV), the prefix included."""
         return len(self._records)
@@ -428,9 +433,12 @@ def verify_release(cache_dir: str | Path, release: str | None = None, checksums:
                    store: Store | None = None) -> VerifyReport:
     """Check a release end to end: CURRENT, manifest digest, index digest, every shard's size and
     header digest and (with checksums) every chunk's bytes. Never raises for damage: each
-    problem names its file and the chunks it affects."""
+    problem names its file and the chunks it affects. Raises NoReleaseError for a `release`
+    id the cache does not have (a wrong argument, not damage: nothing to repair)."""
     if store is None:
         cache_dir = local_dir(cache_dir)
+        if release is not None and not (cache_dir / fmt.RELEASES_DIR / f"{release}.json").exists():
+            Store.open(cache_dir, release, lease=False).close()   # raises NoReleaseError naming the releases
         try:
             store = Store.open(cache_dir, release, lease=False)
         except StoreError as e:

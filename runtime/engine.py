@@ -371,7 +371,7 @@ class FusionEngine:
             unknown = [c for c in req.chunk_ids if c not in view.store or c == view.prefix_id]
             if unknown:
                 raise RequestError("chunk_ids", f"unknown chunk id(s) {unknown[:3]} in release {view.release} "
-                                   "(`kvfuse inspect` lists a cache's chunks)")
+                                   "(`kvfuse inspect CACHE --chunks` lists a release's chunk ids)")
             chunk_ids = list(req.chunk_ids)
         question_ids = (torch.tensor(req.question_ids) if question is None else self.question_ids(question, view))
         if req.on_overflow not in ("error", "drop"):

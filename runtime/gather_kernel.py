@@ -1,13 +1,13 @@
 """One kernel per layer for the layer-wise gather: copy, decode and re-rotate (issue 11 item 1, issue 14).
 
-    plan = GatherPlan.build(entries, starts, arena, scale_arena, shifts, inv_freq, codec, n_layers)
-    if plan is not None:
+    plan = GatherPlan.build(kvs, scales, starts, shifts, arena, scale_arena, inv_freq, codec.key_cols)
+    if plan is not None:                  # kvs: the entries' slot views [L, 2, H_kv, T, D]; scales: [L, H_kv, W] or None
         plan.launch(fused[l], l)          # fused[l]: [2, H_kv, N + Q, D] in the model dtype
 
 The torch gather (`layerwise.LayerwiseLoad.issue`) queues, per layer, a concatenation per
 run of chunks, for a quantised store a converting copy, a scale stack and three scaling
 kernels, then seven kernels of re-rotation (float32 copy, halves, products, sum, copy
-back): 10-15 launches and ~20-30 us of host time each, plus as many passes over the
+back): 10-15 launches of ~20-30 us of host time each, and five or six passes over the
 layer's K/V in GPU memory. Here one Triton program per (chunk, KV head, block of tokens)
 reads the chunk's codes (or model-dtype K/V) from its GPU-pool slot, scales them with the
 chunk's scale rows (keys: per channel, plus the channel's offset; values: per token),
@@ -21,14 +21,16 @@ model dtype as `quant.dequantize_` rounds it (codes and scales are exact in floa
 product is too), and the rotation runs in float32 on the decoded key, x1 cos - x2 sin and
 x2 cos + x1 sin, as `rope.rotate_keys_` computes it.
 
-`GatherPlan.build` returns None where the kernel cannot run (no Triton, an entry outside
-the pool's arena such as the cold plan's prefilled front, head dim not a power of two):
-the caller keeps the torch path. Triton's interpreter (`TRITON_INTERPRET=1`) runs it on
-CPU tensors for the tests.
+`GatherPlan.build` returns None where the kernel cannot run: no Triton; CPU tensors
+without Triton's interpreter (`TRITON_INTERPRET=1`, which the tests use); an entry
+outside the pool's arena (the cold plan's prefilled front), not contiguous or of another
+dtype; head dims that differ, are not a power of two or are below 16. The caller then
+keeps the torch path.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +136,8 @@ class GatherPlan:
         stored pos_base (0 for the prefix). None where the kernel can't take them (module doc)."""
         if triton is None or not kvs:
             return None
+        if arena.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return None   # Triton compiles for GPUs; on CPU tensors only its interpreter runs it
         L, two, H, _, D = kvs[0].shape
         if D & (D - 1) or D < 16 or any(kv.shape[2] != H or kv.shape[4] != D for kv in kvs):
             return None

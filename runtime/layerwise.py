@@ -77,9 +77,10 @@ __all__ = ["LayerwiseLoad", "Tiers", "fuse_layerwise", "layer_groups", "open_loa
            "tiers_for"]
 
 # The gather as one Triton kernel per layer (`gather_kernel.GatherPlan`): True to use it where it can
-# run (on the CPU: under Triton's interpreter, for the tests), None = on CUDA, False = never. Opt-in
-# (KVFUSE_GATHER_KERNEL=1) until measured on a GPU: written and checked bit for bit against the torch
-# gather in the interpreter (2026-11-30), not yet run on a GPU (docs/loader.md).
+# run (on the CPU only under Triton's interpreter, for the tests), None = on CUDA streams, False = never.
+# Environment KVFUSE_GATHER_KERNEL: "1" (True), "auto" (None), anything else or unset (False). Opt-in
+# until measured on a GPU: written and checked bit for bit against the torch gather in the
+# interpreter (2026-11-30), not yet run on a GPU (docs/loader.md).
 GATHER_KERNEL: bool | None = {"1": True, "auto": None}.get(os.environ.get("KVFUSE_GATHER_KERNEL", "0"), False)
 MAX_GROUP = 8   # layers per host -> GPU copy at most (8 MiB for Llama-3-8B, 8 of its 32 layers)
 LEARN_DISK_BYTES = 256 << 20   # a request's disk wait teaches the plan's disk rate from this many bytes up

@@ -112,6 +112,22 @@ def test_verify_cli_names_the_three_chunks_with_a_flipped_byte(tmp_path):
     assert quick.exit_code == 0 and json.loads(quick.output)["checksummed"] is False  # data flips need checksums
 
 
+def test_verify_and_inspect_of_a_release_id_the_cache_lacks(tmp_path):
+    """A wrong --release is the caller's mistake: a clear error naming the releases, no repair advice;
+    `inspect --chunks` lists the ids an unknown-chunk error points to."""
+    cache = tmp_path / "cache"
+    write_release(cache, some_chunks(3), target_bytes=1)
+    for cmd in ("verify", "inspect"):
+        out = CliRunner().invoke(main, [cmd, str(cache), "--release", "r9999-nope"])
+        said = out.output + str(out.exception or "")   # `kvfuse` prints a StoreError as "error: ..." (cli.main.run)
+        assert out.exit_code != 0 and "unknown release 'r9999-nope'" in said and "releases: r0001" in said, said
+        assert "--repair" not in said and "problems" not in said
+    listed = CliRunner().invoke(main, ["inspect", str(cache), "--chunks"])
+    with Store.open(cache, lease=False) as store:
+        assert listed.exit_code == 0 and listed.output.split() == store.chunk_ids()
+        assert store.chunk_ids()[0] == store.prefix_id and len(store.chunk_ids()) == len(store)
+
+
 def test_manifest_digest_sidecar_lost_or_manifest_key_missing_is_named(release):
     cache, rel, _ = release
     mpath = manifest_path(cache, rel)

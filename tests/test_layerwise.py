@@ -113,6 +113,24 @@ def test_quantised_store_layerwise_matches_plain_path(tmp_path_factory, kv_dtype
         tiers.close()
 
 
+def test_gather_kernel_switch_without_triton_keeps_the_torch_gather(tmp_path_factory, monkeypatch):
+    """KVFUSE_GATHER_KERNEL=1 where Triton is missing (the CPU CI): no kernel plan, the same results."""
+    from kvfuse.runtime import gather_kernel, layerwise
+    monkeypatch.setattr(layerwise, "GATHER_KERNEL", True)
+    monkeypatch.setattr(gather_kernel, "triton", None)
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32, kv_dtype="fp8")
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        plans = []
+        real = layerwise.LayerwiseLoad._kernel_plan
+        monkeypatch.setattr(layerwise.LayerwiseLoad, "_kernel_plan",
+                            lambda self, *a: plans.append(real(self, *a)) or plans[-1])
+        check_same_as_plain(lm, store, prefix, ids, tiers, atol=1e-5)
+        assert plans and all(p is None for p in plans)
+    finally:
+        tiers.close()
+
+
 def test_gather_runs_split_at_gaps_and_dtypes():
     """A layer is gathered with one concatenation per run of adjacent chunks of one storage dtype."""
     from kvfuse.loader.pool import PoolEntry
