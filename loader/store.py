@@ -437,10 +437,12 @@ def verify_release(cache_dir: str | Path, release: str | None = None, checksums:
     id the cache does not have (a wrong argument, not damage: nothing to repair)."""
     if store is None:
         cache_dir = local_dir(cache_dir)
-        if release is not None and not (cache_dir / fmt.RELEASES_DIR / f"{release}.json").exists():
-            Store.open(cache_dir, release, lease=False).close()   # raises NoReleaseError naming the releases
         try:
             store = Store.open(cache_dir, release, lease=False)
+        except NoReleaseError as e:
+            if release is not None:   # an id the cache lacks: the caller's mistake, nothing to repair
+                raise
+            return VerifyReport(release, [Problem(_named_file(cache_dir, release), str(e))])
         except StoreError as e:
             return VerifyReport(release, [Problem(_named_file(cache_dir, release), str(e))])
     report = VerifyReport(store.release, chunks=len(store), checksummed=checksums)

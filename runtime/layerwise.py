@@ -102,42 +102,37 @@ def layer_groups(n_layers: int, max_group: int = MAX_GROUP) -> list[tuple[int, i
     return out
 
 
-def cuda_device(device) -> bool:
-    return torch.device(device).type == "cuda"
+def end_to_end_runs(pairs, starts, take, joins) -> list[tuple[int, list[PoolEntry]]]:
+    """[(start, [entry, ...])]: the entries `take(entry)` keeps, grouped into runs that lie end to
+    end in the fused buffer from `start` on and that `joins(run's first entry, entry)` allows."""
+    runs: list[tuple[int, list[PoolEntry]]] = []
+    for (g, _), s in zip(pairs, starts):
+        if not take(g):
+            continue
+        if runs:
+            start, run = runs[-1]
+            if start + sum(x.n_tokens for x in run) == s and joins(run[0], g):
+                run.append(g)
+                continue
+        runs.append((s, [g]))
+    return runs
 
 
 def gather_runs(pairs, starts) -> list[tuple[int, int, list[PoolEntry]]]:
     """[(start, end, [entry, ...])]: the entries with a slot (not the chunks recomputed instead of
-    loaded) grouped into runs that lie end to end in the fused buffer and share a storage dtype,
-    so the gather copies a layer of each run with one concatenation instead of one copy per chunk
-    (H200, 33 chunks, 32 layers: 32 ms of host time queueing per-chunk copies)."""
-    runs: list[tuple[int, int, list[PoolEntry]]] = []
-    for (g, _), s in zip(pairs, starts):
-        if g.kv is None:
-            continue
-        if runs and runs[-1][1] == s and runs[-1][2][0].kv.dtype == g.kv.dtype:
-            runs[-1][2].append(g)
-            runs[-1] = (runs[-1][0], s + g.n_tokens, runs[-1][2])
-            continue
-        runs.append((s, s + g.n_tokens, [g]))
-    return runs
+    loaded) in runs of one storage dtype, so the gather copies a layer of each run with one
+    concatenation instead of one copy per chunk (H200, 33 chunks, 32 layers: 32 ms of host time
+    queueing per-chunk copies)."""
+    runs = end_to_end_runs(pairs, starts, lambda g: g.kv is not None, lambda r, g: r.kv.dtype == g.kv.dtype)
+    return [(s, s + sum(g.n_tokens for g in run), run) for s, run in runs]
 
 
 def scale_runs(pairs, starts) -> list[tuple[int, list[PoolEntry]]]:
     """[(start, [entry, ...])]: the chunks that hold codes and scales (not a recomputed chunk
     without a slot, nor the cold plan's prefilled front in the model dtype) grouped into runs of
     equal length that lie end to end in the fused buffer from `start` on."""
-    runs: list[tuple[int, list[PoolEntry]]] = []
-    for (g, _), s in zip(pairs, starts):
-        if g.kv is None or g.scales is None:
-            continue
-        if runs:
-            start, run = runs[-1]
-            if run[0].n_tokens == g.n_tokens and start + len(run) * g.n_tokens == s:
-                run.append(g)
-                continue
-        runs.append((s, [g]))
-    return runs
+    return end_to_end_runs(pairs, starts, lambda g: g.kv is not None and g.scales is not None,
+                           lambda r, g: r.n_tokens == g.n_tokens)
 
 
 def tiers_for(store: Store, spec: ModelSpec, host_bytes: int, gpu_bytes: int, **kwargs) -> Tiers:
@@ -182,7 +177,7 @@ class LayerwiseLoad:
         tokens = torch.cat([m["tokens"].long() for m in metas])                  # [C]
         # on the model's device once: every pass (probe, repairs, recompute) indexes its picks' tokens
         # there, and a pageable copy per pass would wait for the GPU to drain first
-        self.context_tokens = tokens.pin_memory().to(device, non_blocking=True) if cuda_device(device) else tokens
+        self.context_tokens = tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens
         # [R] absolute positions of the chunks recomputed instead of loaded (no slot: kv None)
         spans = [torch.arange(s, s + g.n_tokens) for (g, _), s in zip(self.pairs[1:], self.starts[1:]) if g.kv is None]
         self.recompute_positions = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
@@ -248,31 +243,35 @@ class LayerwiseLoad:
                     self.stream.wait_event(self.h2d_events[gi])
                 if self.kernel is not None:   # copy, decode and re-rotation in one kernel
                     self.kernel.launch(self.fused[l], l)
-                    if cuda:
-                        self.events[l].record(self.stream)
-                    continue
-                for start, end, run in self.gather_runs:     # one concatenation per run of adjacent chunks
-                    dst = self.fused[l, :, :, start:end]       # [2, H_kv, n, D]
-                    src = [g.kv[l] for g in run]               # [2, H_kv, T, D] each, contiguous in its slot
-                    if src[0].dtype == dst.dtype:
-                        torch.cat(src, dim=2, out=dst)
-                    else:   # codes: gathered as stored (as bytes: cat's batched kernel), converted by one copy
-                        dst.copy_(torch.cat([x.view(torch.uint8) for x in src], dim=2).view(src[0].dtype))
-                if self.scale_runs and self.rows_group != gi:   # each run's scales of the group, stacked once
-                    self.group_rows = [run[0].scales[a:b, :, None] if len(run) == 1 else
-                                       torch.stack([g.scales[a:b] for g in run], 2) for _, run in self.scale_runs]
-                    self.rows_group = gi                          # [b-a, H_kv, n, W] per run
-                for (start, run), rows in zip(self.scale_runs, self.group_rows):  # codes -> KV, before the rotation
-                    dequantize_(self.fused[l, :, :, start:start + len(run) * run[0].n_tokens], rows[l - a],
-                                self.key_offsets)  # rows [H_kv, n, W]
-                if self.any_loaded:
-                    rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
+                else:
+                    self._gather(l, gi)
                 if cuda:
                     self.events[l].record(self.stream)
         self.issued = max(self.issued, upto)
         if self.issued:  # the first layers are queued: the rest of the copies go now, to keep the copy engine busy
             for gi in range(self.copied, len(self.groups)):
                 self._copy_group(gi, *self.groups[gi])
+
+    def _gather(self, l: int, gi: int) -> None:
+        """Layer l of every loaded entry into the fused buffer, decoded and re-rotated (torch ops,
+        queued on the current stream; gi: l's layer group)."""
+        for start, end, run in self.gather_runs:     # one concatenation per run of adjacent chunks
+            dst = self.fused[l, :, :, start:end]       # [2, H_kv, n, D]
+            src = [g.kv[l] for g in run]               # [2, H_kv, T, D] each, contiguous in its slot
+            if src[0].dtype == dst.dtype:
+                torch.cat(src, dim=2, out=dst)
+            else:   # codes: gathered as stored (as bytes: cat's batched kernel), converted by one copy
+                dst.copy_(torch.cat([x.view(torch.uint8) for x in src], dim=2).view(src[0].dtype))
+        a, b = self.groups[gi]
+        if self.scale_runs and self.rows_group != gi:   # each run's scales of the group, stacked once
+            self.group_rows = [run[0].scales[a:b, :, None] if len(run) == 1 else
+                               torch.stack([g.scales[a:b] for g in run], 2) for _, run in self.scale_runs]
+            self.rows_group = gi                          # [b-a, H_kv, n, W] per run
+        for (start, run), rows in zip(self.scale_runs, self.group_rows):  # codes -> KV, before the rotation
+            dequantize_(self.fused[l, :, :, start:start + len(run) * run[0].n_tokens], rows[l - a],
+                        self.key_offsets)  # rows [H_kv, n, W]
+        if self.any_loaded:
+            rotate_keys_(self.fused[l, 0, :, self.context], self.cos, self.sin)  # [H_kv, C, D]
 
     def _kernel_plan(self, tiers: Tiers, inv_freq: torch.Tensor):
         """The fused gather kernel's plan for this request's loaded entries, or None (no Triton,
