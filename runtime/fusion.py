@@ -191,11 +191,13 @@ def _recompute_mask(positions: torch.Tensor, n_keys: int, dtype) -> torch.Tensor
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def _scattered(lm: LoadedModel, positions: torch.Tensor, n_keys: int, attention: str | None, groups: int | None):
-    """(context for the forward, attention_mask) of a pass of queries at `positions` [R]."""
+def _scattered(lm: LoadedModel, positions: torch.Tensor, n_keys: int, attention: str | None, groups: int | None,
+               host_positions: torch.Tensor | None = None):
+    """(context for the forward, attention_mask) of a pass of queries at `positions` [R]
+    (`host_positions`: the same on the host, when the caller has them)."""
     if lm.model.config._attn_implementation == IMPLEMENTATION:
         backend = "grouped" if groups is not None and groups > 1 else attention
-        return recompute_attention.scattered_queries(positions, n_keys, backend, groups), None
+        return recompute_attention.scattered_queries(positions, n_keys, backend, groups, host_positions), None
     return nullcontext(), _recompute_mask(positions, n_keys, lm.spec.dtype)
 
 
@@ -302,6 +304,10 @@ def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Te
     plan = selected if isinstance(selected, LayerPlan) else None
     if plan is not None:
         selected = plan.initial
+    host_positions = None   # the positions on the host, when the picks are there (no sync to get them)
+    if selected.device.type == "cpu":
+        selected = selected.sort().values
+        host_positions = torch.cat((selected, torch.arange(layout.question_start, layout.total_len)))
     selected = selected.to(device).sort().values                                   # ascending, no host sync
     q_pos = torch.arange(layout.question_start, layout.total_len, device=device)
     positions = torch.cat((selected, q_pos))                                        # [S+Q]
@@ -317,7 +323,7 @@ def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Te
     # to prefix caching). Otherwise the scattered queries need key_pos <= query_pos; probes
     # take that path too (the same function, without a dense mask or repeat_kv).
     scattered, mask = (nullcontext(), None) if slots is None and not peek else _scattered(
-        lm, positions, layout.total_len, attention, groups)
+        lm, positions, layout.total_len, attention, groups, host_positions)
     layered = nullcontext()
     if plan is not None and not plan.constant:
         if recorder is not None:

@@ -9,17 +9,27 @@ end; the query at position p sees the keys at positions <= p. Inside
 the pass's queries to `ScatteredQueries.attend` instead of SDPA with a dense
 float mask, and the `kvfuse` mask function returns no mask at all. Backends:
 
-* `flex` (CUDA's default): FlexAttention with a block mask built from the
+* `flex`: FlexAttention with a block mask built from the
   positions: key blocks wholly after a query block's last position are
   skipped, blocks wholly before its first run without the mask function, only
   the diagonal band evaluates `k <= qpos[q]`; grouped-query heads read their
   shared KV head (`enable_gqa`), no `repeat_kv`. Built once per pass (a few
   small tensor ops on the device, no host sync) and shared by every layer.
-* `sdpa` (the CPU's default): SDPA with one boolean mask [S+Q, K] per pass,
+* `sdpa` (the CPU's default; on CUDA for passes of at most SMALL_PASS_ROWS
+  queries): SDPA with one boolean mask [S+Q, K] per pass,
   shared by every layer, and `enable_gqa` instead of `repeat_kv`.
 * `dense`: the former path, `repeat_kv` + SDPA with a float mask: the reference.
 * `grouped`: queries split into groups by position, each attending only the key
   prefix it can see (`plan_query_groups`); needs the positions on the host.
+* `split` (CUDA's default for large passes): the queries cut into groups of
+  SPLIT_GROUP_ROWS rows; each group's
+  common key prefix (every key before its first position) through one unmasked
+  SDPA call (cuDNN on Hopper) that returns its log-sum-exp, the band after it
+  (keys between the group's first position and each row's own) through one
+  FlexAttention call for all groups, the two merged by log-sum-exp. Same
+  function as `flex`; needs the positions on the host for the prefixes' lengths
+  (a pass whose picks come from the host has them; one kept on the GPU, as a3's,
+  waits for them once per pass; a pass that narrows inside runs `flex` there).
 
 `KVFUSE_RECOMPUTE_ATTENTION=<backend>` overrides the default (for measurements).
 If FlexAttention fails (an old torch, no compiler), the process falls back to
@@ -39,22 +49,30 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-BACKENDS = ("flex", "sdpa", "dense", "grouped")
-# The CUDA default, chosen by `python3 -m kvfuse.bench.attention` (per layer, Llama-3-8B, r = 0.15):
-# issue 11 measured FlexAttention 1.46 ms against SDPA with a float mask 2.02 ms at 16k on an H200.
-CUDA_BACKEND = "flex"
+BACKENDS = ("flex", "sdpa", "dense", "grouped", "split")
+# The CUDA default for passes of more than SMALL_PASS_ROWS queries. Per layer on the H200 (Llama-3-8B,
+# `bench/dev/split_probe.py`, bench/results/split_probe_h200.json): `split` 1.52 ms against flex 2.39
+# at 16k with 2,490 rows, 3.81 against 7.03 at 32k with 4,947 (uniform picks; late picks 1.58 / 3.03
+# and 4.55 / 10.5); through the engine the default selector's warm TTFT 383 -> 323 ms at 16k and
+# 803 -> 648 at 32k (docs/loader.md). Before it: flex (1.46 ms against SDPA with a float mask 2.02).
+CUDA_BACKEND = "split"
 FLEX_BLOCK = 128
-SMALL_PASS_ROWS = 512         # passes of at most this many queries (question probes) ...
-SMALL_PASS_BACKEND = "sdpa"   # ... use this on CUDA: kvfuse's probe 136 -> 80 ms at 16k (bench/results/small_pass_h200.md)
+SMALL_PASS_ROWS = 1024        # passes of at most this many queries (question probes, repair passes at 16k) ...
+SMALL_PASS_BACKEND = "sdpa"   # ... use this on CUDA: cuDNN with a boolean mask; 851 rows at 16k 0.88 ms against
+                              # flex 1.24, split 1.29; 1,670 rows at 32k 3.35 against split 2.43 (split_probe)
+SPLIT_GROUP_ROWS = 512        # `split`: query rows per common-prefix group (a multiple of FLEX_BLOCK: a query
+                              # block lies in one group)
+SPLIT_MIN_PREFIX = 1024       # `split`: a group's prefix shorter than this many keys stays in the band
 _flex_failed: str | None = None     # the error that made flex unusable in this process
 _flex_compiled = None
 
 
 def default_backend(device: torch.device | str, rows: int | None = None) -> str:
     """The backend a pass of `rows` queries on `device` uses: $KVFUSE_RECOMPUTE_ATTENTION, else
-    on CUDA flex, or $KVFUSE_SMALL_PASS_ATTENTION (SMALL_PASS_BACKEND) for a pass of at most
-    SMALL_PASS_ROWS ($KVFUSE_SMALL_PASS_ROWS) queries (a question probe: flex parallelises over query blocks, so a few
-    rows over 16k keys leave most of the GPU idle); sdpa elsewhere."""
+    on CUDA $KVFUSE_SMALL_PASS_ATTENTION (SMALL_PASS_BACKEND) for a pass of at most SMALL_PASS_ROWS
+    ($KVFUSE_SMALL_PASS_ROWS) queries (flex and split parallelise over query blocks, so a few rows
+    over 16k keys leave most of the GPU idle) and $KVFUSE_LARGE_PASS_ATTENTION (CUDA_BACKEND) for
+    larger ones; sdpa elsewhere. ValueError for a name not in BACKENDS."""
     name = os.environ.get("KVFUSE_RECOMPUTE_ATTENTION")
     if name:
         if name not in BACKENDS:
@@ -67,7 +85,10 @@ def default_backend(device: torch.device | str, rows: int | None = None) -> str:
     if torch.device(device).type == "cuda" and rows is not None and rows <= limit and small != "flex":
         return small
     if torch.device(device).type == "cuda":
-        return "dense" if CUDA_BACKEND == "flex" and _flex_failed is not None else CUDA_BACKEND
+        large = os.environ.get("KVFUSE_LARGE_PASS_ATTENTION", CUDA_BACKEND)
+        if large not in BACKENDS:
+            raise ValueError(f"KVFUSE_LARGE_PASS_ATTENTION={large!r}: choose one of {', '.join(BACKENDS)}")
+        return "dense" if large in ("flex", "split") and _flex_failed is not None else large
     return "sdpa"
 
 
@@ -83,12 +104,14 @@ def plan_query_groups(positions: torch.Tensor, n_keys: int, groups: int, align: 
     return plan
 
 
-def flex_block_mask(positions: torch.Tensor, n_keys: int, block: int = FLEX_BLOCK):
+def flex_block_mask(positions: torch.Tensor, n_keys: int, block: int = FLEX_BLOCK, first_key: torch.Tensor | None = None):
     """FlexAttention BlockMask for queries at `positions` [R] (ascending in a recompute pass;
     any order works) over keys 0..n_keys-1.
 
     Query block i (rows i*block..) sees key block j fully if j's last key <= the block's
-    lowest position, partly (mask_mod decides) if j's first key <= its highest position."""
+    lowest position, partly (mask_mod decides) if j's first key <= its highest position.
+    first_key [nq] (multiples of `block`, on the device): query block i sees no key before
+    first_key[i] (the `split` backend's band: the prefix before it is attended elsewhere)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     R, dev = positions.numel(), positions.device
@@ -100,6 +123,9 @@ def flex_block_mask(positions: torch.Tensor, n_keys: int, block: int = FLEX_BLOC
     k_last = (k_first + block - 1).clamp(max=n_keys - 1)
     full = k_last[None, :] <= first[:, None]                                  # [nq, nk]
     partial = (k_first[None, :] <= last[:, None]) & ~full
+    if first_key is not None:
+        after = k_first[None, :] >= first_key[:, None]                        # [nq, nk]
+        full, partial = full & after, partial & after
 
     def blocks(m: torch.Tensor):
         num = m.sum(-1, dtype=torch.int32)[None, None]                          # [1, 1, nq]
@@ -108,6 +134,12 @@ def flex_block_mask(positions: torch.Tensor, n_keys: int, block: int = FLEX_BLOC
 
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx <= pos[q_idx]
+
+    if first_key is not None:   # the blocks before first_key are left out above; the mask says so too
+        lo = first_key.repeat_interleave(block)                               # [nq * block] per row
+
+        def mask_mod(b, h, q_idx, kv_idx):  # noqa: F811
+            return (kv_idx <= pos[q_idx]) & (kv_idx >= lo[q_idx])
 
     kv_num, kv_idx = blocks(partial)
     full_num, full_idx = blocks(full)
@@ -133,20 +165,99 @@ def _flex_attention(device: torch.device):
     return _flex_compiled
 
 
+def group_prefix(first_positions: torch.Tensor, block: int | None = None, min_prefix: int | None = None):
+    """Keys every row of a group sees, from the group's first (lowest) position: rounded down to
+    a multiple of `block`, 0 when under `min_prefix`. The same integer arithmetic on the host
+    (the prefix calls' lengths) and on the device (the band's block mask). Defaults: FLEX_BLOCK,
+    SPLIT_MIN_PREFIX."""
+    block = FLEX_BLOCK if block is None else block
+    min_prefix = SPLIT_MIN_PREFIX if min_prefix is None else min_prefix
+    prefix = torch.div(first_positions, block, rounding_mode="floor") * block
+    return torch.where(prefix >= min_prefix, prefix, torch.zeros_like(prefix))
+
+
+def split_groups(host_positions: torch.Tensor, group_rows: int | None = None) -> list[tuple[int, int, int]]:
+    """[(first row, end row, prefix keys)] of the `split` backend: rows cut every `group_rows`
+    (default SPLIT_GROUP_ROWS; ascending positions), each group's prefix from its first row's
+    position (`group_prefix`)."""
+    group_rows = SPLIT_GROUP_ROWS if group_rows is None else group_rows
+    starts = torch.arange(0, host_positions.numel(), group_rows)
+    prefixes = group_prefix(host_positions[starts]).tolist()
+    return [(a, min(a + group_rows, host_positions.numel()), p) for a, p in zip(starts.tolist(), prefixes)]
+
+
+_lse_path: str | None = None   # the prefix kernel that worked in this process ("cudnn", "cudnn-expanded", "math")
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+    """Unmasked attention of query [B, H_q, r, D] over key/value [B, H_kv, P, D] (H_kv divides
+    H_q: grouped-query heads read their shared KV head) -> (out [B, H_q, r, D] in the query's
+    dtype, log-sum-exp [B, H_q, r] float32, natural log). On CUDA cuDNN's fused kernel (with the
+    KV heads expanded if this cuDNN takes no grouped heads); elsewhere, or if cuDNN fails, plain
+    float32 matmuls."""
+    global _lse_path
+    b, n_q_heads, r, d = query.shape
+    n_kv_heads = key.shape[1]
+    if query.is_cuda and _lse_path in (None, "cudnn", "cudnn-expanded"):
+        for path in ("cudnn", "cudnn-expanded") if _lse_path is None else (_lse_path,):
+            k, v = key, value
+            if path == "cudnn-expanded" and n_q_heads != n_kv_heads:
+                k, v = (t[:, :, None].expand(b, n_kv_heads, n_q_heads // n_kv_heads, *t.shape[2:])
+                        .reshape(b, n_q_heads, *t.shape[2:]) for t in (key, value))
+            try:
+                out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    query, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+                _lse_path = path
+                return out, lse.reshape(b, n_q_heads, r).float()
+            except RuntimeError:
+                continue
+        _lse_path = "math"
+        warnings.warn("cuDNN attention with log-sum-exp failed; the split attention's prefix runs as float32 "
+                      "matmuls", stacklevel=2)
+    grouped = query.float().reshape(b, n_kv_heads, n_q_heads // n_kv_heads * r, d)    # head h reads KV head h // G
+    scores = (grouped @ key.float().transpose(-1, -2)) * scale                         # [B, H_kv, G*r, P]
+    lse = scores.logsumexp(-1)                                                         # [B, H_kv, G*r]
+    out = (scores - lse[..., None]).exp() @ value.float()                              # [B, H_kv, G*r, D]
+    return out.reshape(b, n_q_heads, r, d).to(query.dtype), lse.reshape(b, n_q_heads, r)
+
+
+def _flex_with_lse(device: torch.device):
+    """(query, key, value, block_mask, scale) -> (out, log-sum-exp): flex with grouped-query heads,
+    asking for the log-sum-exp the way this torch takes it (`return_aux` from 2.9, else `return_lse`)."""
+    flex = _flex_attention(device)
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return lambda q, k, v, mask, scale: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True,
+                                                 return_lse=True)
+
+    def call(q, k, v, mask, scale):
+        out, aux = flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+    return call
+
+
 class ScatteredQueries:
     """The queries of one recompute pass: positions [R] (ascending) over `n_keys` keys.
 
-    The masks each backend needs are built on first use and shared by every layer."""
+    The masks each backend needs are built on first use and shared by every layer.
+    host_positions: the same positions on the host, when the caller has them (`split` needs
+    them for its prefix lengths; without them it copies them to the host: a wait)."""
 
-    def __init__(self, positions: torch.Tensor, n_keys: int, backend: str | None = None):
+    def __init__(self, positions: torch.Tensor, n_keys: int, backend: str | None = None,
+                 host_positions: torch.Tensor | None = None):
         self.positions = positions                     # [R] int64, on the model's device
         self.rows, self.n_keys = positions.numel(), n_keys
         self.backend = backend or default_backend(positions.device, self.rows)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown recompute attention {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.backend == "split" and host_positions is None:   # e.g. a selection kept on the GPU (a3):
+            host_positions = positions.cpu()                       # one wait for it, then cuDNN's speed
+        self.host_positions = host_positions
         self._bool: torch.Tensor | None = None
         self._float: dict = {}
         self._block = None
+        self._split_plan = None
         self.plan: list[tuple[int, int, int]] | None = None
 
     def allowed(self) -> torch.Tensor:
@@ -172,6 +283,14 @@ class ScatteredQueries:
     def attend(self, module, query, key, value, scaling) -> torch.Tensor:
         """query [1, H_q, R, D], key/value [1, H_kv, K, D] -> output [1, R, H_q, D]."""
         global _flex_failed
+        if self.backend == "split":
+            try:
+                return self._split(query, key, value, scaling)
+            except Exception as exc:  # noqa: BLE001 - flex inside it failed
+                _flex_failed = f"{type(exc).__name__}: {exc}"
+                self.backend = "dense" if query.device.type == "cuda" else "sdpa"
+                warnings.warn(f"split attention failed ({_flex_failed}); the recompute falls back to {self.backend}",
+                              stacklevel=2)
         if self.backend == "flex":
             try:
                 if self._block is None:
@@ -191,6 +310,26 @@ class ScatteredQueries:
         if self.backend == "dense":
             return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)[0]
         return self._grouped(query, key, value, mask, scaling)
+
+    def _split(self, query, key, value, scaling) -> torch.Tensor:
+        """`split`: each group's common key prefix unmasked (`attention_with_lse`), the band after
+        it in one flex call, merged by log-sum-exp. query [1, H_q, R, D] -> [1, R, H_q, D]."""
+        if self._split_plan is None:
+            groups = split_groups(self.host_positions)
+            rows = torch.arange(0, self.rows, FLEX_BLOCK, device=self.positions.device)           # [nq] first rows
+            first_key = group_prefix(self.positions[rows // SPLIT_GROUP_ROWS * SPLIT_GROUP_ROWS])  # [nq]
+            self._split_plan = groups, flex_block_mask(self.positions, self.n_keys, FLEX_BLOCK, first_key)
+        groups, band_mask = self._split_plan
+        out, lse = _flex_with_lse(query.device)(query, key, value, band_mask, scaling)  # [1, H_q, R, D], [1, H_q, R]
+        if any(p for *_, p in groups):
+            out, lse = out.float(), lse.float()
+            for a, b, p in groups:
+                if p:
+                    o_pre, lse_pre = attention_with_lse(query[:, :, a:b], key[:, :, :p], value[:, :, :p], scaling)
+                    both = torch.logaddexp(lse[:, :, a:b], lse_pre)                             # [1, H_q, r]
+                    out[:, :, a:b] = (out[:, :, a:b] * (lse[:, :, a:b] - both).exp()[..., None]
+                                      + o_pre.float() * (lse_pre - both).exp()[..., None])
+        return out.to(query.dtype).transpose(1, 2).contiguous()
 
     def _grouped(self, query, key, value, mask, scaling) -> torch.Tensor:
         if self.plan is None:
@@ -221,16 +360,18 @@ def narrow(positions: torch.Tensor) -> ScatteredQueries | None:
     sq = current()
     if sq is None:
         return None
-    _local.active = ScatteredQueries(positions, sq.n_keys, sq.backend)
+    backend = "flex" if sq.backend == "split" else sq.backend   # no wait for the positions inside a pass
+    _local.active = ScatteredQueries(positions, sq.n_keys, backend)
     return _local.active
 
 
 @contextmanager
-def scattered_queries(positions: torch.Tensor, n_keys: int, backend: str | None = None, groups: int | None = None):
+def scattered_queries(positions: torch.Tensor, n_keys: int, backend: str | None = None, groups: int | None = None,
+                      host_positions: torch.Tensor | None = None):
     """Run the model's `kvfuse` attention over scattered queries at `positions` [R] (ascending)
     for the forward inside. groups: query groups of the `grouped` backend (default: one per 512
-    rows, at most 4)."""
-    sq = ScatteredQueries(positions, n_keys, backend)
+    rows, at most 4). host_positions: `positions` on the host, if the caller has them (`split`)."""
+    sq = ScatteredQueries(positions, n_keys, backend, host_positions)
     if sq.backend == "grouped" and groups is not None:
         sq.plan = plan_query_groups(positions.cpu(), n_keys, groups)
     previous, _local.active = current(), sq

@@ -98,10 +98,15 @@ def test_budget_respected_and_question_always_recomputed(lm):
         assert torch.equal(again.recomputed, res.recomputed)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex", "grouped"])
-def test_recompute_attention_backends_equal_dense_mask(lm, backend):
-    """Every backend of the scattered-query attention computes the dense-mask path's function."""
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "grouped", "split"])
+def test_recompute_attention_backends_equal_dense_mask(lm, backend, monkeypatch):
+    """Every backend of the scattered-query attention computes the dense-mask path's function
+    (`split` with groups and prefixes small enough for this tiny prompt)."""
+    from kvfuse.runtime import recompute_attention
     from kvfuse.runtime.fusion import prepare, run
+    monkeypatch.setattr(recompute_attention, "FLEX_BLOCK", 8)
+    monkeypatch.setattr(recompute_attention, "SPLIT_GROUP_ROWS", 8)
+    monkeypatch.setattr(recompute_attention, "SPLIT_MIN_PREFIX", 8)
     g = torch.Generator().manual_seed(3)
     chunk_lists = [torch.randint(5, 100, (n,), generator=g).tolist() for n in (40, 25, 33)]
     prefix, chunks = make_chunks(lm, [2, 10, 11], chunk_lists)
@@ -178,6 +183,27 @@ def test_flex_block_mask_matches_positions():
     assert blocks[2].nonzero().max() == 151 and blocks[2, :152].all()
 
 
+@pytest.mark.parametrize("rows", [5, 700])
+def test_split_attention_equals_masked_sdpa(rows):
+    """`split` (each group's common key prefix unmasked + the band after it, merged by
+    log-sum-exp) is the masked attention: grouped-query heads, groups with and without a
+    prefix, a last group shorter than the others."""
+    from kvfuse.runtime.recompute_attention import ScatteredQueries, split_groups
+    g = torch.Generator().manual_seed(7)
+    n_keys = 3000
+    positions = torch.randperm(n_keys - 40, generator=g)[:rows].sort().values
+    positions = torch.cat((positions, torch.arange(n_keys - 40, n_keys)))           # + a 40-token question
+    q = torch.randn(1, 4, positions.numel(), 16, generator=g)
+    k, v = torch.randn(2, 1, 2, n_keys, 16, generator=g)
+    groups = split_groups(positions)
+    assert rows < 100 or (any(p for *_, p in groups) and not all(p for *_, p in groups))
+    want = ScatteredQueries(positions, n_keys, "sdpa").attend(None, q, k, v, 0.25)
+    got = ScatteredQueries(positions, n_keys, "split", host_positions=positions).attend(None, q, k, v, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    again = ScatteredQueries(positions, n_keys, "split").attend(None, q, k, v, 0.25)   # host positions copied
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_block_mask_of_unordered_rows():
     """Rows in any order (grouped-query heads packed into rows restart at each head): a block
     is bounded by its lowest and highest position, not its first and last row."""
@@ -211,3 +237,23 @@ def test_layer_plan_through_layerwise_load_matches_host_path(tmp_path_factory, s
     serving path, here on the CPU): the host path's selection and logits (test_layerwise's check)."""
     from test_layerwise import test_selection_matches_plain_fuse
     test_selection_matches_plain_fuse(tmp_path_factory, selector)
+
+
+def test_cuda_attention_backend_by_pass_size(monkeypatch):
+    """On CUDA a pass of at most SMALL_PASS_ROWS queries runs `sdpa` (cuDNN with a boolean mask),
+    a larger one `split`; the CPU runs `sdpa`; the environment overrides each, a wrong name is a
+    clear error."""
+    from kvfuse.runtime import recompute_attention
+    from kvfuse.runtime.recompute_attention import default_backend
+    for name in ("KVFUSE_RECOMPUTE_ATTENTION", "KVFUSE_SMALL_PASS_ATTENTION", "KVFUSE_LARGE_PASS_ATTENTION",
+                 "KVFUSE_SMALL_PASS_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(recompute_attention, "_flex_failed", None)
+    limit = recompute_attention.SMALL_PASS_ROWS
+    assert default_backend("cuda", 164) == default_backend("cuda", limit) == "sdpa"
+    assert default_backend("cuda", limit + 1) == "split" and default_backend("cpu", 5000) == "sdpa"
+    monkeypatch.setenv("KVFUSE_LARGE_PASS_ATTENTION", "flex")
+    assert default_backend("cuda", limit + 1) == "flex"
+    monkeypatch.setenv("KVFUSE_LARGE_PASS_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="KVFUSE_LARGE_PASS_ATTENTION='bogus'"):
+        default_backend("cuda", limit + 1)
