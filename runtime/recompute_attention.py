@@ -88,6 +88,8 @@ def default_backend(device: torch.device | str, rows: int | None = None) -> str:
         large = os.environ.get("KVFUSE_LARGE_PASS_ATTENTION", CUDA_BACKEND)
         if large not in BACKENDS:
             raise ValueError(f"KVFUSE_LARGE_PASS_ATTENTION={large!r}: choose one of {', '.join(BACKENDS)}")
+        if large == "split" and _split_failed is not None:
+            large = "flex"
         return "dense" if large in ("flex", "split") and _flex_failed is not None else large
     return "sdpa"
 
@@ -186,19 +188,24 @@ def split_groups(host_positions: torch.Tensor, group_rows: int | None = None) ->
     return [(a, min(a + group_rows, host_positions.numel()), p) for a, p in zip(starts.tolist(), prefixes)]
 
 
-_lse_path: str | None = None   # the prefix kernel that worked in this process ("cudnn", "cudnn-expanded", "math")
+_lse_path: str | None = None   # the prefix kernel that worked in this process ("cudnn", "cudnn-expanded")
+_split_failed: str | None = None   # why `split` could not run here (then large passes run `flex`)
+
+
+class CudnnUnavailable(RuntimeError):
+    """cuDNN's attention (with its log-sum-exp) does not run here: `split` gives way to `flex`."""
 
 
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
     """Unmasked attention of query [B, H_q, r, D] over key/value [B, H_kv, P, D] (H_kv divides
     H_q: grouped-query heads read their shared KV head) -> (out [B, H_q, r, D] in the query's
     dtype, log-sum-exp [B, H_q, r] float32, natural log). On CUDA cuDNN's fused kernel (with the
-    KV heads expanded if this cuDNN takes no grouped heads); elsewhere, or if cuDNN fails, plain
-    float32 matmuls."""
+    KV heads expanded if this cuDNN takes no grouped heads; CudnnUnavailable if neither runs);
+    elsewhere plain float32 matmuls (the CPU tests' reference)."""
     global _lse_path
     b, n_q_heads, r, d = query.shape
     n_kv_heads = key.shape[1]
-    if query.is_cuda and _lse_path in (None, "cudnn", "cudnn-expanded"):
+    if query.is_cuda:
         for path in ("cudnn", "cudnn-expanded") if _lse_path is None else (_lse_path,):
             k, v = key, value
             if path == "cudnn-expanded" and n_q_heads != n_kv_heads:
@@ -211,9 +218,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                 return out, lse.reshape(b, n_q_heads, r).float()
             except RuntimeError:
                 continue
-        _lse_path = "math"
-        warnings.warn("cuDNN attention with log-sum-exp failed; the split attention's prefix runs as float32 "
-                      "matmuls", stacklevel=2)
+        raise CudnnUnavailable("cuDNN attention with log-sum-exp is not available on this GPU / torch")
     grouped = query.float().reshape(b, n_kv_heads, n_q_heads // n_kv_heads * r, d)    # head h reads KV head h // G
     scores = (grouped @ key.float().transpose(-1, -2)) * scale                         # [B, H_kv, G*r, P]
     lse = scores.logsumexp(-1)                                                         # [B, H_kv, G*r]
@@ -283,9 +288,14 @@ class ScatteredQueries:
     def attend(self, module, query, key, value, scaling) -> torch.Tensor:
         """query [1, H_q, R, D], key/value [1, H_kv, K, D] -> output [1, R, H_q, D]."""
         global _flex_failed
+        global _split_failed
         if self.backend == "split":
             try:
                 return self._split(query, key, value, scaling)
+            except CudnnUnavailable as exc:   # large passes run flex from now on
+                _split_failed = str(exc)
+                self.backend = "flex"
+                warnings.warn(f"{exc}; the recompute's large passes run flex attention", stacklevel=2)
             except Exception as exc:  # noqa: BLE001 - flex inside it failed
                 _flex_failed = f"{type(exc).__name__}: {exc}"
                 self.backend = "dense" if query.device.type == "cuda" else "sdpa"

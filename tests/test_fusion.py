@@ -287,3 +287,30 @@ def test_cuda_attention_backend_by_pass_size(monkeypatch):
     monkeypatch.setenv("KVFUSE_LARGE_PASS_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="KVFUSE_LARGE_PASS_ATTENTION='bogus'"):
         default_backend("cuda", limit + 1)
+
+
+def test_split_without_cudnn_gives_way_to_flex(monkeypatch):
+    """Where cuDNN's attention cannot run (CudnnUnavailable), a `split` pass warns, computes the same
+    attention through flex, and later large passes choose flex: no float32 fallback over long prefixes."""
+    from kvfuse.runtime import recompute_attention
+    from kvfuse.runtime.recompute_attention import CudnnUnavailable, ScatteredQueries, default_backend
+
+    def unavailable(*args, **kwargs):
+        raise CudnnUnavailable("cuDNN attention with log-sum-exp is not available (test)")
+
+    monkeypatch.setattr(recompute_attention, "_split_failed", None)
+    monkeypatch.setattr(recompute_attention, "attention_with_lse", unavailable)
+    for name in ("KVFUSE_RECOMPUTE_ATTENTION", "KVFUSE_LARGE_PASS_ATTENTION", "KVFUSE_SMALL_PASS_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    g = torch.Generator().manual_seed(9)
+    n_keys = 3000
+    positions = torch.cat((torch.randperm(n_keys - 40, generator=g)[:700].sort().values,
+                           torch.arange(n_keys - 40, n_keys)))
+    q = torch.randn(1, 4, positions.numel(), 16, generator=g)
+    k, v = torch.randn(2, 1, 2, n_keys, 16, generator=g)
+    want = ScatteredQueries(positions, n_keys, "sdpa").attend(None, q, k, v, 0.25)
+    sq = ScatteredQueries(positions, n_keys, "split", host_positions=positions)
+    with pytest.warns(UserWarning, match="run flex attention"):
+        got = sq.attend(None, q, k, v, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert sq.backend == "flex" and default_backend("cuda", 5000) == "flex"
