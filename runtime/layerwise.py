@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -78,11 +79,20 @@ __all__ = ["LayerwiseLoad", "Tiers", "fuse_layerwise", "layer_groups", "open_loa
 
 # The gather as one Triton kernel per layer (`gather_kernel.GatherPlan`): True to use it where it can
 # run (on the CPU only under Triton's interpreter, for the tests), None = on CUDA streams (the
-# default), False = never (the torch gather). Environment KVFUSE_GATHER_KERNEL: "1" (True), "0"
-# (False), unset or "auto" (None). Measured on the H200 (docs/loader.md): the host's queueing of a
+# default), False = never (the torch gather). Environment KVFUSE_GATHER_KERNEL: "1"/"on" (True),
+# "0"/"off" (False), unset or "auto" (None). Measured on the H200 (docs/loader.md): the host's queueing of a
 # warm 16k request 8.3 -> 4.3 ms (bf16) and 30.3 -> 7.8 ms (fp8), the gather's GPU time 44.9 ->
 # 41.8 and 36.5 -> 23.3 ms; its CUDA test matches the torch gather.
-GATHER_KERNEL: bool | None = {"1": True, "0": False}.get(os.environ.get("KVFUSE_GATHER_KERNEL", "auto"))
+def _gather_kernel_setting(value: str) -> bool | None:
+    """KVFUSE_GATHER_KERNEL's value -> GATHER_KERNEL; an unknown value warns and means "auto"."""
+    choices = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False, "auto": None}
+    if value.strip().lower() not in choices:
+        warnings.warn(f"KVFUSE_GATHER_KERNEL={value!r} is not one of 0, 1, auto (or off, on): using auto",
+                      stacklevel=2)
+    return choices.get(value.strip().lower())
+
+
+GATHER_KERNEL: bool | None = _gather_kernel_setting(os.environ.get("KVFUSE_GATHER_KERNEL", "auto"))
 MAX_GROUP = 8   # layers per host -> GPU copy at most (8 MiB for Llama-3-8B, 8 of its 32 layers)
 LEARN_DISK_BYTES = 256 << 20   # a request's disk wait teaches the plan's disk rate from this many bytes up
 

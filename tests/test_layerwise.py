@@ -292,3 +292,14 @@ def test_cuda_fast_attention_equals_dense_path(tmp_path_factory, selector, monke
     assert recompute_attention._flex_failed is None, recompute_attention._flex_failed
     assert torch.equal(fast.recomputed, plain.recomputed)
     torch.testing.assert_close(fast.logits, plain.logits, atol=2e-2, rtol=0)
+
+
+def test_gather_kernel_setting_from_the_environment():
+    """KVFUSE_GATHER_KERNEL: 1/on force the kernel, 0/off keep the torch gather, auto (or unset) uses it
+    on CUDA; anything else warns (it does not silently mean something the user did not ask for)."""
+    from kvfuse.runtime.layerwise import _gather_kernel_setting
+    assert _gather_kernel_setting("1") is True and _gather_kernel_setting("On") is True
+    assert _gather_kernel_setting("0") is False and _gather_kernel_setting("off") is False
+    assert _gather_kernel_setting("auto") is None
+    with pytest.warns(UserWarning, match="KVFUSE_GATHER_KERNEL='bogus'"):
+        assert _gather_kernel_setting("bogus") is None
