@@ -240,6 +240,7 @@ def demo(ctx, workdir, model, question, threads):
     ctx.invoke(inspect, cache_dir=str(Path(workdir) / "cache"), release=None, as_json=False)
     ctx.invoke(ask, cache_dir=str(Path(workdir) / "cache"), question=question or DEMO_QUESTION, model=model,
                dtype=None, top_k=4, selector="kvfuse", ratio=0.15, max_new_tokens=48, compare=True, threads=threads)
+    click.echo(f"cache:      {Path(workdir) / 'cache'} (for `kvfuse ask`, `inspect`, `serve`)")
 
 
 def _set_threads(threads: int | None) -> None:

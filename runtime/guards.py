@@ -44,7 +44,7 @@ _PROBES = {
     "reuse": (0, 0.0, 0),
     "epic": (0, 0.0, 0),
     "cacheblend": (0, 0.0, 1),   # layer-1 K/V of every context token: C tokens x 2 layers
-    "a3": (1, 0.1, 0),           # probes layers 0..1 only (runtime/layerwise.py PROBE_LAYERS)
+    "a3": (1, 0.1, 0),           # probes layers 0..1 only (runtime/fusion.py PROBE_LAYERS)
     "qattn": (1, 1.0, 0),
     "prophet": (2, 1.0, 0),
     "kvfuse": (3, 1.0, 0),       # selectors/kvfuse_staged.py STAGES (the default rule; incremental probes)

@@ -72,26 +72,30 @@ def default_backend(device: torch.device | str, rows: int | None = None) -> str:
     on CUDA $KVFUSE_SMALL_PASS_ATTENTION (SMALL_PASS_BACKEND) for a pass of at most SMALL_PASS_ROWS
     ($KVFUSE_SMALL_PASS_ROWS) queries (flex and split parallelise over query blocks, so a few rows
     over 16k keys leave most of the GPU idle) and $KVFUSE_LARGE_PASS_ATTENTION (CUDA_BACKEND) for
-    larger ones; sdpa elsewhere. ValueError for a name not in BACKENDS."""
-    name = os.environ.get("KVFUSE_RECOMPUTE_ATTENTION")
-    if name:
-        if name not in BACKENDS:
-            raise ValueError(f"KVFUSE_RECOMPUTE_ATTENTION={name!r}: choose one of {', '.join(BACKENDS)}")
-        return name
-    small = os.environ.get("KVFUSE_SMALL_PASS_ATTENTION", SMALL_PASS_BACKEND)
-    if small not in BACKENDS:
-        raise ValueError(f"KVFUSE_SMALL_PASS_ATTENTION={small!r}: choose one of {', '.join(BACKENDS)}")
-    limit = int(os.environ.get("KVFUSE_SMALL_PASS_ROWS", SMALL_PASS_ROWS))
-    if torch.device(device).type == "cuda" and rows is not None and rows <= limit and small != "flex":
-        return small
-    if torch.device(device).type == "cuda":
-        large = os.environ.get("KVFUSE_LARGE_PASS_ATTENTION", CUDA_BACKEND)
-        if large not in BACKENDS:
-            raise ValueError(f"KVFUSE_LARGE_PASS_ATTENTION={large!r}: choose one of {', '.join(BACKENDS)}")
-        if large == "split" and _split_failed is not None:
-            large = "flex"
-        return "dense" if large in ("flex", "split") and _flex_failed is not None else large
-    return "sdpa"
+    larger ones; sdpa elsewhere. Each variable is checked on every device: ValueError naming it for
+    a backend not in BACKENDS or a row count that is not a number."""
+    if os.environ.get("KVFUSE_RECOMPUTE_ATTENTION"):
+        return _backend_setting("KVFUSE_RECOMPUTE_ATTENTION", "")
+    small = _backend_setting("KVFUSE_SMALL_PASS_ATTENTION", SMALL_PASS_BACKEND)
+    large = _backend_setting("KVFUSE_LARGE_PASS_ATTENTION", CUDA_BACKEND)
+    limit = os.environ.get("KVFUSE_SMALL_PASS_ROWS", str(SMALL_PASS_ROWS))
+    if not limit.strip().isdigit():
+        raise ValueError(f"KVFUSE_SMALL_PASS_ROWS={limit!r}: give a number of query rows (default {SMALL_PASS_ROWS})")
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    if rows is not None and rows <= int(limit):
+        large = small
+    if large == "split" and _split_failed is not None:
+        large = "flex"
+    return "dense" if large in ("flex", "split") and _flex_failed is not None else large
+
+
+def _backend_setting(variable: str, default: str) -> str:
+    """A backend name from the environment; ValueError naming the variable for one not in BACKENDS."""
+    name = os.environ.get(variable, default)
+    if name not in BACKENDS:
+        raise ValueError(f"{variable}={name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
 
 
 def plan_query_groups(positions: torch.Tensor, n_keys: int, groups: int, align: int = 64) -> list[tuple[int, int, int]]:

@@ -284,9 +284,16 @@ def test_cuda_attention_backend_by_pass_size(monkeypatch):
     assert default_backend("cuda", limit + 1) == "split" and default_backend("cpu", 5000) == "sdpa"
     monkeypatch.setenv("KVFUSE_LARGE_PASS_ATTENTION", "flex")
     assert default_backend("cuda", limit + 1) == "flex"
+    monkeypatch.setenv("KVFUSE_SMALL_PASS_ATTENTION", "flex")      # each variable means its own setting
+    assert default_backend("cuda", 164) == "flex"
     monkeypatch.setenv("KVFUSE_LARGE_PASS_ATTENTION", "bogus")
-    with pytest.raises(ValueError, match="KVFUSE_LARGE_PASS_ATTENTION='bogus'"):
-        default_backend("cuda", limit + 1)
+    for device in ("cuda", "cpu"):                                  # checked on every device
+        with pytest.raises(ValueError, match="KVFUSE_LARGE_PASS_ATTENTION='bogus'"):
+            default_backend(device, limit + 1)
+    monkeypatch.delenv("KVFUSE_LARGE_PASS_ATTENTION")
+    monkeypatch.setenv("KVFUSE_SMALL_PASS_ROWS", "abc")
+    with pytest.raises(ValueError, match="KVFUSE_SMALL_PASS_ROWS='abc'"):
+        default_backend("cpu", 10)
 
 
 def test_split_without_cudnn_gives_way_to_flex(monkeypatch):

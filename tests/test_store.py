@@ -280,6 +280,9 @@ def test_unknown_release_and_chunk(tmp_path):
     write_release(tmp_path, some_chunks(2))
     with pytest.raises(NoReleaseError):
         Store.open(tmp_path, release="r9999-nothere")
+    write_release(tmp_path / "outer" / "cache", some_chunks(1))
+    with pytest.raises(NoReleaseError, match="did you mean .*outer/cache"):    # the folder above a cache
+        Store.open(tmp_path / "outer")
     store = Store.open(tmp_path)
     with pytest.raises(UnknownChunkError) as e:
         store.read("deadbeef")
