@@ -186,11 +186,11 @@ def verify(cache_dir, release, quick, as_json):
 def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_tokens, compare, on_overflow="error",
         threads=None):
     """Answer QUESTION from the chunks retrieved out of CACHE_DIR."""
+    if not question.strip():   # before importing torch (~5 s)
+        raise click.BadParameter("give a non-empty question", param_hint="QUESTION")
     from kvfuse.runtime.engine import FusionEngine
     from kvfuse.runtime.selectors import get_selector
     get_selector(selector)  # fail before loading anything
-    if not question.strip():
-        raise click.BadParameter("give a non-empty question", param_hint="QUESTION")
     _set_threads(threads)
     engine = FusionEngine(cache_dir, _load(model, dtype))
     try:
