@@ -304,11 +304,11 @@ def recompute(lm: LoadedModel, kv, layout: FusedLayout, context_tokens: torch.Te
     plan = selected if isinstance(selected, LayerPlan) else None
     if plan is not None:
         selected = plan.initial
+    selected = selected.sort().values                                              # ascending, where it is
     host_positions = None   # the positions on the host, when the picks are there (no sync to get them)
     if selected.device.type == "cpu":
-        selected = selected.sort().values
         host_positions = torch.cat((selected, torch.arange(layout.question_start, layout.total_len)))
-    selected = selected.to(device).sort().values                                   # ascending, no host sync
+    selected = selected.to(device)
     q_pos = torch.arange(layout.question_start, layout.total_len, device=device)
     positions = torch.cat((selected, q_pos))                                        # [S+Q]
     input_ids = torch.cat((context_tokens.to(device)[selected - layout.prefix_len], question_ids.to(device)))

@@ -95,6 +95,12 @@ if triton is not None:
         tl.store(out + s_kv + full[None, :], v.to(out_dtype), mask=m)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the GPU: through pinned memory, queued
+    on the current stream (a pageable copy waits for the stream to drain first). Off CUDA: t."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 def _offsets(tensors: list[torch.Tensor], arena: torch.Tensor) -> torch.Tensor | None:
     """[n] int64 element offsets of each tensor's first element inside `arena`, or None when one
     lies outside it (another allocation) or is not contiguous."""
@@ -150,13 +156,14 @@ class GatherPlan:
         if src_off is None or scale_off is None:
             return None
         device = arena.device
-        half = inv_freq.to(device, torch.float32)[: D // 2]
-        angles = torch.tensor(shifts, dtype=torch.float32, device=device)[:, None] * half[None, :]  # [n, D/2]
         lens = [kv.shape[3] for kv in kvs]
-        return GatherPlan(arena=arena, scale_arena=scale_arena, src_off=src_off.to(device),
-                          scale_off=scale_off.to(device),
-                          starts=torch.tensor(starts, dtype=torch.int32, device=device),
-                          lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        # the per-entry tables in one pinned copy (a pageable one would wait for the GPU to drain)
+        table = host_to_device(torch.stack((src_off, scale_off, torch.tensor(starts), torch.tensor(lens))), device)
+        half = inv_freq.to(device, torch.float32)[: D // 2]
+        shift = host_to_device(torch.tensor(shifts, dtype=torch.float32), device)
+        angles = shift[:, None] * half[None, :]                                                  # [n, D/2]
+        return GatherPlan(arena=arena, scale_arena=scale_arena, src_off=table[0], scale_off=table[1],
+                          starts=table[2].int(), lens=table[3].int(),
                           cos=angles.cos().contiguous(), sin=angles.sin().contiguous(), n_kv_heads=H, head_dim=D,
                           key_cols=key_cols if scales is not None else 0, fp8=arena.dtype == torch.float8_e4m3fn,
                           block_t=block_t, max_len=max(lens))

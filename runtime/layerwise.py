@@ -72,6 +72,7 @@ from .kvcache import RepairLayer, StreamedLayer, cache_from_kv, kv_from_cache
 from .layout import FusedLayout
 from .model import LoadedModel, ModelSpec
 from .recompute_attention import plan_query_groups
+from .gather_kernel import host_to_device
 from .rope import rotate_keys_, rotation_table
 
 __all__ = ["LayerwiseLoad", "Tiers", "fuse_layerwise", "layer_groups", "open_load", "plan_query_groups", "probe_depth",
@@ -117,15 +118,15 @@ def end_to_end_runs(pairs, starts, take, joins) -> list[tuple[int, list[PoolEntr
     """[(start, [entry, ...])]: the entries `take(entry)` keeps, grouped into runs that lie end to
     end in the fused buffer from `start` on and that `joins(run's first entry, entry)` allows."""
     runs: list[tuple[int, list[PoolEntry]]] = []
+    end = None   # where the last run ends
     for (g, _), s in zip(pairs, starts):
         if not take(g):
             continue
-        if runs:
-            start, run = runs[-1]
-            if start + sum(x.n_tokens for x in run) == s and joins(run[0], g):
-                run.append(g)
-                continue
-        runs.append((s, [g]))
+        if runs and end == s and joins(runs[-1][1][0], g):
+            runs[-1][1].append(g)
+        else:
+            runs.append((s, [g]))
+        end = s + g.n_tokens
     return runs
 
 
@@ -177,18 +178,20 @@ class LayerwiseLoad:
         # [L, 2, H_kv, N + Q, D]: stored K/V at 0..N-1; the question's fresh K/V land in the tail
         self.fused = torch.empty((L, 2, H, N + n_question, D), dtype=tiers.dtype, device=device)  # model dtype
         self.starts = (0, *self.layout.chunk_starts)
-        # [C] float32: how far each context token moves (new start - stored pos_base)
-        shifts = [float(s - g.meta["pos_base"]) for g, s in zip(chunks, self.layout.chunk_starts)]
-        delta = torch.repeat_interleave(torch.tensor(shifts, device=device),
-                                        torch.tensor(self.layout.chunk_lens, device=device),
-                                        output_size=self.layout.context_len)
-        self.cos, self.sin = rotation_table(delta, inv_freq)                     # [C, D] float32 each
+        # the gather as one kernel (copy, decode, re-rotation) where it runs; else torch ops, below
+        self.kernel = self._kernel_plan(tiers, inv_freq) if (GATHER_KERNEL if GATHER_KERNEL is not None
+                                                             else tiers.copy_stream is not None) else None
+        self.cos = self.sin = None
+        if self.kernel is None:   # [C] float32: how far each context token moves (new start - stored pos_base)
+            shifts = [float(s - g.meta["pos_base"]) for g, s in zip(chunks, self.layout.chunk_starts)]
+            delta = torch.repeat_interleave(torch.tensor(shifts), torch.tensor(self.layout.chunk_lens))
+            self.cos, self.sin = rotation_table(host_to_device(delta, device), inv_freq)   # [C, D] float32 each
         self.context = slice(P, N)
         metas = [g.meta for g in chunks]
         tokens = torch.cat([m["tokens"].long() for m in metas])                  # [C]
         # on the model's device once: every pass (probe, repairs, recompute) indexes its picks' tokens
         # there, and a pageable copy per pass would wait for the GPU to drain first
-        self.context_tokens = tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens
+        self.context_tokens = host_to_device(tokens, device)
         # [R] absolute positions of the chunks recomputed instead of loaded (no slot: kv None)
         spans = [torch.arange(s, s + g.n_tokens) for (g, _), s in zip(self.pairs[1:], self.starts[1:]) if g.kv is None]
         self.recompute_positions = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
@@ -214,9 +217,7 @@ class LayerwiseLoad:
         # of equal length laid end to end (one dequantisation per run and layer)
         self.scale_runs = scale_runs(pairs, self.starts) if tiers.codec.quantised else []
         self.group_rows, self.rows_group = [], -1   # the runs' scale rows of layer group rows_group (issue)
-        self.gather_runs = gather_runs(pairs, self.starts)
-        self.kernel = self._kernel_plan(tiers, inv_freq) if (GATHER_KERNEL if GATHER_KERNEL is not None
-                                                             else tiers.copy_stream is not None) else None
+        self.gather_runs = gather_runs(pairs, self.starts) if self.kernel is None else []
         self.h2d_bytes = sum(h.nbytes for _, h in pairs if h is not None)
         self.repaired_in_place = False   # a selection repaired tokens into `fused` (repair_cache)
         self.h2d, self.stream = tiers.h2d_stream, tiers.copy_stream

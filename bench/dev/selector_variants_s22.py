@@ -6,6 +6,8 @@ st1 / st2: one or two stages instead of three; half / q3: each repair pass runs 
 half / three quarters of the layers. Measured 2026-11-30 and not kept (docs/selectors.md, "Fewer or
 shallower probe passes"). Registers the names in SELECTORS on import; not a product path.
 """
+from unittest.mock import patch
+
 from kvfuse.runtime import fusion
 from kvfuse.runtime.model import LoadedModel
 from kvfuse.runtime.selectors import SELECTORS, kvfuse_staged
@@ -13,12 +15,8 @@ from kvfuse.runtime.selectors import SELECTORS, kvfuse_staged
 
 def stages(n):
     def select(ctx, budget):
-        old = kvfuse_staged.STAGES
-        kvfuse_staged.STAGES = n
-        try:
+        with patch.object(kvfuse_staged, "STAGES", n):
             return kvfuse_staged.select(ctx, budget)
-        finally:
-            kvfuse_staged.STAGES = old
     select.reads_stored = False
     return select
 
@@ -38,26 +36,19 @@ def _model_of(repairer):
 
 def shallow(share):
     def select(ctx, budget):
-        inner = ctx.repairer
+        inner, real = ctx.repairer, fusion.recompute
         model = _model_of(inner)
         depth = max(1, round(share * model.config.num_hidden_layers))
-        real = fusion.recompute
 
         def rec(*a, **k):
             with fusion.stop_after_layer(model, depth):
                 return real(*a, **k)
 
         def repairer(new, reduce=None):
-            fusion.recompute = rec
-            try:
+            with patch.object(fusion, "recompute", rec):
                 return inner(new, reduce)
-            finally:
-                fusion.recompute = real
-        ctx.repairer = repairer
-        try:
+        with patch.object(ctx, "repairer", repairer):
             return kvfuse_staged.select(ctx, budget)
-        finally:
-            ctx.repairer = inner
     select.reads_stored = False
     return select
 
