@@ -230,6 +230,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out.reshape(b, n_q_heads, r, d).to(query.dtype), lse.reshape(b, n_q_heads, r)
 
 
+@functools.cache
 def _flex_with_lse(device: torch.device):
     """(query, key, value, block_mask, scale) -> (out, log-sum-exp): flex with grouped-query heads,
     asking for the log-sum-exp the way this torch takes it (`return_aux` from 2.9, else `return_lse`)."""
