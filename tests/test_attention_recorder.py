@@ -1,0 +1,52 @@
+"""The attention recorder's question-to-context probabilities (runtime/attention.py): the
+masked columns only from the first key a recorded row can't see, the same probabilities as
+masking every column; on CUDA, half-precision scores from one float32-output GEMM."""
+
+import pytest
+import torch
+
+from kvfuse.runtime import recompute_attention as ra
+from kvfuse.runtime.attention import _probabilities
+
+
+def _problem(n_keys=300, rows=40, h_q=4, h_kv=2, d=16, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.cat((torch.randperm(n_keys - 8, generator=g)[:rows - 8].sort().values,
+                           torch.arange(n_keys - 8, n_keys)))                     # picks + an 8-token question
+    q = torch.randn(1, h_q, rows, d, generator=g).to(device, dtype)
+    k = torch.randn(1, h_kv, n_keys, d, generator=g).to(device, dtype)
+    return positions.to(device), q, k
+
+
+def test_scattered_recorder_masks_only_the_tail_and_matches_the_full_mask():
+    positions, q, k = _problem()
+    rows = slice(-8, None)
+    with_host = ra.ScatteredQueries(positions, k.shape[2], "sdpa", host_positions=positions.cpu())
+    without = ra.ScatteredQueries(positions, k.shape[2], "sdpa")
+    first = with_host.first_unseen(rows)
+    assert first == int(positions[-8]) + 1 and without.first_unseen(rows) == 0
+    tail = _probabilities(q, k, with_host.row_mask(rows, first), 0.25, rows, first)
+    full = _probabilities(q, k, without.row_mask(rows), 0.25, rows)
+    torch.testing.assert_close(tail, full, rtol=0, atol=0)
+    assert torch.allclose(full.sum(-1), torch.ones(1, 8))
+
+
+def test_plain_causal_recorder_masks_only_the_tail():
+    _, q, k = _problem()
+    rows = slice(-8, None)
+    q_all = q.shape[2]
+    first = k.shape[2] - q_all + (q_all - 8) + 1
+    torch.testing.assert_close(_probabilities(q, k, None, 0.25, rows, first),
+                               _probabilities(q, k, None, 0.25, rows), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_recorder_scores_match_upcast_scores():
+    positions, q, k = _problem(n_keys=4096, rows=200, h_q=8, h_kv=2, d=128, dtype=torch.bfloat16, device="cuda")
+    rows = slice(-8, None)
+    sq = ra.ScatteredQueries(positions, k.shape[2], "sdpa", host_positions=positions.cpu())
+    first = sq.first_unseen(rows)
+    got = _probabilities(q, k, sq.row_mask(rows, first), 0.0884, rows, first)
+    ref = _probabilities(q.float(), k.float(), sq.row_mask(rows), 0.0884, rows)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
