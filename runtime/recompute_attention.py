@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-BACKENDS = ("flex", "sdpa", "dense", "grouped", "split", "pieces")
+BACKENDS = ("flex", "sdpa", "dense", "grouped", "split")
 # The CUDA default for passes of more than SMALL_PASS_ROWS queries. Per layer on the H200 (Llama-3-8B,
 # `bench/dev/split_probe.py`, bench/results/split_probe_h200.json): `split` 1.52 ms against flex 2.39
 # at 16k with 2,490 rows, 3.81 against 7.03 at 32k with 4,947 (uniform picks; late picks 1.58 / 3.03
@@ -59,13 +59,13 @@ CUDA_BACKEND = "split"
 FLEX_BLOCK = 128
 SMALL_PASS_ROWS = 1024        # passes of at most this many queries (question probes, repair passes at 16k) ...
 SMALL_PASS_BACKEND = "sdpa"   # ... use this on CUDA: cuDNN with a boolean mask; 851 rows at 16k 0.88 ms against
-                              # flex 1.24, split 1.29; 1,670 rows at 32k 3.35 against split 2.43 (split_probe)
+                              # flex 1.24, split 1.29; 1,670 rows at 32k 3.35 against split 2.43 (split_probe).
+                              # Split-KV (the keys in 2-16 pieces, one batched cuDNN call with a mask, merged by
+                              # log-sum-exp) won only under ~200 rows (32 rows at 32k: 0.76 -> 0.32 ms) and lost
+                              # through the engine (smallpass_probe_h200.json; removed after d438f90)
 SPLIT_GROUP_ROWS = 512        # `split`: query rows per common-prefix group (a multiple of FLEX_BLOCK: a query
                               # block lies in one group)
 SPLIT_MIN_PREFIX = 1024       # `split`: a group's prefix shorter than this many keys stays in the band
-KEY_PIECES = 4                # `pieces`: the keys cut into this many pieces, one batch entry each
-MASKED = -1e30                # `pieces`: the additive bias of a key a row can't see (finite: a row that sees
-                              # no key of a piece gets a finite output there, weighted 0 in the merge)
 _flex_failed: str | None = None     # the error that made flex unusable in this process
 _flex_compiled = None
 
@@ -203,68 +203,34 @@ class CudnnUnavailable(RuntimeError):
     """cuDNN's attention (with its log-sum-exp) does not run here: `split` gives way to `flex`."""
 
 
-def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                       bias: torch.Tensor | None = None):
-    """Attention of query [B, H_q, r, D] over key/value [B, H_kv, P, D] (H_kv divides H_q:
-    grouped-query heads read their shared KV head), unmasked or with an additive `bias`
-    [B, 1, r, P] in the query's dtype -> (out [B, H_q, r, D] in the query's dtype,
-    log-sum-exp [B, H_q, r] float32, natural log). On CUDA cuDNN's fused kernel (with the KV
-    heads expanded if this cuDNN takes no grouped heads; CudnnUnavailable if neither runs);
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+    """Unmasked attention of query [B, H_q, r, D] over key/value [B, H_kv, P, D] (H_kv divides
+    H_q: grouped-query heads read their shared KV head) -> (out [B, H_q, r, D] in the query's
+    dtype, log-sum-exp [B, H_q, r] float32, natural log). On CUDA cuDNN's fused kernel (with the
+    KV heads expanded if this cuDNN takes no grouped heads; CudnnUnavailable if neither runs);
     elsewhere plain float32 matmuls (the CPU tests' reference)."""
+    global _lse_path
     b, n_q_heads, r, d = query.shape
     n_kv_heads = key.shape[1]
     if query.is_cuda:
-        known = _lse_path if bias is None else _lse_bias_path
-        for path in ("cudnn", "cudnn-expanded") if known is None else (known,):
+        for path in ("cudnn", "cudnn-expanded") if _lse_path is None else (_lse_path,):
             k, v = key, value
             if path == "cudnn-expanded" and n_q_heads != n_kv_heads:
-                k, v = (t[:, :, None].expand(t.shape[0], n_kv_heads, n_q_heads // n_kv_heads, *t.shape[2:])
-                        .reshape(t.shape[0], n_q_heads, *t.shape[2:]) for t in (key, value))
+                k, v = (t[:, :, None].expand(b, n_kv_heads, n_q_heads // n_kv_heads, *t.shape[2:])
+                        .reshape(b, n_q_heads, *t.shape[2:]) for t in (key, value))
             try:
                 out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                    query, k, v, bias, True, 0.0, False, False, scale=scale)[:2]
+                    query, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+                _lse_path = path
+                return out, lse.reshape(b, n_q_heads, r).float()
             except RuntimeError:
                 continue
-            _remember_lse_path(path, bias is not None)
-            return out, lse.reshape(b, n_q_heads, r).float()
-        raise CudnnUnavailable("cuDNN attention with log-sum-exp is not available on this GPU / torch"
-                               + (" with a bias" if bias is not None else ""))
+        raise CudnnUnavailable("cuDNN attention with log-sum-exp is not available on this GPU / torch")
     grouped = query.float().reshape(b, n_kv_heads, n_q_heads // n_kv_heads * r, d)    # head h reads KV head h // G
     scores = (grouped @ key.float().transpose(-1, -2)) * scale                         # [B, H_kv, G*r, P]
-    if bias is not None:
-        scores = (scores.view(b, n_kv_heads, -1, r, scores.shape[-1]) + bias.float()[:, :, None]).flatten(2, 3)
     lse = scores.logsumexp(-1)                                                         # [B, H_kv, G*r]
     out = (scores - lse[..., None]).exp() @ value.float()                              # [B, H_kv, G*r, D]
     return out.reshape(b, n_q_heads, r, d).to(query.dtype), lse.reshape(b, n_q_heads, r)
-
-
-_lse_bias_path: str | None = None   # the same, for calls with a bias (`pieces`)
-
-
-def _remember_lse_path(path: str, with_bias: bool) -> None:
-    global _lse_path, _lse_bias_path
-    if with_bias:
-        _lse_bias_path = path
-    else:
-        _lse_path = path
-
-
-def key_pieces(positions: torch.Tensor, n_keys: int, pieces: int, dtype: torch.dtype):
-    """The `pieces` backend's plan for queries at `positions` [R]: (piece length, bias
-    [pieces, 1, R, length] over keys [0, pieces * length), tail bias [1, 1, R, n_keys -
-    pieces * length] or None, sees [pieces (+1), 1, R] bool: the row sees some key of the piece).
-    Built once per pass on the device; the pieces are a multiple of FLEX_BLOCK keys long."""
-    length = max(FLEX_BLOCK, n_keys // pieces // FLEX_BLOCK * FLEX_BLOCK)
-    pieces = max(1, min(pieces, n_keys // length))
-    main = pieces * length
-    keys = torch.arange(n_keys, device=positions.device)
-    allowed = keys[None, :] <= positions[:, None]                                   # [R, K]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, MASKED)
-    main_bias = bias[:, :main].unflatten(1, (pieces, length)).transpose(0, 1)[:, None].contiguous()
-    starts = torch.arange(0, n_keys if main < n_keys else main, length, device=positions.device)[: pieces + (main < n_keys)]
-    sees = (positions[None, :] >= starts[:, None])[:, None]                         # [pieces (+1), 1, R]
-    tail = bias[None, None, :, main:].contiguous() if main < n_keys else None
-    return length, main_bias, tail, sees
 
 
 @functools.cache
@@ -305,7 +271,6 @@ class ScatteredQueries:
         self._float: dict = {}
         self._block = None
         self._split_plan = None
-        self._pieces_plan = None
         self.plan: list[tuple[int, int, int]] | None = None
 
     def allowed(self) -> torch.Tensor:
@@ -364,12 +329,6 @@ class ScatteredQueries:
                 self.backend = "dense" if query.device.type == "cuda" else "sdpa"
                 warnings.warn(f"FlexAttention failed ({_flex_failed}); the recompute falls back to {self.backend}",
                               stacklevel=2)
-        if self.backend == "pieces":
-            try:
-                return self._pieces(query, key, value, scaling)
-            except CudnnUnavailable as exc:
-                self.backend = "sdpa"
-                warnings.warn(f"{exc}; this pass runs sdpa attention", stacklevel=2)
         if self.backend == "sdpa":
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.allowed(), scale=scaling,
                                                  enable_gqa=query.shape[1] != key.shape[1])
@@ -398,26 +357,6 @@ class ScatteredQueries:
                     out[:, :, a:b] = (out[:, :, a:b] * (lse[:, :, a:b] - both).exp()[..., None]
                                       + o_pre.float() * (lse_pre - both).exp()[..., None])
         return out.to(query.dtype).transpose(1, 2).contiguous()
-
-    def _pieces(self, query, key, value, scaling) -> torch.Tensor:
-        """`pieces`: the keys cut into KEY_PIECES equal pieces (+ a short tail), every query row
-        against every piece in one batched cuDNN call with an additive mask (split-KV: a pass of
-        a few hundred rows otherwise leaves most of the GPU idle, one thread block per 128 rows
-        and head walking all the keys), merged by log-sum-exp. query [1, H_q, R, D] -> [1, R, H_q, D]."""
-        if self._pieces_plan is None:
-            self._pieces_plan = key_pieces(self.positions, self.n_keys, KEY_PIECES, query.dtype)
-        length, bias, tail_bias, sees = self._pieces_plan
-        n_pieces = bias.shape[0]
-        main = n_pieces * length
-        k_p, v_p = (t[0, :, :main].unflatten(1, (n_pieces, length)).transpose(0, 1) for t in (key, value))
-        out, lse = attention_with_lse(query.expand(n_pieces, *query.shape[1:]), k_p, v_p, scaling, bias)
-        if tail_bias is not None:                        # [P, H_q, R, D], [P, H_q, R] + the tail's
-            o_t, lse_t = attention_with_lse(query, key[:, :, main:], value[:, :, main:], scaling, tail_bias)
-            out, lse = torch.cat((out, o_t)), torch.cat((lse, lse_t))
-        lse = lse.masked_fill(~sees, float("-inf"))      # a piece a row sees nothing of weighs 0
-        weight = (lse - lse.logsumexp(0, keepdim=True)).exp()                       # [P(+1), H_q, R]
-        merged = (out.float() * weight[..., None]).sum(0, keepdim=True)            # [1, H_q, R, D]
-        return merged.to(query.dtype).transpose(1, 2).contiguous()
 
     def _grouped(self, query, key, value, mask, scaling) -> torch.Tensor:
         if self.plan is None:

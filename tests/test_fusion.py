@@ -98,7 +98,7 @@ def test_budget_respected_and_question_always_recomputed(lm):
         assert torch.equal(again.recomputed, res.recomputed)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex", "grouped", "split", "pieces"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "grouped", "split"])
 def test_recompute_attention_backends_equal_dense_mask(lm, backend, monkeypatch):
     """Every backend of the scattered-query attention computes the dense-mask path's function
     (`split` with groups and prefixes small enough for this tiny prompt)."""
@@ -232,27 +232,6 @@ def test_split_attention_equals_masked_sdpa(rows):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     again = ScatteredQueries(positions, n_keys, "split").attend(None, q, k, v, 0.25)   # host positions copied
     torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("n_keys,pieces", [(3000, 4), (3000, 3), (2048, 4), (200, 4)])
-def test_key_pieces_attention_equals_masked_sdpa(n_keys, pieces, monkeypatch):
-    """`pieces` (the keys cut into equal pieces + a tail, every row against every piece with an
-    additive mask, merged by log-sum-exp) is the masked attention, also for rows that see nothing
-    of the later pieces, keys that split evenly (no tail) and a context shorter than two blocks."""
-    from kvfuse.runtime import recompute_attention
-    from kvfuse.runtime.recompute_attention import ScatteredQueries, key_pieces
-    monkeypatch.setattr(recompute_attention, "KEY_PIECES", pieces)
-    g = torch.Generator().manual_seed(11)
-    positions = torch.randperm(n_keys - 40, generator=g)[:150].sort().values
-    positions = torch.cat((positions, torch.arange(n_keys - 40, n_keys)))           # + a 40-token question
-    length, bias, tail, sees = key_pieces(positions, n_keys, pieces, torch.float32)
-    assert length % 128 == 0 and bias.shape[0] * length + (0 if tail is None else tail.shape[-1]) == n_keys
-    assert not sees[-1, 0, 0] and sees[0].all()                                     # row 0 sees no late piece
-    q = torch.randn(1, 4, positions.numel(), 16, generator=g)
-    k, v = torch.randn(2, 1, 2, n_keys, 16, generator=g)
-    want = ScatteredQueries(positions, n_keys, "sdpa").attend(None, q, k, v, 0.25)
-    got = ScatteredQueries(positions, n_keys, "pieces").attend(None, q, k, v, 0.25)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_flex_block_mask_of_unordered_rows():
