@@ -101,12 +101,15 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
 
 
-def _offsets(tensors: list[torch.Tensor], arena: torch.Tensor) -> torch.Tensor | None:
+def _offsets(tensors: list[torch.Tensor | None], arena: torch.Tensor) -> torch.Tensor | None:
     """[n] int64 element offsets of each tensor's first element inside `arena`, or None when one
-    lies outside it (another allocation) or is not contiguous."""
+    is missing (a chunk the cold plan prefilled has K/V but no scales), lies outside it (another
+    allocation) or is not contiguous."""
     base, size, item = arena.data_ptr(), arena.numel() * arena.element_size(), arena.element_size()
     out = []
     for x in tensors:
+        if x is None:
+            return None
         delta = x.data_ptr() - base
         if not x.is_contiguous() or x.dtype != arena.dtype or delta < 0 or delta >= size or delta % item:
             return None
@@ -149,10 +152,8 @@ class GatherPlan:
             return None
         src_off = _offsets(kvs, arena)
         scale_off = torch.zeros(len(kvs), dtype=torch.int64)
-        if scales is not None:
-            if scale_arena is None:
-                return None
-            scale_off = _offsets(scales, scale_arena)
+        if src_off is not None and scales is not None:
+            scale_off = _offsets(scales, scale_arena) if scale_arena is not None else None
         if src_off is None or scale_off is None:
             return None
         device = arena.device

@@ -473,7 +473,9 @@ def prefill_front(lm: LoadedModel, tiers: Tiers, request_id: str,
     metas = tiers.read_metas(ids)
     tokens = torch.cat([metas[c]["tokens"].long() for c in ids])                         # [P']
     cache, _ = full_prefill(lm, tokens)
-    return kv_from_cache(cache).to(tiers.gpu.dtype), tokens, len(metas[ids[0]]["tokens"])
+    # the model's dtype (`tiers.dtype`), not the pools' (`tiers.gpu.dtype`): a quantised store's pools
+    # hold fp8 / int8 codes, and casting fresh K/V to them without scales rounded (int8: truncated) it
+    return kv_from_cache(cache).to(tiers.dtype), tokens, len(metas[ids[0]]["tokens"])
 
 
 def prefill_everything(lm: LoadedModel, tiers: Tiers, request_id: str, chunk_ids: list[str],

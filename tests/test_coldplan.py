@@ -139,22 +139,26 @@ def test_every_chunk_recomputed_equals_the_full_prefill(tmp_path_factory, device
         tiers.close()
 
 
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8", "int8"])
 @pytest.mark.parametrize("device,dtype,atol", DEVICES)
-def test_front_prefilled_while_the_back_loads_equals_fusion_over_that_prefix(tmp_path_factory, device, dtype, atol):
+def test_front_prefilled_while_the_back_loads_equals_fusion_over_that_prefix(tmp_path_factory, device, dtype, atol,
+                                                                              kv_dtype):
     """The plan's mixed case: [prefix, front] prefilled from the tokens, the back loaded and fused
-    over it, as `fusion.fuse` with the front's fresh K/V as the prefix."""
+    over it, as `fusion.fuse` with the front's fresh K/V as the prefix; from a quantised store
+    too: the front's K/V stays in the model dtype beside chunks held as codes and scales (it
+    was cast to the pools' fp8 / int8 code dtype without scales, off by 0.015 / truncated)."""
     from kvfuse.loader.store import ChunkData
     from kvfuse.runtime.fusion import fuse
     from kvfuse.runtime.kvcache import kv_from_cache
-    lm, store, prefix, ids = setup(tmp_path_factory, device, dtype)
+    lm, store, prefix, ids = setup(tmp_path_factory, device, dtype, kv_dtype=kv_dtype)
     tiers = tiers_for(lm, store, device)
     no_prefetch(tiers)
     try:
         q = question(lm)
-        nbytes = lm.spec.kv_bytes_per_token() * T
+        tiers.submit("r", [prefix, *ids])
+        nbytes = tiers.chunk_states("r")[1][2]                   # a chunk's KV bytes as stored
         # a chunk takes 1 s from disk and 1 s to prefill; copies are free: prefill some, load the rest
         rates = LoadRates(disk_gbps=nbytes / 1e9, h2d_gbps=1e9, prefill_tok_s=T)
-        tiers.submit("r", [prefix, *ids])
         got = fuse_layerwise(lm, tiers, "r", q, selector="epic", ratio=0.25, rates=rates)
         k = got.timings["cold_plan"]["recomputed"]
         assert 0 < k < len(ids) and got.timings["recompute"] == k + 1 and got.timings["cold"] == len(ids) - k

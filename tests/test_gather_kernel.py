@@ -87,6 +87,28 @@ def test_gather_plan_declines_entries_outside_the_arena():
     assert GatherPlan.build([other], None, [0], [0.0], arena, None, torch.ones(8), 0) is None
 
 
+def test_gather_plan_declines_entries_without_scales():
+    """A quantised request whose cold-plan front was prefilled (K/V in the model dtype, no scales)
+    beside chunks held as codes: the plan declines (the torch gather runs) instead of failing."""
+    arena, scale_arena = torch.zeros(2, 64, dtype=torch.float8_e4m3fn), torch.zeros(2, 32, dtype=torch.bfloat16)
+    loaded = arena[0].view(1, 2, 1, 2, 16)
+    front = torch.zeros(1, 2, 1, 2, 16, dtype=torch.bfloat16)
+    assert GatherPlan.build([front, loaded], [None, scale_arena[0, :4].view(1, 1, 4)], [0, 2], [0.0, 2.0],
+                            arena, scale_arena, torch.ones(8), 1) is None
+    assert GatherPlan.build([loaded], [None], [0], [0.0], arena, scale_arena, torch.ones(8), 1) is None
+
+
+def test_kernel_on_with_a_prefilled_front_equals_fusion_over_it(tmp_path_factory, monkeypatch):
+    """The cold plan's mixed case from an fp8 store with the kernel forced on (the H200 run of
+    2026-11-30 failed here: 'NoneType' object has no attribute 'data_ptr')."""
+    from kvfuse.runtime import layerwise
+    from test_coldplan import test_front_prefilled_while_the_back_loads_equals_fusion_over_that_prefix as mixed
+    monkeypatch.setattr(layerwise, "GATHER_KERNEL", True)
+    cuda = torch.cuda.is_available()
+    mixed(tmp_path_factory, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32,
+          1e-2 if cuda else 1e-5, "fp8")
+
+
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
 def test_layerwise_load_with_the_kernel_equals_the_plain_path(tmp_path_factory, monkeypatch, kv_dtype):
     """A whole request through the layer-wise load with the kernel forced on (the interpreter on
