@@ -36,7 +36,7 @@ if has tests; then
   echo "== tests" | tee -a "$LOG"
   timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda -W ignore::FutureWarning \
     tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py tests/test_engine_cuda.py tests/test_coldplan.py \
-    tests/test_quant.py tests/test_selectors.py tests/test_fusion.py 2>&1 | tail -30 | tee -a "$LOG"
+    tests/test_quant.py tests/test_selectors.py tests/test_fusion.py tests/test_attention_recorder.py 2>&1 | tail -30 | tee -a "$LOG"
 fi
 if has tests; then   # the fused gather kernel (opt-in, KVFUSE_GATHER_KERNEL=1) against the torch gather on the GPU
   timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore::FutureWarning tests/test_gather_kernel.py 2>&1 \
