@@ -16,6 +16,19 @@ def _load(model: str, dtype: str | None):
     return load_model(model, dtype=dtype)
 
 
+def _check_cache(cache_dir: str) -> None:
+    """Open CACHE_DIR's current release and close it, before the model loads (seconds): a folder
+    that is not a cache fails at once with the store's own message (NoReleaseError, StoreError)."""
+    from kvfuse.loader.store import Store
+    Store.open(cache_dir, lease=False).close()
+
+
+def _indented(text: str, width: int = 12) -> str:
+    """A multi-line answer under its label: the lines after the first indented `width` spaces."""
+    first, *rest = text.strip().splitlines() or [""]
+    return "\n".join([first, *(" " * width + line if line.strip() else "" for line in rest)])
+
+
 @click.group()
 def main():
     """kvfuse: precomputed KV caches for RAG with query-driven selective recompute."""
@@ -191,6 +204,7 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     from kvfuse.runtime.engine import FusionEngine
     from kvfuse.runtime.selectors import get_selector
     get_selector(selector)  # fail before loading anything
+    _check_cache(cache_dir)
     _set_threads(threads)
     engine = FusionEngine(cache_dir, _load(model, dtype))
     try:
@@ -202,13 +216,13 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     click.echo(f"retrieved:  {', '.join(a.doc_ids)}{scores}")
     for note in a.notes:
         click.echo(f"note:       {note}")
-    click.echo(f"answer:     {a.text.strip()}")
+    click.echo(f"answer:     {_indented(a.text)}")
     ran = f"{selector}, ratio {ratio}" if a.fused else "every context token: a plain prefill over the stored prefix"
     click.echo(f"tokens:     {a.n_reused} reused, {a.n_recomputed} context recomputed ({ran}), {a.n_question} question")
     how = "fused" if a.fused else "plain prefill" + ("" if selector == "full" else " (fusion could not win)")
     click.echo(f"TTFT:       {a.ttft_s * 1000:.0f} ms {how}")
     if compare:
-        click.echo(f"full:       {a.full_text}")
+        click.echo(f"full:       {_indented(a.full_text)}")
         click.echo(f"TTFT full:  {a.full_ttft_s * 1000:.0f} ms  (speed-up {a.full_ttft_s / a.ttft_s:.2f}x, "
                    f"first-token KL {max(0.0, a.first_token_kl):.4f} nats)")
 

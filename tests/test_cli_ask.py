@@ -1,0 +1,37 @@
+"""`kvfuse ask` / `serve` on wrong input fail before the model loads, and multi-line answers
+stay under their label."""
+
+import pytest
+from click.testing import CliRunner
+
+from kvfuse.cli import main as cli
+from kvfuse.loader.store import NoReleaseError
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def load(*_):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(cli, "_load", load)
+
+
+def test_ask_on_a_folder_that_is_not_a_cache_fails_before_the_model_loads(tmp_path, no_model):
+    (tmp_path / "notes.txt").write_text("not a cache")
+    r = CliRunner().invoke(cli.main, ["ask", str(tmp_path), "who painted it?"])
+    assert isinstance(r.exception, NoReleaseError) and "no current release" in str(r.exception)
+    assert "build-cache" in str(r.exception)
+
+
+def test_ask_with_an_empty_question_fails_before_the_model_loads(tmp_path, no_model):
+    r = CliRunner().invoke(cli.main, ["ask", str(tmp_path), "   "])
+    assert r.exit_code == 2 and "give a non-empty question" in r.output
+
+
+def test_serve_on_a_folder_that_is_not_a_cache_fails_before_the_model_loads(tmp_path, no_model):
+    r = CliRunner().invoke(cli.main, ["serve", str(tmp_path)])
+    assert isinstance(r.exception, NoReleaseError)
+
+
+def test_multi_line_answers_are_indented_under_their_label():
+    assert cli._indented("The answer is:\n\n---\nSeurat.\n") == "The answer is:\n\n" + " " * 12 + "---\n" + " " * 12 + "Seurat."
+    assert cli._indented("one line") == "one line" and cli._indented("") == ""
