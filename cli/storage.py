@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -15,7 +16,13 @@ class CachePath(click.Path):
         text = str(value)
         if "://" in text and not text.startswith("file://"):  # = kvfuse.loader.fs.is_url
             return text
-        return super().convert(value, param, ctx)
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            if self.exists and not os.path.exists(text):   # say how to make one, not only that it is missing
+                self.fail(f"{e.message}; build a cache there with `kvfuse build-cache CORPUS --cache {text}`",
+                          param, ctx)
+            raise
 
 
 def _set_storage_options(ctx, param, value):

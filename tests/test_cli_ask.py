@@ -35,3 +35,10 @@ def test_serve_on_a_folder_that_is_not_a_cache_fails_before_the_model_loads(tmp_
 def test_multi_line_answers_are_indented_under_their_label():
     assert cli._indented("The answer is:\n\n---\nSeurat.\n") == "The answer is:\n\n" + " " * 12 + "---\n" + " " * 12 + "Seurat."
     assert cli._indented("one line") == "one line" and cli._indented("") == ""
+
+
+def test_ask_on_a_missing_folder_says_how_to_build_one(tmp_path, no_model):
+    missing = tmp_path / "nowhere"
+    r = CliRunner().invoke(cli.main, ["ask", str(missing), "who painted it?"])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    assert f"kvfuse build-cache CORPUS --cache {missing}" in r.output
