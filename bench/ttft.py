@@ -140,11 +140,13 @@ class Runner:
         self.n += 1
         rid = f"b{self.n}"
         sync(t.device)
+        collections = [g["collections"] for g in gc.get_stats()]
         t0 = time.perf_counter()
         res = self.engine.fused_prefill(FusionRequest(question_ids=self.question.tolist(), chunk_ids=list(request[1:]),
                                                       selector=self.selector, ratio=ratio, request_id=rid))
         ms = (time.perf_counter() - t0) * 1e3
-        out = {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()}}
+        out = {"ttft_ms": ms, "n_selected": res.n_recomputed, **{k: v for k, v in res.timings.items()},
+               "gc_collections": [g["collections"] - c for g, c in zip(gc.get_stats(), collections)]}
         if cached is not None:
             out["page_cache_mb"] = cached / 1e6
         if t.device.type == "cuda":   # new cudaMalloc segments during the request (an allocator not yet warm)
@@ -178,6 +180,12 @@ def _summary(runs: list[dict]) -> dict:
         values = [r[key] for r in runs if key in r]  # runs may differ: a cold run's plan may prefill everything
         if values:
             out[key] = median(values)
+    # each run's stages (None where a run has none) and Python's garbage collections during it
+    # [gen 0, 1, 2]: which stage a slow run spent its extra time in (warm runs are bimodal on the H200)
+    out["stages_runs"] = {key: [r.get(key) for r in runs] for key in ("select_s", "repair_s", "recompute_s", "stall_ms")
+                          if any(key in r for r in runs)}
+    if any("gc_collections" in r for r in runs):
+        out["stages_runs"]["gc_collections"] = [r.get("gc_collections") for r in runs]
     for key in ("hot", "warm", "cold", "recompute", "n_selected", "h2d_bytes", "cold_plan", "front_tokens", "cuda_mallocs"):
         if key in runs[-1]:
             out[key] = runs[-1][key]

@@ -55,6 +55,8 @@ def test_ttft_summary_of_runs_with_different_plans():
     assert out["ttft_ms"] == 9.0 and out["runs_ms"] == [10.0, 8.0, 9.0]
     assert out["repair_s"] == pytest.approx(0.002) and out["select_s"] == pytest.approx(0.003)
     assert out["recompute_s"] == pytest.approx(0.006)
+    assert out["stages_runs"]["select_s"] == [0.002, None, 0.004]        # each run's, to find a slow run's stage
+    assert out["stages_runs"]["recompute_s"] == [0.005, 0.008, 0.006] and "stall_ms" not in out["stages_runs"]
 
 
 def _page_cache_drops(folder) -> bool:
