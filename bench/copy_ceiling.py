@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kvfuse.loader.pool import KVPool
+from kvfuse.loader.quant import kv_codec
 from kvfuse.runtime.layerwise import LayerwiseLoad, layer_groups
 
 from .shapes import SHAPES
@@ -44,10 +45,12 @@ def geometry(shape: str) -> tuple[int, int, int]:
 
 
 class _StubTiers:
-    """What `LayerwiseLoad` reads of `loader.tiers.Tiers`: pools, streams, release."""
+    """What `LayerwiseLoad` reads of `loader.tiers.Tiers`: pools, streams, the model dtype and the
+    codec (model-dtype KV: the pools hold what the gather writes), release."""
 
     def __init__(self, host: KVPool, gpu: KVPool, device):
         self.host, self.gpu, self.device = host, gpu, torch.device(device)
+        self.dtype, self.codec = gpu.dtype, kv_codec("model")
         cuda = self.device.type == "cuda"
         self.h2d_stream = torch.cuda.Stream(self.device) if cuda else None
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None

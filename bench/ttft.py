@@ -248,7 +248,9 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
             print(f"  {ctx:>6} tokens: full {median(full_ms):8.1f} ms, loader {loader_gbps:.1f} GB/s", flush=True)
             for ratio in cfg.ratios:
                 row = {"shape": shape, "context": ctx, "ratio": ratio, "tokens": len(tokens),
-                       "kv_bytes": lm.spec.kv_bytes_per_token() * (len(tokens) - len(question)),
+                       "kv_bytes": round(tiers.codec.bytes_per_token(lm.spec.n_layers, lm.spec.n_kv_heads,
+                                                                     lm.spec.head_dim, lm.spec.dtype, cfg.chunk_tokens)
+                                         * (len(tokens) - len(question))),   # as stored (fp8 / int8: codes + scales)
                        "full_ms": median(full_ms), "full_runs_ms": [round(x, 2) for x in full_ms],
                        "loader_gbps": loader_gbps, "loader_fraction": loader_gbps / ceiling["pinned_gbps"],
                        "pipeline_gbps": pipeline_gbps}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import click
 
@@ -20,8 +21,8 @@ class CachePath(click.Path):
             return super().convert(value, param, ctx)
         except click.BadParameter as e:
             if self.exists and not os.path.exists(text):   # say how to make one, not only that it is missing
-                self.fail(f"{e.message}; build a cache there with `kvfuse build-cache CORPUS --cache {text}`",
-                          param, ctx)
+                self.fail(f"{e.message}; build a cache there with "
+                          f"`kvfuse build-cache CORPUS --cache {shlex.quote(text)}`", param, ctx)
             raise
 
 

@@ -14,6 +14,7 @@ function attends the pass's scattered queries with the block-sparse kernels of
 from __future__ import annotations
 
 import threading
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -69,13 +70,19 @@ def _scores(grouped: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     float32 GEMM (on the H200 the recorder's upcast GEMM took 12 of a fused pass's 305 ms)."""
     global _float_scores_only
     b, h, n, d = grouped.shape
+    if n == 0:                                            # no recorded rows
+        return grouped.new_zeros((b, h, 0, key.shape[2]), dtype=torch.float32)
     if grouped.is_cuda and grouped.dtype in (torch.bfloat16, torch.float16) and _float_scores_only is None:
         try:
             out = torch.bmm(grouped.reshape(b * h, n, d), key.reshape(b * h, -1, d).transpose(1, 2),
                             out_dtype=torch.float32)
             return out.view(b, h, n, -1)
-        except (RuntimeError, TypeError) as exc:   # a torch without bmm(out_dtype=) on this GPU
+        except torch.OutOfMemoryError:
+            raise                                          # not a missing kernel: say so, don't switch paths
+        except (RuntimeError, TypeError) as exc:           # a torch without bmm(out_dtype=) on this GPU
             _float_scores_only = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"the attention recorder scores in float32 from now on ({_float_scores_only[:200]})",
+                          stacklevel=2)
     return grouped.float() @ key.float().transpose(-1, -2)
 
 

@@ -50,3 +50,11 @@ def test_bf16_recorder_scores_match_upcast_scores():
     got = _probabilities(q, k, sq.row_mask(rows, first), 0.0884, rows, first)
     ref = _probabilities(q.float(), k.float(), sq.row_mask(rows), 0.0884, rows)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_no_recorded_rows_give_an_empty_map():
+    positions, q, k = _problem()
+    sq = ra.ScatteredQueries(positions, k.shape[2], "sdpa", host_positions=positions.cpu())
+    rows = slice(q.shape[2], None)                                   # none
+    assert sq.first_unseen(rows) == 0
+    assert _probabilities(q, k, sq.row_mask(rows), 0.25, rows).shape == (1, 0, k.shape[2])

@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from kvfuse.bench.serve import request_stream
@@ -90,3 +91,17 @@ def test_cold_runs_of_a_quantised_store_are_cold(tmp_path):
     assert r.exit_code == 0, r.output
     row = json.loads((tmp_path / "out" / "ttft.json").read_text())["shapes"][0]["rows"][0]
     assert row["cold"]["page_cache_mb"] == 0.0
+
+
+def test_copy_ceiling_loader_mode_builds_a_layerwise_load():
+    """`bench/copy_ceiling.py --modes loader` (run_device.sh's copy phase) hands LayerwiseLoad its
+    stub tiers: they must carry what the load reads (the model dtype, the codec); it failed with
+    AttributeError once the load read `tiers.dtype`."""
+    from kvfuse.bench.copy_ceiling import make_request
+    from kvfuse.runtime.layerwise import LayerwiseLoad
+    tiers, pairs, nbytes = make_request("qwen2.5-7b", 1024, 512, "cpu")
+    load = LayerwiseLoad(tiers, "bench", list(pairs), 32, torch.ones(pairs[0][0].kv.shape[-1] // 2), depth=0,
+                         measure_stall=True, counts={"warm": len(pairs)}, first=1)
+    load.issue_all()
+    info = load.close()
+    assert info["h2d_bytes"] == nbytes

@@ -42,3 +42,9 @@ def test_ask_on_a_missing_folder_says_how_to_build_one(tmp_path, no_model):
     r = CliRunner().invoke(cli.main, ["ask", str(missing), "who painted it?"])
     assert r.exit_code == 2 and "does not exist" in r.output
     assert f"kvfuse build-cache CORPUS --cache {missing}" in r.output
+
+
+def test_the_build_hint_quotes_a_path_with_spaces(tmp_path, no_model):
+    missing = tmp_path / "my cache"
+    r = CliRunner().invoke(cli.main, ["ask", str(missing), "who painted it?"])
+    assert f"--cache '{missing}'" in r.output
