@@ -130,8 +130,7 @@ def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if rec is not None and rec.wants(module.layer_idx):
         mask_from = 0
         if scattered is not None:   # [1, 1, r, K - mask_from]: only the recorded rows, from the first key one can't see
-            mask_from = scattered.first_unseen(rec.query_rows)
-            attention_mask = scattered.row_mask(rec.query_rows, mask_from)
+            mask_from, attention_mask = scattered.recorded(rec.query_rows)
         elif attention_mask is None:   # plain causal: row i of the last q_all sees keys <= K - q_all + i
             recorded = range(query.shape[2])[rec.query_rows]
             mask_from = key.shape[2] - query.shape[2] + min(recorded) + 1 if len(recorded) else 0

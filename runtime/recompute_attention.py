@@ -271,6 +271,7 @@ class ScatteredQueries:
         self._float: dict = {}
         self._block = None
         self._split_plan = None
+        self._recorded: dict = {}                      # the recorder's masks by recorded rows (`recorded`)
         self.plan: list[tuple[int, int, int]] | None = None
 
     def allowed(self) -> torch.Tensor:
@@ -293,6 +294,15 @@ class ScatteredQueries:
         attention recorder)."""
         keys = torch.arange(first_key, self.n_keys, device=self.positions.device)
         return (keys[None, :] <= self.positions[rows][:, None])[None, None]
+
+    def recorded(self, rows: slice) -> tuple[int, torch.Tensor]:
+        """(first_unseen(rows), row_mask(rows, that)): the recorder's mask of `rows`, built once per
+        pass and shared by every layer."""
+        key = (rows.start, rows.stop, rows.step)
+        if key not in self._recorded:
+            first = self.first_unseen(rows)
+            self._recorded[key] = first, self.row_mask(rows, first)
+        return self._recorded[key]
 
     def float_mask(self, dtype) -> torch.Tensor:
         """[1, 1, R, K] additive mask (0 / dtype min), as the `dense` path gives SDPA."""
