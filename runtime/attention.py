@@ -86,16 +86,17 @@ def _scores(grouped: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return grouped.float() @ key.float().transpose(-1, -2)
 
 
-def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None), mask_from: int = 0) -> torch.Tensor:
+def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None), mask_from: int = 0,
+                   hidden: torch.Tensor | None = None) -> torch.Tensor:
     # query [B, Hq, q, D]; key [B, Hkv, K, D] -> probs [B, r, K] of the query rows `rows`, mean over heads.
     # Only the recorded rows are scored: a probe of S recomputed + Q question tokens records the
     # Q rows, and scoring all S + Q would cost S/Q times more memory and time.
     # Grouped-query heads are scored against their shared KV head without repeat_kv, which would
     # materialise Hq/Hkv copies of the keys (at 16k tokens on Llama-3-8B: ~270 MB per layer in fp32).
     # mask_from: every recorded row sees every key before this column, so only the columns from it
-    # on are masked (attention_mask: those columns only, [..., r, K - mask_from]).
+    # on are masked (attention_mask: those columns only, [..., r, K - mask_from]; or `hidden`, its
+    # negation, [1, 1, r, K - mask_from] bool, True where a row can't see the key).
     q_all, k = query.shape[2], key.shape[2]
-    row_pos = torch.arange(q_all, device=query.device)[rows]            # [r] row index in the input
     query = query[:, :, rows]
     b, n_q_heads, r, d = query.shape
     n_kv_heads = key.shape[1]
@@ -103,7 +104,10 @@ def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None
     scores = _scores(grouped, key).view(b, n_q_heads, r, k)                  # [B, Hq, r, K] float32
     scores.mul_(scaling)
     tail = scores[..., mask_from:]
-    if attention_mask is None:  # plain causal, the input being the last q_all positions
+    if hidden is not None:
+        tail.masked_fill_(hidden, float("-inf"))
+    elif attention_mask is None:  # plain causal, the input being the last q_all positions
+        row_pos = torch.arange(q_all, device=query.device)[rows]        # [r] row index in the input
         allowed = torch.arange(mask_from, k, device=scores.device)[None, :] <= (row_pos + (k - q_all))[:, None]
         tail.masked_fill_(~allowed, float("-inf"))
     else:
@@ -128,13 +132,13 @@ def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         scattered = None
     rec = active_recorder()
     if rec is not None and rec.wants(module.layer_idx):
-        mask_from = 0
+        mask_from, hidden = 0, None
         if scattered is not None:   # [1, 1, r, K - mask_from]: only the recorded rows, from the first key one can't see
-            mask_from, attention_mask = scattered.recorded(rec.query_rows)
+            mask_from, hidden = scattered.recorded(rec.query_rows)
         elif attention_mask is None:   # plain causal: row i of the last q_all sees keys <= K - q_all + i
             recorded = range(query.shape[2])[rec.query_rows]
             mask_from = key.shape[2] - query.shape[2] + min(recorded) + 1 if len(recorded) else 0
-        probs = _probabilities(query, key, attention_mask, scale, rec.query_rows, mask_from)  # [B, r, K]
+        probs = _probabilities(query, key, attention_mask, scale, rec.query_rows, mask_from, hidden)  # [B, r, K]
         rec.maps[module.layer_idx] = probs if rec.batched else probs[0]
     return out
 

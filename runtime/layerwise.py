@@ -227,6 +227,7 @@ class LayerwiseLoad:
         self.h2d_events = [torch.cuda.Event(enable_timing=timing) for _ in self.groups] if cuda else []
         self.events = [torch.cuda.Event(enable_timing=timing) for _ in range(L)] if cuda else []
         self.stall_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = [] if timing else None
+        self.waited: dict = {}   # compute stream -> the last layer it has waited for (`wait`, `wait_all`)
         if cuda:
             compute = torch.cuda.current_stream(device)
             self.t_start = torch.cuda.Event(enable_timing=True)
@@ -326,7 +327,9 @@ class LayerwiseLoad:
         """Make the compute stream wait for every layer (the events complete in order)."""
         self.issue_all()
         if self.stream is not None:
-            torch.cuda.current_stream(self.fused.device).wait_event(self.events[-1])
+            compute = torch.cuda.current_stream(self.fused.device)
+            compute.wait_event(self.events[-1])
+            self.waited[compute] = self.n_layers - 1
 
     def wait(self, layer: int, ahead: int | None = None) -> None:
         """Called on the compute stream before layer `layer` reads its K/V: no host sync.
@@ -338,6 +341,9 @@ class LayerwiseLoad:
         if self.stream is None:
             return
         compute = torch.cuda.current_stream(self.fused.device)
+        if layer <= self.waited.get(compute, -1):   # an earlier pass on this stream waited for it: ordered already
+            return
+        self.waited[compute] = layer                # events complete in layer order: waiting for l covers 0..l
         if self.stall_marks is None:
             compute.wait_event(self.events[layer])
             return

@@ -296,13 +296,25 @@ class ScatteredQueries:
         return (keys[None, :] <= self.positions[rows][:, None])[None, None]
 
     def recorded(self, rows: slice) -> tuple[int, torch.Tensor]:
-        """(first_unseen(rows), row_mask(rows, that)): the recorder's mask of `rows`, built once per
+        """(first_unseen(rows), ~row_mask(rows, that)): the keys the recorded `rows` can't see,
+        from their first unseen key on ([1, 1, r, K - first] bool, True = hidden), built once per
         pass and shared by every layer."""
         key = (rows.start, rows.stop, rows.step)
         if key not in self._recorded:
             first = self.first_unseen(rows)
-            self._recorded[key] = first, self.row_mask(rows, first)
+            self._recorded[key] = first, ~self.row_mask(rows, first)
         return self._recorded[key]
+
+    def additive(self, dtype) -> torch.Tensor:
+        """[1, 1, R, K] additive mask (0 / -inf) in `dtype`: SDPA's own conversion of `allowed()`,
+        made once per pass instead of inside every layer's call (two fills and a masked fill
+        per layer on CUDA); the same values, so the same attention."""
+        key = ("additive", dtype)
+        if key not in self._float:
+            allowed = self.allowed()
+            self._float[key] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                ~allowed, float("-inf"))
+        return self._float[key]
 
     def float_mask(self, dtype) -> torch.Tensor:
         """[1, 1, R, K] additive mask (0 / dtype min), as the `dense` path gives SDPA."""
@@ -340,7 +352,8 @@ class ScatteredQueries:
                 warnings.warn(f"FlexAttention failed ({_flex_failed}); the recompute falls back to {self.backend}",
                               stacklevel=2)
         if self.backend == "sdpa":
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.allowed(), scale=scaling,
+            mask = self.additive(query.dtype) if query.is_cuda else self.allowed()   # CPU: as before, bit for bit
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                  enable_gqa=query.shape[1] != key.shape[1])
             return out.transpose(1, 2).contiguous()
         mask = self.float_mask(query.dtype)

@@ -58,3 +58,29 @@ def test_no_recorded_rows_give_an_empty_map():
     rows = slice(q.shape[2], None)                                   # none
     assert sq.first_unseen(rows) == 0
     assert _probabilities(q, k, sq.row_mask(rows), 0.25, rows).shape == (1, 0, k.shape[2])
+
+
+def test_recorded_hidden_mask_equals_the_row_mask_path():
+    """The per-pass mask the recorder reads (`recorded`: the hidden keys, built once) scores
+    exactly as the row mask does."""
+    positions, q, k = _problem()
+    rows = slice(-8, None)
+    sq = ra.ScatteredQueries(positions, k.shape[2], "sdpa", host_positions=positions.cpu())
+    first, hidden = sq.recorded(rows)
+    assert first == sq.first_unseen(rows) and hidden.dtype == torch.bool
+    assert sq.recorded(rows)[1] is hidden                                # built once, shared by the layers
+    torch.testing.assert_close(_probabilities(q, k, None, 0.25, rows, first, hidden),
+                               _probabilities(q, k, sq.row_mask(rows), 0.25, rows), rtol=0, atol=0)
+
+
+def test_additive_mask_is_sdpas_own_conversion():
+    """`additive` is what SDPA makes of the bool mask (0 / -inf), so the attention is the same."""
+    positions, q, k = _problem()
+    v = torch.randn_like(k)
+    sq = ra.ScatteredQueries(positions, k.shape[2], "sdpa")
+    add = sq.additive(q.dtype)
+    assert sq.additive(q.dtype) is add
+    assert torch.equal(add == 0, sq.allowed()) and torch.isinf(add[~sq.allowed()]).all()
+    by_bool = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sq.allowed(), enable_gqa=True)
+    by_add = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, enable_gqa=True)
+    torch.testing.assert_close(by_add, by_bool, rtol=0, atol=0)

@@ -278,6 +278,29 @@ def test_cuda_selection_matches_plain_fuse(tmp_path_factory, selector):
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_each_layer_is_waited_for_once(tmp_path_factory, monkeypatch):
+    """The staged selector's passes (a probe, repairs, the recompute) run on one compute stream:
+    once it waited for layer l's copy, later passes add no event waits (host time per layer)."""
+    from kvfuse.runtime import layerwise
+    lm, store, prefix, ids = setup(tmp_path_factory, "cuda", torch.bfloat16, n_chunks=6)
+    tiers = tiers_for(lm, store, "cuda")
+    marks = []
+    close = layerwise.LayerwiseLoad.close
+    monkeypatch.setattr(layerwise.LayerwiseLoad, "close", lambda self: (marks.append(len(self.stall_marks)), close(self))[1])
+    try:
+        q = question(lm)
+        want = fuse(lm, store.read(prefix), [store.read(c) for c in ids], q, "kvfuse", 0.15)
+        tiers.submit("r", [prefix, *ids])
+        got = fuse_layerwise(lm, tiers, "r", q, selector="kvfuse", ratio=0.15, measure_stall=True)
+        assert got.timings["repair_s"] > 0 and len(marks) == 1 and marks[0] <= lm.spec.n_layers   # 3-4 passes
+        assert torch.equal(got.recomputed, want.recomputed)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-3, rtol=0)
+    finally:
+        tiers.close()
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize("selector", sorted(SELECTORS))
 def test_cuda_fast_attention_equals_dense_path(tmp_path_factory, selector, monkeypatch):
     """The CUDA default (FlexAttention, block mask, GQA without repeat_kv) against the dense-mask
