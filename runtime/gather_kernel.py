@@ -117,6 +117,11 @@ def _offsets(tensors: list[torch.Tensor | None], arena: torch.Tensor) -> torch.T
     return torch.tensor(out, dtype=torch.int64)
 
 
+def in_arena(kv: torch.Tensor | None, arena: torch.Tensor) -> bool:
+    """Whether `kv` is a contiguous view of `arena` of its dtype (an entry the kernel can read)."""
+    return _offsets([kv], arena) is not None
+
+
 @dataclass
 class GatherPlan:
     """What the kernel needs to gather one request's loaded chunks, per layer (built once)."""

@@ -179,6 +179,7 @@ class LayerwiseLoad:
         self.fused = torch.empty((L, 2, H, N + n_question, D), dtype=tiers.dtype, device=device)  # model dtype
         self.starts = (0, *self.layout.chunk_starts)
         # the gather as one kernel (copy, decode, re-rotation) where it runs; else torch ops, below
+        self.front_kv = None   # [L, 2, H_kv, F, D]: the cold plan's prefilled front, copied beside the kernel
         self.kernel = self._kernel_plan(tiers, inv_freq) if (GATHER_KERNEL if GATHER_KERNEL is not None
                                                              else tiers.copy_stream is not None) else None
         self.cos = self.sin = None
@@ -256,6 +257,8 @@ class LayerwiseLoad:
                     self.stream.wait_event(self.h2d_events[gi])
                 if self.kernel is not None:   # copy, decode and re-rotation in one kernel
                     self.kernel.launch(self.fused[l], l)
+                    if self.front_kv is not None:   # the prefilled front: model dtype, at 0, not rotated
+                        self.fused[l, :, :, :self.front_kv.shape[3]].copy_(self.front_kv[l])
                 else:
                     self._gather(l, gi)
                 if cuda:
@@ -288,18 +291,28 @@ class LayerwiseLoad:
 
     def _kernel_plan(self, tiers: Tiers, inv_freq: torch.Tensor):
         """The fused gather kernel's plan for this request's loaded entries, or None (no Triton,
-        an entry outside the GPU pool's arena: the cold plan's prefilled front)."""
-        from .gather_kernel import GatherPlan
+        an entry outside the GPU pool's arena). The cold plan's prefilled front (the prefix's
+        entry, fresh K/V in the model dtype, outside the pool) is left out of the kernel and
+        copied beside it, layer by layer (`front_kv`)."""
+        from .gather_kernel import GatherPlan, in_arena
         # (entry, new start, position shift): the prefix stays where it is (the torch path leaves it unrotated)
         loaded = [(g, s, 0.0 if i == 0 else float(s - g.meta["pos_base"]))
                   for i, ((g, _), s) in enumerate(zip(self.pairs, self.starts)) if g.kv is not None]
+        front = None
+        first = loaded[0][0] if loaded else None
+        if (first is self.pairs[0][0] and first.scales is None and first.kv.dtype == self.fused.dtype
+                and not in_arena(first.kv, tiers.gpu.arena)):   # K/V as the torch path would copy them
+            front = loaded.pop(0)[0].kv
         if not loaded:
             return None
         quantised = tiers.codec.quantised
-        return GatherPlan.build([g.kv for g, _, _ in loaded], [g.scales for g, _, _ in loaded] if quantised else None,
+        plan = GatherPlan.build([g.kv for g, _, _ in loaded], [g.scales for g, _, _ in loaded] if quantised else None,
                                 [s for _, s, _ in loaded], [shift for _, _, shift in loaded],
                                 tiers.gpu.arena, tiers.gpu.scale_arena if quantised else None, inv_freq,
                                 tiers.codec.key_cols)
+        if plan is not None:
+            self.front_kv = front
+        return plan
 
     def _copy_group(self, gi: int, a: int, b: int) -> None:
         """Warm/cold chunks' layers a..b-1, pinned -> GPU slot: one copy per chunk ([b-a, 2, H_kv, T, D],

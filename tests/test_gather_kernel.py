@@ -104,9 +104,15 @@ def test_kernel_on_with_a_prefilled_front_equals_fusion_over_it(tmp_path_factory
     from kvfuse.runtime import layerwise
     from test_coldplan import test_front_prefilled_while_the_back_loads_equals_fusion_over_that_prefix as mixed
     monkeypatch.setattr(layerwise, "GATHER_KERNEL", True)
+    opened = []
+    real = layerwise.LayerwiseLoad._kernel_plan
+    monkeypatch.setattr(layerwise.LayerwiseLoad, "_kernel_plan",
+                        lambda self, *a: opened.append((real(self, *a), self.front_kv)) or opened[-1][0])
     cuda = torch.cuda.is_available()
     mixed(tmp_path_factory, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32,
           1e-2 if cuda else 1e-5, "fp8")
+    # the kernel gathered the loaded back; the prefilled front went beside it (it declined the request before)
+    assert any(plan is not None and front is not None for plan, front in opened)
 
 
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
