@@ -82,7 +82,8 @@ class Tiers:
         for cid in chunk_ids:
             n = self.prefetcher.store.record(cid).n_tokens
             state = "hot" if cid in self.gpu else self.prefetcher.state(cid)
-            out.append((state, n, L * two * H * n * D * self.gpu.dtype.itemsize))
+            # codes (or model-dtype K/V) + the codes' scales: [L, H_kv, key_cols * D + n] (loader/quant.py)
+            out.append((state, n, round(self.codec.bytes_per_token(L, H, D, self.dtype, n) * n)))
         return out
 
     def acquire(self, request_id: str, recompute=()) -> tuple[list[tuple[PoolEntry, PoolEntry | None]], dict]:
