@@ -170,7 +170,7 @@ def verify(cache_dir, release, quick, as_json):
                 click.echo(f"    chunk {cid}")
         what = "checksummed" if r.checksummed else "size + header checked"
         if r.ok:
-            click.echo(f"release {r.release}: OK ({r.chunks} chunks {what})")
+            click.echo(f"release {r.release}: OK ({r.chunks} stored KV entries, the shared prefix's included, {what})")
         else:
             click.echo(f"release {r.release or '?'}: {len(r.problems)} problems, {len(r.bad_chunks)} bad chunks; "
                        f"repair with `kvfuse build-cache CORPUS --cache {cache_dir} --repair`")

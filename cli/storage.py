@@ -21,7 +21,7 @@ class CachePath(click.Path):
             return super().convert(value, param, ctx)
         except click.BadParameter as e:
             if self.exists and not os.path.exists(text):   # say how to make one, not only that it is missing
-                self.fail(f"{e.message}; build a cache there with "
+                self.fail(f"{e.message.rstrip('.')}; build a cache there with "
                           f"`kvfuse build-cache CORPUS --cache {shlex.quote(text)}`", param, ctx)
             raise
 

@@ -40,7 +40,7 @@ def test_multi_line_answers_are_indented_under_their_label():
 def test_ask_on_a_missing_folder_says_how_to_build_one(tmp_path, no_model):
     missing = tmp_path / "nowhere"
     r = CliRunner().invoke(cli.main, ["ask", str(missing), "who painted it?"])
-    assert r.exit_code == 2 and "does not exist" in r.output
+    assert r.exit_code == 2 and "does not exist" in r.output and ".;" not in r.output
     assert f"kvfuse build-cache CORPUS --cache {missing}" in r.output
 
 
