@@ -82,8 +82,10 @@ class Tiers:
         for cid in chunk_ids:
             n = self.prefetcher.store.record(cid).n_tokens
             state = "hot" if cid in self.gpu else self.prefetcher.state(cid)
-            # codes (or model-dtype K/V) + the codes' scales: [L, H_kv, key_cols * D + n] (loader/quant.py)
-            out.append((state, n, round(self.codec.bytes_per_token(L, H, D, self.dtype, n) * n)))
+            nbytes = L * two * H * n * D * self.gpu.dtype.itemsize          # codes (or model-dtype K/V)
+            if self.codec.quantised:                                         # + their scales [L, H_kv, W]
+                nbytes += L * H * self.codec.row_width(D, n) * self.codec.scale_dtype.itemsize
+            out.append((state, n, nbytes))
         return out
 
     def acquire(self, request_id: str, recompute=()) -> tuple[list[tuple[PoolEntry, PoolEntry | None]], dict]:

@@ -258,6 +258,8 @@ class LayerwiseLoad:
                 if self.kernel is not None:   # copy, decode and re-rotation in one kernel
                     self.kernel.launch(self.fused[l], l)
                     if self.front_kv is not None:   # the prefilled front: model dtype, at 0, not rotated
+                        # (queued on the compute stream before this load: both side streams wait for
+                        # it in __init__, and the entry holds it until close() waits for the last layer)
                         self.fused[l, :, :, :self.front_kv.shape[3]].copy_(self.front_kv[l])
                 else:
                     self._gather(l, gi)
@@ -345,7 +347,8 @@ class LayerwiseLoad:
             self.waited[compute] = self.n_layers - 1
 
     def wait(self, layer: int, ahead: int | None = None) -> None:
-        """Called on the compute stream before layer `layer` reads its K/V: no host sync.
+        """Called on the compute stream before layer `layer` reads its K/V: no host sync. A
+        stream that already waited for layer >= `layer` (an earlier pass) waits for nothing.
 
         Queues this layer if it isn't yet, and at most two more, up to `ahead` (default:
         depth) layers past it: the host's issuing cost is spread over the layer loop instead

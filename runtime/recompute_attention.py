@@ -306,14 +306,18 @@ class ScatteredQueries:
         return self._recorded[key]
 
     def additive(self, dtype) -> torch.Tensor:
-        """[1, 1, R, K] additive mask (0 / -inf) in `dtype`: SDPA's own conversion of `allowed()`,
-        made once per pass instead of inside every layer's call (two fills and a masked fill
-        per layer on CUDA); the same values, so the same attention."""
+        """[1, 1, R, K] additive mask in `dtype`, 0 where a row sees the key and -65504 (-65536
+        in bfloat16) where not: what SDPA makes of `allowed()` when it runs cuDNN (torch's
+        `convert_boolean_attn_mask_cudnn`, a finite value because of cuDNN's -inf handling),
+        made once per pass instead of inside every layer's call. On the H200, where cuDNN runs
+        these passes, it is the mask the bool mask became, so the attention is the same; on a
+        backend whose conversion gives -inf instead, every row still sees key 0, so a hidden
+        key's weight underflows to exactly 0 either way (tests/test_attention_recorder.py)."""
         key = ("additive", dtype)
         if key not in self._float:
             allowed = self.allowed()
-            self._float[key] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-                ~allowed, float("-inf"))
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            self._float[key] = torch.where(allowed, zero, -65504.0)
         return self._float[key]
 
     def float_mask(self, dtype) -> torch.Tensor:

@@ -73,14 +73,43 @@ def test_recorded_hidden_mask_equals_the_row_mask_path():
                                _probabilities(q, k, sq.row_mask(rows), 0.25, rows), rtol=0, atol=0)
 
 
-def test_additive_mask_is_sdpas_own_conversion():
-    """`additive` is what SDPA makes of the bool mask (0 / -inf), so the attention is the same."""
+def test_additive_mask_is_sdpas_cudnn_conversion_and_gives_the_same_attention():
+    """`additive` holds what SDPA's cuDNN path makes of the bool mask (0 / -65504, in the query
+    dtype); every row sees key 0, so against SDPA's -inf conversion (the CPU's) the attention
+    is the same bit for bit."""
     positions, q, k = _problem()
     v = torch.randn_like(k)
     sq = ra.ScatteredQueries(positions, k.shape[2], "sdpa")
     add = sq.additive(q.dtype)
-    assert sq.additive(q.dtype) is add
-    assert torch.equal(add == 0, sq.allowed()) and torch.isinf(add[~sq.allowed()]).all()
+    assert sq.additive(q.dtype) is add and add.dtype == q.dtype
+    assert torch.equal(add == 0, sq.allowed()) and (add[~sq.allowed()] == -65504.0).all()
+    assert (sq.additive(torch.bfloat16)[~sq.allowed()] == -65536.0).all()     # -65504 rounded, as torch's
     by_bool = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sq.allowed(), enable_gqa=True)
     by_add = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, enable_gqa=True)
     torch.testing.assert_close(by_add, by_bool, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"])
+def test_cuda_additive_mask_equals_the_bool_mask_on_every_sdpa_backend(backend):
+    """Llama-3-8B heads, 1,024 rows over ~33k keys with low positions, so most key tiles of
+    most rows are hidden: the precomputed mask gives the bool mask's attention on each SDPA
+    backend, finite everywhere (cuDNN's -inf handling is why torch fills -65504 there)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator().manual_seed(0)
+    n_keys, rows = 33_000, 1024
+    positions = torch.sort(torch.randint(0, 4_000, (rows,), generator=g)).values.cuda()
+    q = torch.randn(1, 32, rows, 128, generator=g).cuda().bfloat16()
+    k = torch.randn(1, 8, n_keys, 128, generator=g).cuda().bfloat16()
+    v = torch.randn(1, 8, n_keys, 128, generator=g).cuda().bfloat16()
+    sq = ra.ScatteredQueries(positions, n_keys, "sdpa")
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        try:
+            by_bool = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sq.allowed(), enable_gqa=True)
+        except RuntimeError as exc:   # this backend does not take these inputs here
+            pytest.skip(f"{backend}: {exc}"[:200])
+        by_add = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sq.additive(q.dtype),
+                                                                  enable_gqa=True)
+    assert torch.isfinite(by_add).all()
+    torch.testing.assert_close(by_add, by_bool, rtol=0, atol=2e-3 if backend != "CUDNN_ATTENTION" else 0)

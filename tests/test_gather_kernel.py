@@ -98,7 +98,8 @@ def test_gather_plan_declines_entries_without_scales():
     assert GatherPlan.build([loaded], [None], [0], [0.0], arena, scale_arena, torch.ones(8), 1) is None
 
 
-def test_kernel_on_with_a_prefilled_front_equals_fusion_over_it(tmp_path_factory, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8", "int8"])
+def test_kernel_on_with_a_prefilled_front_equals_fusion_over_it(tmp_path_factory, monkeypatch, kv_dtype):
     """The cold plan's mixed case from an fp8 store with the kernel forced on (the H200 run of
     2026-11-30 failed here: 'NoneType' object has no attribute 'data_ptr')."""
     from kvfuse.runtime import layerwise
@@ -110,7 +111,7 @@ def test_kernel_on_with_a_prefilled_front_equals_fusion_over_it(tmp_path_factory
                         lambda self, *a: opened.append((real(self, *a), self.front_kv)) or opened[-1][0])
     cuda = torch.cuda.is_available()
     mixed(tmp_path_factory, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32,
-          1e-2 if cuda else 1e-5, "fp8")
+          1e-2 if cuda else 1e-5, kv_dtype)
     # the kernel gathered the loaded back; the prefilled front went beside it (it declined the request before)
     assert any(plan is not None and front is not None for plan, front in opened)
 
