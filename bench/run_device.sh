@@ -11,6 +11,7 @@
 #   build      the build's CUDA tests (staging, write path = sequential path on the GPU) and
 #              bench/build_throughput.py gpu (issue 14) -> build_throughput_gpu.{json,md} (needs dask + distributed)
 #   kvttft     issue 14: bench ttft at 16k, r = 0.15 over a model-dtype, an fp8 and an int8 store -> kv-<dtype>/ttft.{json,md}
+#   kvpair     issue 14: bf16 and fp8 stores' warm runs alternating in one process (paired) -> kv-pair/ttft.{json,md}
 #   bash bench/run_device.sh [phases, default tests,attention,ttft]
 # About 8 minutes for the default phases on an H200 (the tests ~2, attention ~1, ttft ~5).
 set -uo pipefail
@@ -81,6 +82,12 @@ if has kvttft; then
     timeout 200 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384 --ratios 0.15 --reps 5 \
       --compare-selectors none --profile none --kv-dtype "$kv" --out "$OUT/kv-$kv" 2>&1 | grep -v Warning | tee -a "$LOG"
   done
+fi
+if has kvpair; then   # bf16 and fp8 warm runs alternating in one process: the paired difference (issue 14)
+  echo "== bench ttft --pair-kv-dtype fp8" | tee -a "$LOG"
+  timeout 300 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384,32768 --ratios 0.15 --reps 3 \
+    --compare-selectors none --profile none --kv-dtype model --pair-kv-dtype fp8 --pair-reps 12 \
+    --out "$OUT/kv-pair" 2>&1 | grep -v Warning | tee -a "$LOG"
 fi
 cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/copy_ceiling.md "$OUT"/qwen/ttft.md "$OUT"/serve.md \
   "$OUT"/build_throughput_gpu.md "$OUT"/kv-*/ttft.md 2>/dev/null

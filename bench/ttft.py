@@ -32,6 +32,7 @@ from kvfuse.runtime.layerwise import open_load
 from kvfuse.runtime.requests import FusionRequest
 
 from .shapes import build_random_model
+from .metrics import bootstrap_ci
 from .synthetic import write_synthetic_store
 from .timing import environment, host_to_gpu_gbps, median, sync, timed
 
@@ -62,6 +63,8 @@ class TTFTConfig:
     extra: dict = field(default_factory=dict)
     kv_dtype: str = "model"        # how the synthetic store holds the KV: "model", "fp8", "int8"
     cold_reps: int = 3             # cold runs with the plan (page cache dropped and pools cleared before each)
+    pair_kv_dtype: str | None = None   # a second store's KV dtype, timed warm in alternation with the first
+    pair_reps: int = 12                # pairs of those alternating runs (`paired_warm`)
 
 
 def ensure_store(root: Path, lm, n_chunks: int, chunk_tokens: int, prefix_tokens: int, device: str,
@@ -173,6 +176,27 @@ class Runner:
                 "pipeline_gbps": info["h2d_bytes"] / (ms * 1e-3) / 1e9}     # + gather + re-rotation, end to end
 
 
+def paired_warm(a: Runner, a_request: list[str], b: Runner, b_request: list[str], ratio: float,
+                pairs: int) -> dict:
+    """Warm runs of two engines (two stores of one model, e.g. bf16 and fp8 KV) alternating in one
+    process, in ABBA order, so that both see the same state of the host, whose speed moves the
+    warm TTFT by 20-35 ms between requests on the H200 (docs/loader.md): the paired differences
+    b - a (ms) and their bootstrap 95% interval decide "no slower" where medians of separate
+    processes can't. Returns the runs, the medians, the mean difference and its interval."""
+    a.fused(a_request, ratio, "warm")
+    b.fused(b_request, ratio, "warm")
+    a_ms, b_ms = [], []
+    for i in range(pairs):
+        order = [(a, a_request, a_ms), (b, b_request, b_ms)]
+        for runner, request, out in (order if i % 2 == 0 else order[::-1]):
+            out.append(runner.fused(request, ratio, "warm")["ttft_ms"])
+    diff = [y - x for x, y in zip(a_ms, b_ms)]
+    lo, hi = bootstrap_ci(diff)
+    return {"a_runs_ms": [round(x, 2) for x in a_ms], "b_runs_ms": [round(x, 2) for x in b_ms],
+            "a_ms": median(a_ms), "b_ms": median(b_ms), "diff_ms_mean": sum(diff) / len(diff),
+            "diff_ms_ci95": [lo, hi], "b_faster_pairs": sum(d < 0 for d in diff), "pairs": len(diff)}
+
+
 def _summary(runs: list[dict]) -> dict:
     out = {"ttft_ms": median([r["ttft_ms"] for r in runs]), "runs_ms": [round(r["ttft_ms"], 2) for r in runs]}
     for key in ("stall_ms", "copy_ms", "open_s", "acquire_s", "issue_s", "select_s", "recompute_s", "repair_s",
@@ -228,6 +252,12 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
     gen = torch.Generator().manual_seed(1)
     question = torch.randint(0, lm.model.config.vocab_size, (cfg.question_tokens,), generator=gen)
     runner = Runner(engine, question, cfg.selector)
+    pair = None   # (runner, [prefix, *chunk ids]) of the store timed against this one (--pair-kv-dtype)
+    if cfg.pair_kv_dtype:
+        pair_dir = Path(cfg.store_root) / (shape if cfg.pair_kv_dtype == "model" else f"{shape}-{cfg.pair_kv_dtype}")
+        pair_store, pair_prefix, pair_ids = ensure_store(pair_dir, lm, n_store, cfg.chunk_tokens, cfg.prefix_tokens,
+                                                         cfg.device, cfg.pair_kv_dtype)
+        pair = Runner(make_engine(pair_store, lm, cfg), question, cfg.selector), [pair_prefix, *pair_ids]
     # the tokens without the KV: a `Store.read` of a quantised chunk dequantises through its memory
     # map, and the kernel keeps mapped pages however the cold runs drop the page cache
     metas = tiers.read_metas([prefix, *ids])
@@ -268,6 +298,9 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
                 row["warm"] = _summary([runner.fused(request, ratio, "warm") for _ in range(cfg.reps)])
                 runner.fused(request, ratio, "hot")
                 row["hot"] = _summary([runner.fused(request, ratio, "hot") for _ in range(cfg.reps)])
+                if pair is not None:
+                    row["kv_pair"] = {"a": cfg.kv_dtype, "b": cfg.pair_kv_dtype,
+                                      **paired_warm(runner, request, pair[0], pair[1][:n + 1], ratio, cfg.pair_reps)}
                 for state in ("cold", "warm", "hot"):
                     row[state]["speedup"] = row["full_ms"] / row[state]["ttft_ms"]
                     row[state]["stall_fraction"] = row[state].get("stall_ms", 0.0) / row[state]["ttft_ms"]
@@ -294,7 +327,9 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
                 "pools": {"host": tiers.host.stats.as_dict(), "gpu": tiers.gpu.stats.as_dict()}}
     finally:
         engine.close()
-        del lm, tiers, runner, engine
+        if pair is not None:
+            pair[0].engine.close()
+        del lm, tiers, runner, engine, pair
         gc.collect()
         if cfg.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -385,6 +420,17 @@ def markdown(result: dict) -> str:
                 for n, x in [(result['config']['selector'], w), *r["selectors"].items()]:
                     lines.append(f"| {r['context']} | {r['ratio']} | {n} | {x['ttft_ms']:.1f} | {1e3 * x['select_s']:.1f} | "
                                  f"{1e3 * x.get('repair_s', 0.0):.1f} | {1e3 * x['recompute_s']:.1f} | {x['speedup']:.2f}x |")
+            lines.append("")
+        pairs = [r for r in s["rows"] if "kv_pair" in r]
+        if pairs:
+            lines += ["Two stores' warm runs alternating in this process (ABBA; b - a paired per run, bootstrap 95%):", "",
+                      "| context | ratio | a: KV | b: KV | a warm ms | b warm ms | b - a ms (95% interval) | b faster in |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in pairs:
+                k = r["kv_pair"]
+                lo, hi = k["diff_ms_ci95"]
+                lines.append(f"| {r['context']} | {r['ratio']} | {k['a']} | {k['b']} | {k['a_ms']:.1f} | {k['b_ms']:.1f} | "
+                             f"{k['diff_ms_mean']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {k['b_faster_pairs']} of {k['pairs']} |")
             lines.append("")
     if result["targets"]:
         lines += ["## Targets (Llama-3-8B shape, warm pool, ratio 0.15)", "", "| what | target | measured | met |",

@@ -66,15 +66,20 @@ def _check(selector: str, device: str) -> None:
               help="shape:context:ratio to profile with torch.profiler (warm), or 'none'.")
 @click.option("--kv-dtype", default="model", show_default=True, type=click.Choice(["model", "fp8", "int8"]),
               help="How the synthetic store holds the KV (build-cache --kv-dtype); its pools hold the same bytes.")
+@click.option("--pair-kv-dtype", default=None, type=click.Choice(["model", "fp8", "int8"]),
+              help="Also time a second store holding the KV this way, warm, alternating with the first in this "
+                   "process (paired runs: what separate processes' medians can't decide).")
+@click.option("--pair-reps", default=12, show_default=True, type=click.IntRange(2),
+              help="Alternating pairs for --pair-kv-dtype.")
 @common
 def ttft(shapes, contexts, ratios, reps, store_chunks, compare_selectors, profile, selector, host_pool_gb, gpu_pool_gb, workers, store_root,
-         device, out_dir, kv_dtype="model"):
+         device, out_dir, kv_dtype="model", pair_kv_dtype=None, pair_reps=12):
     """Full prefill vs fused TTFT (cold / warm / hot), load stall and loader GB/s."""
     from kvfuse.bench.ttft import TTFTConfig, run_ttft
     _check(selector, device)
     cfg = TTFTConfig(shapes=tuple(shapes.split(",")), contexts=_ints(contexts), ratios=_floats(ratios), reps=reps,
                      store_chunks=store_chunks, selector=selector, workers=workers, store_root=store_root, device=device, out_dir=out_dir,
-                     kv_dtype=kv_dtype,
+                     kv_dtype=kv_dtype, pair_kv_dtype=pair_kv_dtype, pair_reps=pair_reps,
                      profile=None if profile == "none" else profile,
                      compare_selectors=() if compare_selectors == "none" else tuple(compare_selectors.split(",")))
     if host_pool_gb:

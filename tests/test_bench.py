@@ -45,6 +45,27 @@ def test_bench_commands_smoke(tmp_path):
     assert all(p["requests"] == 6 and p["chunk_accesses"] == 18 for p in serve["policies"])
 
 
+def test_ttft_pairs_two_stores_in_one_process(tmp_path):
+    """--pair-kv-dtype: a second store (fp8 here) timed warm in alternation with the first, the
+    paired differences and their interval in the JSON and the Markdown."""
+    common = ["--device", "cpu", "--store-root", str(tmp_path / "stores"), "--out", str(tmp_path / "out"),
+              "--host-pool-gb", "0.002", "--gpu-pool-gb", "0.001"]
+    r = CliRunner().invoke(main, ["bench", "ttft", "--shapes", "tiny", "--contexts", "1024", "--ratios", "0.15",
+                                  "--reps", "1", "--profile", "none", "--compare-selectors", "none",
+                                  "--pair-kv-dtype", "fp8", "--pair-reps", "3", *common], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "out" / "ttft.json").read_text())["shapes"][0]["rows"][0]
+    pair = row["kv_pair"]
+    assert pair["a"] == "model" and pair["b"] == "fp8" and pair["pairs"] == 3
+    assert len(pair["a_runs_ms"]) == len(pair["b_runs_ms"]) == 3
+    diffs = [b - a for a, b in zip(pair["a_runs_ms"], pair["b_runs_ms"])]
+    assert pair["diff_ms_mean"] == pytest.approx(sum(diffs) / 3, abs=0.02)
+    lo, hi = pair["diff_ms_ci95"]
+    assert min(diffs) - 0.01 <= lo <= hi <= max(diffs) + 0.01
+    assert (tmp_path / "stores" / "tiny-fp8").is_dir()
+    assert "| 1024 | 0.15 | model | fp8 |" in (tmp_path / "out" / "ttft.md").read_text()
+
+
 def test_ttft_summary_of_runs_with_different_plans():
     """Cold runs of one request may take different plans (a split with repair passes, then the
     full prefill, which has none): the summary takes each timing's median over the runs that have it."""
