@@ -201,10 +201,10 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     """Answer QUESTION from the chunks retrieved out of CACHE_DIR."""
     if not question.strip():   # before importing torch (~5 s)
         raise click.BadParameter("give a non-empty question", param_hint="QUESTION")
-    _check_cache(cache_dir)   # before the runtime's imports (~5 s): a wrong folder fails in ~1 s
-    from kvfuse.runtime.engine import FusionEngine
     from kvfuse.runtime.selectors import get_selector
-    get_selector(selector)  # fail before loading anything
+    get_selector(selector)    # these two before the engine's imports (~4 s): a wrong name or folder fails in ~1.5 s
+    _check_cache(cache_dir)
+    from kvfuse.runtime.engine import FusionEngine
     _set_threads(threads)
     engine = FusionEngine(cache_dir, _load(model, dtype))
     try:

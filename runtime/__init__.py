@@ -2,12 +2,24 @@
 recompute, and `FusionEngine`, the API a host server embeds.
 
     from kvfuse.runtime import FusionEngine, load_model
+
+The names below load on first use (PEP 562), so importing a light submodule (the selectors,
+the layout) does not import transformers and the engine (~4 s): the CLI checks its
+arguments before that.
 """
 
-from .engine import EngineConfig, FusionEngine
-from .layout import FusedLayout
-from .model import LoadedModel, load_model
-from .requests import Answer, FusionRequest, RequestError, RequestHandle
+from __future__ import annotations
 
-__all__ = ["Answer", "EngineConfig", "FusedLayout", "FusionEngine", "FusionRequest", "LoadedModel",
-           "RequestError", "RequestHandle", "load_model"]
+import importlib
+
+_EXPORTS = {"EngineConfig": "engine", "FusionEngine": "engine", "FusedLayout": "layout", "LoadedModel": "model",
+            "load_model": "model", "Answer": "requests", "FusionRequest": "requests", "RequestError": "requests",
+            "RequestHandle": "requests"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

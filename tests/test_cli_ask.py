@@ -48,3 +48,14 @@ def test_the_build_hint_quotes_a_path_with_spaces(tmp_path, no_model):
     missing = tmp_path / "my cache"
     r = CliRunner().invoke(cli.main, ["ask", str(missing), "who painted it?"])
     assert f"--cache '{missing}'" in r.output
+
+
+def test_selector_names_load_without_the_engine():
+    """`ask` checks the selector name before the engine's imports (transformers, ~4 s): the
+    selectors and the runtime package load without them (a fresh interpreter)."""
+    import subprocess
+    import sys
+    code = ("import sys, kvfuse.runtime.selectors as s; assert 'kvfuse' in s.SELECTORS; "
+            "print('transformers' in sys.modules, 'kvfuse.runtime.engine' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
