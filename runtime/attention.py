@@ -104,12 +104,11 @@ def _probabilities(query, key, attention_mask, scaling, rows: slice = slice(None
     scores = _scores(grouped, key).view(b, n_q_heads, r, k)                  # [B, Hq, r, K] float32
     scores.mul_(scaling)
     tail = scores[..., mask_from:]
+    if hidden is None and attention_mask is None:  # plain causal, the input being the last q_all positions
+        row_pos = torch.arange(q_all, device=query.device)[rows]        # [r] row index in the input
+        hidden = torch.arange(mask_from, k, device=scores.device)[None, :] > (row_pos + (k - q_all))[:, None]
     if hidden is not None:
         tail.masked_fill_(hidden, float("-inf"))
-    elif attention_mask is None:  # plain causal, the input being the last q_all positions
-        row_pos = torch.arange(q_all, device=query.device)[rows]        # [r] row index in the input
-        allowed = torch.arange(mask_from, k, device=scores.device)[None, :] <= (row_pos + (k - q_all))[:, None]
-        tail.masked_fill_(~allowed, float("-inf"))
     else:
         mask = attention_mask[..., :k - mask_from]
         if mask.shape[-2] == q_all:

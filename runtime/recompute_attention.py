@@ -313,20 +313,19 @@ class ScatteredQueries:
         these passes, it is the mask the bool mask became, so the attention is the same; on a
         backend whose conversion gives -inf instead, every row still sees key 0, so a hidden
         key's weight underflows to exactly 0 either way (tests/test_attention_recorder.py)."""
-        key = ("additive", dtype)
-        if key not in self._float:
-            allowed = self.allowed()
-            zero = torch.zeros((), dtype=dtype, device=allowed.device)
-            self._float[key] = torch.where(allowed, zero, -65504.0)
-        return self._float[key]
+        return self._additive(dtype, -65504.0)
 
     def float_mask(self, dtype) -> torch.Tensor:
         """[1, 1, R, K] additive mask (0 / dtype min), as the `dense` path gives SDPA."""
-        if dtype not in self._float:
+        return self._additive(dtype, torch.finfo(dtype).min)
+
+    def _additive(self, dtype, hidden_value: float) -> torch.Tensor:
+        """`allowed()` as an additive mask in `dtype` (0 / hidden_value), built once per pass."""
+        key = (dtype, hidden_value)
+        if key not in self._float:
             allowed = self.allowed()
-            self._float[dtype] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
-        return self._float[dtype]
+            self._float[key] = torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), hidden_value)
+        return self._float[key]
 
     def attend(self, module, query, key, value, scaling) -> torch.Tensor:
         """query [1, H_q, R, D], key/value [1, H_kv, K, D] -> output [1, R, H_q, D]."""
