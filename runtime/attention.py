@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import recompute_attention
+from . import recompute_attention, shape_buckets
 
 IMPLEMENTATION = "kvfuse"
 
@@ -125,9 +125,15 @@ def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if scattered is not None and query.shape[2] == scattered.rows:
         out = (scattered.attend(module, query, key, value, scale), None)
+    elif attention_mask is not None and query.shape[2] > 1 and dropout == 0.0 and shape_buckets.enabled(query):
+        # a masked call (a question probe): at padded shapes, so cuDNN plans it once per bucket
+        mask = attention_mask[..., :key.shape[2]]
+        out = (shape_buckets.bucketed_sdpa(query, key, value, mask, scale).transpose(1, 2).contiguous(), None)
+        scattered = None
     else:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                     **kwargs)
+        with shape_buckets.decode_kernels(query):   # a decode step: no kernel that plans per key length
+            out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                         **kwargs)
         scattered = None
     rec = active_recorder()
     if rec is not None and rec.wants(module.layer_idx):

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from . import shape_buckets
+
 BACKENDS = ("flex", "sdpa", "dense", "grouped", "split")
 # The CUDA default for passes of more than SMALL_PASS_ROWS queries. Per layer on the H200 (Llama-3-8B,
 # `bench/dev/split_probe.py`, bench/results/split_probe_h200.json): `split` 1.52 ms against flex 2.39
@@ -66,6 +68,8 @@ SMALL_PASS_BACKEND = "sdpa"   # ... use this on CUDA: cuDNN with a boolean mask;
 SPLIT_GROUP_ROWS = 512        # `split`: query rows per common-prefix group (a multiple of FLEX_BLOCK: a query
                               # block lies in one group)
 SPLIT_MIN_PREFIX = 1024       # `split`: a group's prefix shorter than this many keys stays in the band
+SPLIT_PREFIX_ALIGN = 1024     # `split`: a group's prefix rounded down to a multiple of this (a multiple of
+                              # FLEX_BLOCK): few distinct prefix lengths, so cuDNN plans each once (shape_buckets)
 _flex_failed: str | None = None     # the error that made flex unusable in this process
 _flex_compiled = None
 
@@ -177,9 +181,9 @@ def _flex_attention(device: torch.device):
 def group_prefix(first_positions: torch.Tensor, block: int | None = None, min_prefix: int | None = None):
     """Keys every row of a group sees, from the group's first (lowest) position: rounded down to
     a multiple of `block`, 0 when under `min_prefix`. The same integer arithmetic on the host
-    (the prefix calls' lengths) and on the device (the band's block mask). Defaults: FLEX_BLOCK,
-    SPLIT_MIN_PREFIX."""
-    block = FLEX_BLOCK if block is None else block
+    (the prefix calls' lengths) and on the device (the band's block mask). Defaults:
+    SPLIT_PREFIX_ALIGN, SPLIT_MIN_PREFIX."""
+    block = SPLIT_PREFIX_ALIGN if block is None else block
     min_prefix = SPLIT_MIN_PREFIX if min_prefix is None else min_prefix
     prefix = torch.div(first_positions, block, rounding_mode="floor") * block
     return torch.where(prefix >= min_prefix, prefix, torch.zeros_like(prefix))
@@ -267,6 +271,7 @@ class ScatteredQueries:
         if self.backend == "split" and host_positions is None:   # e.g. a selection kept on the GPU (a3):
             host_positions = positions.cpu()                       # one wait for it, then cuDNN's speed
         self.host_positions = host_positions
+        self.pad = shape_buckets.enabled(positions)    # CUDA: cuDNN calls at padded shapes (shape_buckets)
         self._bool: torch.Tensor | None = None
         self._float: dict = {}
         self._block = None
@@ -315,6 +320,16 @@ class ScatteredQueries:
         key's weight underflows to exactly 0 either way (tests/test_attention_recorder.py)."""
         return self._additive(dtype, -65504.0)
 
+    def padded_additive(self, dtype) -> torch.Tensor:
+        """`additive(dtype)` padded to [1, 1, R', K'] (rows to a multiple of shape_buckets.ROW_BUCKET,
+        keys of KEY_BUCKET; `shape_buckets.pad_mask`), built once per pass."""
+        key = (dtype, "padded")
+        if key not in self._float:
+            rows = shape_buckets.bucket(self.rows, shape_buckets.ROW_BUCKET)
+            keys = shape_buckets.bucket(self.n_keys, shape_buckets.KEY_BUCKET)
+            self._float[key] = shape_buckets.pad_mask(self.additive(dtype), rows, keys, hidden=-65504.0)
+        return self._float[key]
+
     def float_mask(self, dtype) -> torch.Tensor:
         """[1, 1, R, K] additive mask (0 / dtype min), as the `dense` path gives SDPA."""
         return self._additive(dtype, torch.finfo(dtype).min)
@@ -355,6 +370,10 @@ class ScatteredQueries:
                 warnings.warn(f"FlexAttention failed ({_flex_failed}); the recompute falls back to {self.backend}",
                               stacklevel=2)
         if self.backend == "sdpa":
+            if self.pad:   # CUDA: at padded shapes, so cuDNN's plan for them is reused by later passes
+                out = shape_buckets.bucketed_sdpa(query, key, value, self.padded_additive(query.dtype), scaling,
+                                                  padded_mask=True)
+                return out.transpose(1, 2).contiguous()
             mask = self.additive(query.dtype) if query.is_cuda else self.allowed()   # CPU: as before, bit for bit
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                  enable_gqa=query.shape[1] != key.shape[1])
@@ -376,9 +395,17 @@ class ScatteredQueries:
         out, lse = _flex_with_lse(query.device)(query, key, value, band_mask, scaling)  # [1, H_q, R, D], [1, H_q, R]
         if any(p for *_, p in groups):
             out, lse = out.float(), lse.float()
+            if self.pad:   # the prefix calls at fixed shapes: keys of fixed strides, SPLIT_GROUP_ROWS rows each
+                keys = shape_buckets.bucket(self.n_keys, shape_buckets.KEY_BUCKET)
+                key, value = shape_buckets.padded("key", key, keys), shape_buckets.padded("value", value, keys)
             for a, b, p in groups:
                 if p:
-                    o_pre, lse_pre = attention_with_lse(query[:, :, a:b], key[:, :, :p], value[:, :, :p], scaling)
+                    q, a0 = query[:, :, a:b], a
+                    if self.pad:   # a group of fewer rows (the last) runs the SPLIT_GROUP_ROWS rows ending with it
+                        a0 = max(0, b - SPLIT_GROUP_ROWS)   # (those before it see more of the prefix than they
+                        q = shape_buckets.padded("query", query[:, :, a0:b], SPLIT_GROUP_ROWS)   # may: dropped)
+                    o_pre, lse_pre = attention_with_lse(q, key[:, :, :p], value[:, :, :p], scaling)
+                    o_pre, lse_pre = o_pre[:, :, a - a0:b - a0], lse_pre[:, :, a - a0:b - a0]
                     both = torch.logaddexp(lse[:, :, a:b], lse_pre)                             # [1, H_q, r]
                     out[:, :, a:b] = (out[:, :, a:b] * (lse[:, :, a:b] - both).exp()[..., None]
                                       + o_pre.float() * (lse_pre - both).exp()[..., None])
