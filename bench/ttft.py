@@ -197,6 +197,24 @@ def paired_warm(a: Runner, a_request: list[str], b: Runner, b_request: list[str]
             "diff_ms_ci95": [lo, hi], "b_faster_pairs": sum(d < 0 for d in diff), "pairs": len(diff)}
 
 
+def new_shape_runs(runner: Runner, lm, request: list[str], tokens: torch.Tensor, question: torch.Tensor,
+                   ratio: float, reps: int, device: str) -> dict:
+    """Warm requests as a server sees them: each with a question of a length not asked before
+    (a new shape for every kernel that plans per shape: cuDNN's attention; runtime/shape_buckets.py),
+    and full prefills of prompts of new lengths likewise. The other rows replay one request."""
+    gen = torch.Generator().manual_seed(2)
+    vocab = lm.model.config.vocab_size
+    fused, full = [], []
+    for i in range(reps):
+        runner.question = torch.randint(0, vocab, (len(question) + 3 + 2 * i,), generator=gen)
+        fused.append(runner.fused(request, ratio, "warm")["ttft_ms"])
+        longer = torch.cat((tokens, torch.randint(0, vocab, (3 + 2 * i,), generator=gen).to(tokens.dtype)))
+        full.append(timed(lambda: full_prefill(lm, longer), device, reps=1, warmup=0)[0][0])
+    runner.question = question
+    return {"fused_runs_ms": [round(x, 2) for x in fused], "full_runs_ms": [round(x, 2) for x in full],
+            "fused_ms": median(fused), "full_ms": median(full), "speedup": median(full) / median(fused)}
+
+
 def _summary(runs: list[dict]) -> dict:
     out = {"ttft_ms": median([r["ttft_ms"] for r in runs]), "runs_ms": [round(r["ttft_ms"], 2) for r in runs]}
     for key in ("stall_ms", "copy_ms", "open_s", "acquire_s", "issue_s", "select_s", "recompute_s", "repair_s",
@@ -298,6 +316,7 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
                 row["warm"] = _summary([runner.fused(request, ratio, "warm") for _ in range(cfg.reps)])
                 runner.fused(request, ratio, "hot")
                 row["hot"] = _summary([runner.fused(request, ratio, "hot") for _ in range(cfg.reps)])
+                row["new_shapes"] = new_shape_runs(runner, lm, request, tokens, question, ratio, cfg.reps, cfg.device)
                 if pair is not None:
                     row["kv_pair"] = {"a": cfg.kv_dtype, "b": cfg.pair_kv_dtype,
                                       **paired_warm(runner, request, pair[0], pair[1][:n + 1], ratio, cfg.pair_reps)}
@@ -395,6 +414,15 @@ def markdown(result: dict) -> str:
                 f"{w.get('stall_ms', 0):.1f} ({100 * w['stall_fraction']:.1f}%) | "
                 f"{r['loader_gbps']:.1f} ({100 * r['loader_fraction']:.0f}%) | {r.get('pipeline_gbps', 0):.1f} |")
         lines.append("")
+        shapes = [r for r in s["rows"] if r.get("new_shapes")]
+        if shapes:
+            lines += ["Warm requests whose question has a length not seen before (a server's traffic; the table "
+                      "above replays one request), and full prefills of new lengths:", "",
+                      "| context | ratio | full prefill ms (new lengths) | fused warm ms (new question lengths) | speed-up |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['context']} | {r['ratio']} | {r['new_shapes']['full_ms']:.1f} | "
+                      f"{r['new_shapes']['fused_ms']:.1f} | {r['new_shapes']['speedup']:.2f}x |" for r in shapes]
+            lines.append("")
         cold = [r for r in s["rows"] if r["cold"].get("cold_plan")]
         if cold:
             lines += ["Cold (page cache dropped, nothing pinned): the cold-load plan against loading every chunk:", "",

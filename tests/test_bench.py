@@ -37,6 +37,9 @@ def test_bench_commands_smoke(tmp_path):
     everything = plan["recomputed"] == len(plan["choices"])   # the plan chose the full prefill
     assert row["cold"]["n_selected"] == 1024 if everything else 0 < row["cold"]["n_selected"] < 1024
     assert "| 1024 | 0.15 |" in (tmp_path / "out" / "ttft.md").read_text()
+    shapes = row["new_shapes"]   # warm requests with questions of new lengths, full prefills of new lengths
+    assert len(shapes["fused_runs_ms"]) == len(shapes["full_runs_ms"]) == 1 and shapes["speedup"] > 0
+    assert "questions" not in shapes and "new question lengths" in (tmp_path / "out" / "ttft.md").read_text()
     r = CliRunner().invoke(main, ["bench", "serve", "--shape", "tiny", "--corpus-chunks", "12", "--context", "1024",
                                   "--requests", "6", "--warmup", "1", *common], catch_exceptions=False)
     assert r.exit_code == 0, r.output
