@@ -26,6 +26,7 @@ import collections
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,10 @@ from .selectors import SELECTORS
 __all__ = ["Answer", "EngineConfig", "FusionEngine", "FusionRequest", "RequestError", "RequestHandle"]
 
 
+WARMUP_CHUNKS = 4             # the warm-up request's chunks on CUDA: `ask`'s default top-k
+WARMUP_QUESTION_TOKENS = 24   # and its question's tokens (a typical length: the passes' rows pad to multiples of 128)
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs. Pool sizes only matter on CUDA (the tiered loader)."""
@@ -70,8 +75,10 @@ class EngineConfig:
     measure_stall: bool = False          # time the compute stream's waits on layer copies (benchmarks)
     cold_plan: bool = True               # tiered: prefill cold chunks instead of reading them when that is sooner
                                          # (runtime/coldplan.py); False: always read them
-    warmup: bool = True                  # one small fused prefill at start (kernels, allocator, compiles),
+    warmup: bool = True                  # one fused prefill at start (kernels, allocator, compiles),
                                          # so the first request's TTFT is the steady-state one
+    warmup_chunks: int | None = None     # chunks in it (None: WARMUP_CHUNKS on CUDA, where it builds the attention
+                                         # plans of requests of that size (runtime/shape_buckets.py); 1 on the CPU)
 
 
 class ReleaseView:
@@ -171,16 +178,23 @@ class FusionEngine:
             self._warm_up()
 
     def _warm_up(self) -> None:
-        """A fused prefill of the first chunk with a two-token question (not counted in stats)."""
+        """A fused prefill at start, not counted in stats: on CUDA of the first WARMUP_CHUNKS chunks
+        with a WARMUP_QUESTION_TOKENS-token question, the default selector and ratio (a request of
+        the default top-k's size, whose attention plans then exist: cuDNN builds one per new shape,
+        up to ~1 s each); on the CPU (no plans) of the first chunk with a two-token question."""
         view = self._view
         if not view.records:
             return
-        first = view.records[0].chunk_id
-        question = view.store.read(first, verify=False).tokens[-2:].tolist()
+        cuda = self.lm.model.device.type == "cuda"
+        n = self.config.warmup_chunks or (WARMUP_CHUNKS if cuda else 1)
+        chunks = [r.chunk_id for r in view.records[:n]]
+        question = view.store.read(chunks[0], verify=False).tokens[-(WARMUP_QUESTION_TOKENS if cuda else 2):].tolist()
         try:
-            self.fused_prefill(FusionRequest(question_ids=question, chunk_ids=[first], ratio=0.5))
-        except Exception:  # a warm-up never keeps the engine from serving
-            pass
+            self.fused_prefill(FusionRequest(question_ids=question, chunk_ids=chunks,
+                                             **({} if cuda else {"ratio": 0.5})))
+        except Exception as exc:  # noqa: BLE001 - a warm-up never keeps the engine from serving; it says why
+            warnings.warn(f"the engine's warm-up request failed ({type(exc).__name__}: {exc}); the first requests "
+                          f"will pay for what it would have prepared", stacklevel=2)
         self.counters.clear()
         self.source.stats.__init__()
 

@@ -5,6 +5,7 @@ import asyncio
 import json
 import random
 import threading
+import warnings
 
 import pytest
 import torch
@@ -190,3 +191,36 @@ def test_sampling_is_reproducible_with_a_seed(engine):
     a, b = engine.submit(FusionRequest(**req)).result(), engine.submit(FusionRequest(**req)).result()
     assert a.token_ids == b.token_ids
     assert torch.tensor(a.token_ids).numel() >= 1
+
+
+@pytest.mark.parametrize("chunks", [None, 3])
+def test_warm_up_runs_a_request_of_the_configured_size(cache, lm, monkeypatch, chunks):
+    """The warm-up request: one chunk on the CPU by default, `warmup_chunks` when given (on CUDA
+    the default top-k's 4, so that requests of that size find their attention plans built)."""
+    seen = []
+    real = FusionEngine.fused_prefill
+    monkeypatch.setattr(FusionEngine, "fused_prefill", lambda self, req: seen.append(req) or real(self, req))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # a failed warm-up warns: none here
+        e = FusionEngine(cache, lm, config=EngineConfig(warmup_chunks=chunks))
+    with e:
+        assert len(seen) == 1 and len(seen[0].chunk_ids) == (chunks or 1)
+        assert seen[0].chunk_ids == [r.chunk_id for r in e.records[:chunks or 1]]
+        assert not e.counters                                   # not counted
+
+
+def test_a_failed_warm_up_warns_and_the_engine_serves(cache, lm, monkeypatch):
+    real = FusionEngine.fused_prefill
+    calls = []
+
+    def failing_once(self, req):
+        calls.append(req)
+        if len(calls) == 1:
+            raise RuntimeError("no kernel")
+        return real(self, req)
+
+    monkeypatch.setattr(FusionEngine, "fused_prefill", failing_once)
+    with pytest.warns(UserWarning, match="warm-up request failed .RuntimeError: no kernel"):
+        e = FusionEngine(cache, lm)
+    with e:
+        assert e.submit(FusionRequest(question="what is the capital", top_k=2, max_new_tokens=4)).result().text is not None

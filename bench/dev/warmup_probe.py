@@ -1,0 +1,53 @@
+"""Dev tool: the first requests' TTFT after the engine's warm-up, by warm-up size (H200).
+
+    python3 bench/dev/warmup_probe.py --out DIR
+Not a product path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from kvfuse.bench import ttft
+from kvfuse.runtime.engine import EngineConfig, FusionEngine
+from kvfuse.runtime.requests import FusionRequest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--chunks", type=int, default=4, help="warmup_chunks (one setting per process: plans are process-wide)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ttft.TTFTConfig(shapes=("llama3-8b",), contexts=(4096,), ratios=(0.15,))
+    lm = ttft.build_random_model("llama3-8b", "cuda")
+    store, prefix, ids = ttft.ensure_store(Path(cfg.store_root) / "llama3-8b-w", lm, 24, 512, 32, "cuda")
+    gen = torch.Generator().manual_seed(3)
+    result = {}
+    for chunks in (args.chunks,):
+        t0 = time.perf_counter()
+        engine = FusionEngine(store.cache_dir, lm, release=store.release, config=EngineConfig(
+            verify=False, source="tiered", chunk_tokens=512, warmup_chunks=chunks))
+        start_s = time.perf_counter() - t0
+        runs = []
+        for i in range(4):
+            q = torch.randint(0, lm.model.config.vocab_size, (18 + 3 * i,), generator=gen).tolist()
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            engine.fused_prefill(FusionRequest(question_ids=q, chunk_ids=ids[4 + 4 * i:8 + 4 * i]))
+            torch.cuda.synchronize()
+            runs.append(round((time.perf_counter() - t1) * 1e3, 1))
+        engine.close()
+        result[f"warmup_chunks_{chunks}"] = {"start_s": round(start_s, 2), "first_requests_ms": runs}
+        print(chunks, result[f"warmup_chunks_{chunks}"], flush=True)
+    (out / f"warmup_{args.chunks}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
