@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from kvfuse.cli.options import DTYPES
 from kvfuse.cli.storage import CachePath, storage_options
 
 
@@ -40,7 +41,7 @@ def main():
               help="Cache folder (created if missing), or an object-storage URL (s3://bucket/prefix).")
 @storage_options
 @click.option("--model", default="smollm2-135m", show_default=True, help="Packaged name, transformers folder or .gguf.")
-@click.option("--dtype", default=None, help="KV/model dtype (default float32 on CPU, bfloat16 on GPU).")
+@click.option("--dtype", default=None, type=DTYPES, help="KV/model dtype (default float32 on CPU, bfloat16 on GPU).")
 @click.option("--chunk-tokens", default=512, show_default=True, type=click.IntRange(16, 1 << 16))
 @click.option("--shard-mb", default=1024, show_default=True, type=click.IntRange(1), help="Target shard size.")
 @click.option("--enrich/--no-enrich", default=True, show_default=True,
@@ -183,7 +184,7 @@ def verify(cache_dir, release, quick, as_json):
 @storage_options
 @click.argument("question")
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--dtype", default=None)
+@click.option("--dtype", default=None, type=DTYPES, help="Model/KV dtype (default float32 on CPU, bfloat16 on GPU).")
 @click.option("--top-k", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--selector", default="kvfuse", show_default=True,
               help="Which context tokens to recompute: kvfuse (the default), kvfuse-inc (faster, a little less "

@@ -6,6 +6,7 @@ import signal
 
 import click
 
+from kvfuse.cli.options import DTYPES
 from kvfuse.cli.storage import CachePath, storage_options
 
 
@@ -13,7 +14,7 @@ from kvfuse.cli.storage import CachePath, storage_options
 @click.argument("cache_dir", type=CachePath(exists=True, file_okay=False))
 @storage_options
 @click.option("--model", default="smollm2-135m", show_default=True, help="The model the cache was built with.")
-@click.option("--dtype", default=None, help="Model/KV dtype (default float32 on CPU, bfloat16 on GPU).")
+@click.option("--dtype", default=None, type=DTYPES, help="Model/KV dtype (default float32 on CPU, bfloat16 on GPU).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind; loopback unless you mean to expose it (then set --api-key).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))

@@ -4,7 +4,7 @@
     curl http://127.0.0.1:8080/                      # the host's own route
     curl http://127.0.0.1:8080/search?q=Seurat       # the host's route using the same engine
     curl http://127.0.0.1:8080/kvfuse/v1/chat/completions -H 'content-type: application/json' \
-         -d '{"messages": [{"role": "user", "content": "Who painted La Grande Jatte?"}]}'
+         -d '{"messages": [{"role": "user", "content": "Who painted A Sunday Afternoon on the Island of La Grande Jatte?"}]}'
 
 The OpenAI client talks to it with base_url="http://127.0.0.1:8080/kvfuse/v1". The host owns
 the engine: it opens it at startup and closes it (in-flight requests finish) at shutdown.

@@ -1,6 +1,6 @@
 """A host that decodes itself: kvfuse does the fused prefill, transformers' `generate` the rest.
 
-    python examples/own_decode.py CACHE_DIR "Who painted La Grande Jatte?" [--model smollm2-135m]
+    python examples/own_decode.py CACHE_DIR "Who painted A Sunday Afternoon on the Island of La Grande Jatte?" [--model smollm2-135m]
 
 `engine.prefill` returns the whole prompt's KV as a transformers Cache (prefix + retrieved
 chunks, keys re-rotated to their fused positions, the selected tokens recomputed, the question

@@ -2,7 +2,7 @@
 
     from kvfuse import FusionEngine, FusionRequest, load_model
     engine = FusionEngine("cache/", load_model("smollm2-135m"))
-    print(engine.ask("Who painted La Grande Jatte?").text)
+    print(engine.ask("Who painted A Sunday Afternoon on the Island of La Grande Jatte?").text)
 
 The subpackages, top of the import stack first: `kvfuse.cli` -> `kvfuse.bench` -> `kvfuse.serve`
 (HTTP server) -> `kvfuse.pipeline` (offline build) -> `kvfuse.runtime` (serve time) -> `kvfuse.loader` (the store).

@@ -1,7 +1,8 @@
 """FusionEngine: the API a host server embeds (DESIGN §4, §5).
 
     engine = FusionEngine("cache/", load_model("smollm2-135m"))
-    answer = engine.ask("Who painted La Grande Jatte?", top_k=4, selector="kvfuse", ratio=0.15)
+    answer = engine.ask("Who painted A Sunday Afternoon on the Island of La Grande Jatte?",
+                        top_k=4, selector="kvfuse", ratio=0.15)
     handle = engine.submit(FusionRequest(question="...", stream=...))   # -> RequestHandle
     for text in handle.stream(): print(text, end="")
     cache, logits, layout = engine.prefill("...")                       # a host decodes itself

@@ -59,3 +59,16 @@ def test_selector_names_load_without_the_engine():
             "print('transformers' in sys.modules, 'kvfuse.runtime.engine' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("command", [["ask", "{dir}", "who painted it?"], ["serve", "{dir}"],
+                                     ["build-cache", "{dir}/c.jsonl", "--cache", "{dir}/cache"]])
+def test_an_unknown_dtype_fails_before_the_model_loads(tmp_path, no_model, command):
+    (tmp_path / "c.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    r = CliRunner().invoke(cli.main, [a.format(dir=tmp_path) for a in command] + ["--dtype", "float99"])
+    assert r.exit_code == 2 and "'float99' is not one of 'float32', 'bfloat16'" in r.output
+
+
+def test_dtype_aliases_pass_the_check(tmp_path, no_model):
+    r = CliRunner().invoke(cli.main, ["ask", str(tmp_path), "who painted it?", "--dtype", "BF16"])
+    assert isinstance(r.exception, NoReleaseError)        # got past the option to the folder check
