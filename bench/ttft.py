@@ -205,12 +205,14 @@ def new_shape_runs(runner: Runner, lm, request: list[str], tokens: torch.Tensor,
     gen = torch.Generator().manual_seed(2)
     vocab = lm.model.config.vocab_size
     fused, full = [], []
-    for i in range(reps):
-        runner.question = torch.randint(0, vocab, (len(question) + 3 + 2 * i,), generator=gen)
-        fused.append(runner.fused(request, ratio, "warm")["ttft_ms"])
-        longer = torch.cat((tokens, torch.randint(0, vocab, (3 + 2 * i,), generator=gen).to(tokens.dtype)))
-        full.append(timed(lambda: full_prefill(lm, longer), device, reps=1, warmup=0)[0][0])
-    runner.question = question
+    try:
+        for i in range(reps):
+            runner.question = torch.randint(0, vocab, (len(question) + 3 + 2 * i,), generator=gen)
+            fused.append(runner.fused(request, ratio, "warm")["ttft_ms"])
+            longer = torch.cat((tokens, torch.randint(0, vocab, (3 + 2 * i,), generator=gen).to(tokens.dtype)))
+            full.append(timed(lambda: full_prefill(lm, longer), device, reps=1, warmup=0)[0][0])
+    finally:
+        runner.question = question
     return {"fused_runs_ms": [round(x, 2) for x in fused], "full_runs_ms": [round(x, 2) for x in full],
             "fused_ms": median(fused), "full_ms": median(full), "speedup": median(full) / median(fused)}
 

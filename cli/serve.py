@@ -31,10 +31,13 @@ def serve_cmd(cache_dir, model, dtype, host, port, api_key, max_body_kb, default
     """Serve CACHE_DIR over HTTP: OpenAI-compatible /v1/chat/completions and /v1/completions
     (kvfuse options in the body's "kvfuse" object), /v1/models, /healthz, /metrics. Ctrl-C stops
     taking connections, lets in-flight requests finish, then closes the engine."""
+    from kvfuse.cli.main import _check_cache, _check_model, _load
+    _check_model(model)       # these two before torch and the model load (seconds)
+    _check_cache(cache_dir)
+
     import torch
     import uvicorn
 
-    from kvfuse.cli.main import _check_cache, _check_model, _load
     from kvfuse.runtime import FusionEngine
     from kvfuse.serve import ServeConfig, create_app
 
@@ -42,8 +45,6 @@ def serve_cmd(cache_dir, model, dtype, host, port, api_key, max_body_kb, default
         torch.set_num_threads(threads)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    _check_model(model)       # these two before the model loads
-    _check_cache(cache_dir)
     engine = FusionEngine(cache_dir, _load(model, dtype))
     config = ServeConfig(api_key=api_key, max_body_bytes=max_body_kb << 10, default_max_tokens=default_max_tokens)
     app = create_app(engine, config=config)

@@ -125,7 +125,9 @@ def kvfuse_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if scattered is not None and query.shape[2] == scattered.rows:
         out = (scattered.attend(module, query, key, value, scale), None)
-    elif attention_mask is not None and query.shape[2] > 1 and dropout == 0.0 and shape_buckets.enabled(query):
+    elif (attention_mask is not None and attention_mask.dim() == 4 and query.shape[2] > 1 and dropout == 0.0
+          and not query.requires_grad and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+          and shape_buckets.enabled(query)):
         # a masked call (a question probe): at padded shapes, so cuDNN plans it once per bucket
         mask = attention_mask[..., :key.shape[2]]
         out = (shape_buckets.bucketed_sdpa(query, key, value, mask, scale).transpose(1, 2).contiguous(), None)

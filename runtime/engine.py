@@ -81,6 +81,11 @@ class EngineConfig:
     warmup_chunks: int | None = None     # chunks in it (None: WARMUP_CHUNKS on CUDA, where it builds the attention
                                          # plans of requests of that size (runtime/shape_buckets.py); 1 on the CPU)
 
+    def __post_init__(self):
+        if self.warmup_chunks is not None and self.warmup_chunks < 1:
+            raise ValueError(f"warmup_chunks must be >= 1 (or None for the default), got {self.warmup_chunks}; "
+                             "warmup=False turns the warm-up off")
+
 
 class ReleaseView:
     """One opened release: its store, chunk records, retriever and prefix; counts its live requests."""
@@ -187,7 +192,7 @@ class FusionEngine:
         if not view.records:
             return
         cuda = self.lm.model.device.type == "cuda"
-        n = self.config.warmup_chunks or (WARMUP_CHUNKS if cuda else 1)
+        n = self.config.warmup_chunks if self.config.warmup_chunks is not None else (WARMUP_CHUNKS if cuda else 1)
         chunks = [r.chunk_id for r in view.records[:n]]
         question = view.store.read(chunks[0], verify=False).tokens[-(WARMUP_QUESTION_TOKENS if cuda else 2):].tolist()
         try:

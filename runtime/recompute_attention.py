@@ -68,8 +68,8 @@ SMALL_PASS_BACKEND = "sdpa"   # ... use this on CUDA: cuDNN with a boolean mask;
 SPLIT_GROUP_ROWS = 512        # `split`: query rows per common-prefix group (a multiple of FLEX_BLOCK: a query
                               # block lies in one group)
 SPLIT_MIN_PREFIX = 1024       # `split`: a group's prefix shorter than this many keys stays in the band
-SPLIT_PREFIX_ALIGN = 1024     # `split`: a group's prefix rounded down to a multiple of this (a multiple of
-                              # FLEX_BLOCK): few distinct prefix lengths, so cuDNN plans each once (shape_buckets)
+SPLIT_PREFIX_ALIGN = 1024     # `split` at padded shapes: a group's prefix rounded down to a multiple of this (a
+                              # multiple of FLEX_BLOCK): few prefix lengths, so cuDNN plans each once (shape_buckets)
 _flex_failed: str | None = None     # the error that made flex unusable in this process
 _flex_compiled = None
 
@@ -181,21 +181,22 @@ def _flex_attention(device: torch.device):
 def group_prefix(first_positions: torch.Tensor, block: int | None = None, min_prefix: int | None = None):
     """Keys every row of a group sees, from the group's first (lowest) position: rounded down to
     a multiple of `block`, 0 when under `min_prefix`. The same integer arithmetic on the host
-    (the prefix calls' lengths) and on the device (the band's block mask). Defaults:
-    SPLIT_PREFIX_ALIGN, SPLIT_MIN_PREFIX."""
-    block = SPLIT_PREFIX_ALIGN if block is None else block
+    (the prefix calls' lengths) and on the device (the band's block mask). Defaults: FLEX_BLOCK
+    (SPLIT_PREFIX_ALIGN where the calls are padded), SPLIT_MIN_PREFIX."""
+    block = FLEX_BLOCK if block is None else block
     min_prefix = SPLIT_MIN_PREFIX if min_prefix is None else min_prefix
     prefix = torch.div(first_positions, block, rounding_mode="floor") * block
     return torch.where(prefix >= min_prefix, prefix, torch.zeros_like(prefix))
 
 
-def split_groups(host_positions: torch.Tensor, group_rows: int | None = None) -> list[tuple[int, int, int]]:
+def split_groups(host_positions: torch.Tensor, group_rows: int | None = None,
+                 align: int | None = None) -> list[tuple[int, int, int]]:
     """[(first row, end row, prefix keys)] of the `split` backend: rows cut every `group_rows`
     (default SPLIT_GROUP_ROWS; ascending positions), each group's prefix from its first row's
-    position (`group_prefix`)."""
+    position (`group_prefix` with block `align`)."""
     group_rows = SPLIT_GROUP_ROWS if group_rows is None else group_rows
     starts = torch.arange(0, host_positions.numel(), group_rows)
-    prefixes = group_prefix(host_positions[starts]).tolist()
+    prefixes = group_prefix(host_positions[starts], align).tolist()
     return [(a, min(a + group_rows, host_positions.numel()), p) for a, p in zip(starts.tolist(), prefixes)]
 
 
@@ -370,7 +371,7 @@ class ScatteredQueries:
                 warnings.warn(f"FlexAttention failed ({_flex_failed}); the recompute falls back to {self.backend}",
                               stacklevel=2)
         if self.backend == "sdpa":
-            if self.pad:   # CUDA: at padded shapes, so cuDNN's plan for them is reused by later passes
+            if self.pad and not query.requires_grad:   # CUDA: padded, so cuDNN's plan is reused by later passes
                 out = shape_buckets.bucketed_sdpa(query, key, value, self.padded_additive(query.dtype), scaling,
                                                   padded_mask=True)
                 return out.transpose(1, 2).contiguous()
@@ -387,21 +388,23 @@ class ScatteredQueries:
         """`split`: each group's common key prefix unmasked (`attention_with_lse`), the band after
         it in one flex call, merged by log-sum-exp. query [1, H_q, R, D] -> [1, R, H_q, D]."""
         if self._split_plan is None:
-            groups = split_groups(self.host_positions)
+            align = SPLIT_PREFIX_ALIGN if self.pad else FLEX_BLOCK     # few prefix lengths where cuDNN plans them
+            groups = split_groups(self.host_positions, align=align)
             rows = torch.arange(0, self.rows, FLEX_BLOCK, device=self.positions.device)           # [nq] first rows
-            first_key = group_prefix(self.positions[rows // SPLIT_GROUP_ROWS * SPLIT_GROUP_ROWS])  # [nq]
+            first_key = group_prefix(self.positions[rows // SPLIT_GROUP_ROWS * SPLIT_GROUP_ROWS], align)  # [nq]
             self._split_plan = groups, flex_block_mask(self.positions, self.n_keys, FLEX_BLOCK, first_key)
         groups, band_mask = self._split_plan
         out, lse = _flex_with_lse(query.device)(query, key, value, band_mask, scaling)  # [1, H_q, R, D], [1, H_q, R]
         if any(p for *_, p in groups):
             out, lse = out.float(), lse.float()
-            if self.pad:   # the prefix calls at fixed shapes: keys of fixed strides, SPLIT_GROUP_ROWS rows each
+            pad = self.pad and not query.requires_grad
+            if pad:   # the prefix calls at fixed shapes: keys of fixed strides, SPLIT_GROUP_ROWS rows each
                 keys = shape_buckets.bucket(self.n_keys, shape_buckets.KEY_BUCKET)
                 key, value = shape_buckets.padded("key", key, keys), shape_buckets.padded("value", value, keys)
             for a, b, p in groups:
                 if p:
                     q, a0 = query[:, :, a:b], a
-                    if self.pad:   # a group of fewer rows (the last) runs the SPLIT_GROUP_ROWS rows ending with it
+                    if pad:   # a group of fewer rows (the last) runs the SPLIT_GROUP_ROWS rows ending with it
                         a0 = max(0, b - SPLIT_GROUP_ROWS)   # (those before it see more of the prefix than they
                         q = shape_buckets.padded("query", query[:, :, a0:b], SPLIT_GROUP_ROWS)   # may: dropped)
                     o_pre, lse_pre = attention_with_lse(q, key[:, :, :p], value[:, :, :p], scaling)

@@ -40,7 +40,15 @@ def enabled(tensor: torch.Tensor) -> bool:
     setting = os.environ.get("KVFUSE_SHAPE_BUCKETS", "1")
     if setting not in ("0", "1", "all"):
         raise ValueError(f"KVFUSE_SHAPE_BUCKETS={setting!r}: give 1 (pad on CUDA, the default), 0 or all")
-    return setting == "all" or (setting == "1" and tensor.is_cuda)
+    return setting == "all" or (setting == "1" and tensor.is_cuda and _plans_per_shape(tensor.device))
+
+
+def _plans_per_shape(device: torch.device) -> bool:
+    """Does SDPA on this GPU run cuDNN's attention, which plans per shape? torch prefers it from
+    Hopper (compute capability 9) on; older GPUs run flash / memory-efficient kernels, which plan
+    nothing, so padding would only add work (and a masked call with grouped heads there would fall
+    back to the math kernel)."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def bucket(n: int, step: int) -> int:
@@ -60,9 +68,8 @@ _scratch = _Scratch()
 
 def padded(role: str, x: torch.Tensor, length: int) -> torch.Tensor:
     """x [B, H, n, D] copied into the first n of a per-thread buffer [B, H, length, D] (length >= n):
-    contiguous, so its strides depend on `length` alone. The buffer is zeroed when allocated and
-    reused for the same shape (and inference mode), so the rows after n hold zeros or an earlier
-    call's finite values."""
+    contiguous, so its strides depend on `length` alone; reused for the same shape (and inference
+    mode), its rows after n zeroed on every call."""
     b, h, n, d = x.shape
     buf = _scratch.buffers.get(role)
     if (buf is None or buf.shape != (b, h, length, d) or buf.dtype != x.dtype or buf.device != x.device
@@ -70,6 +77,7 @@ def padded(role: str, x: torch.Tensor, length: int) -> torch.Tensor:
         buf = torch.zeros((b, h, length, d), dtype=x.dtype, device=x.device)
         _scratch.buffers[role] = buf
     buf[:, :, :n].copy_(x)
+    buf[:, :, n:].zero_()   # what an earlier call left there (a NaN would make every row NaN: 0 * NaN)
     return buf
 
 
@@ -90,14 +98,15 @@ def pad_mask(mask: torch.Tensor, rows: int, keys: int, hidden: float | None = No
 
 def bucketed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                   scale: float, padded_mask: bool = False) -> torch.Tensor:
-    """SDPA of query [B, H_q, R, D] over key/value [B, H_kv, K, D] with `mask` ([b, h, R, K],
-    bool or additive; padded_mask: already [b, h, R', K'] at the padded shape) at padded shapes:
+    """SDPA of query [B, H_q, R, D] over key/value [B, H_kv, K, D] with `mask` (4-D, broadcasting to
+    [b, h, R, K], bool or additive; padded_mask: already [b, h, R', K'] at the padded shape) at padded shapes:
     -> [B, H_q, R, D], the rows SDPA would give unpadded (same values up to summation order)."""
     r, k = query.shape[2], key.shape[2]
     rows, keys = (mask.shape[-2], mask.shape[-1]) if padded_mask else (bucket(r, ROW_BUCKET), bucket(k, KEY_BUCKET))
     q = padded("query", query, rows)
     kk, vv = padded("key", key, keys), padded("value", value, keys)
-    m = mask if padded_mask else pad_mask(mask, rows, keys)
+    # a mask that broadcasts over rows or keys ([b, h, 1, K], [b, h, R, 1]) is made whole first
+    m = mask if padded_mask else pad_mask(mask.expand(*mask.shape[:2], r, k), rows, keys)
     out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=m, scale=scale, enable_gqa=q.shape[1] != kk.shape[1])
     return out[:, :, :r]
 

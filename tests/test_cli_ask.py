@@ -80,3 +80,13 @@ def test_an_unknown_model_fails_before_the_model_loads(tmp_path, no_model, comma
     (tmp_path / "c.jsonl").write_text('{"id": "a", "text": "x"}\n')
     r = CliRunner().invoke(cli.main, [a.format(dir=tmp_path) for a in command] + ["--model", "nosuchmodel"])
     assert r.exit_code == 2 and "unknown model 'nosuchmodel'" in r.output and "smollm2-135m" in r.output
+
+
+def test_serve_checks_the_model_before_importing_torch(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; from click.testing import CliRunner; from kvfuse.cli import main as cli; "
+            f"r = CliRunner().invoke(cli.main, ['serve', {str(tmp_path)!r}, '--model', 'nosuch']); "
+            "print(r.exit_code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ["2", "False"]

@@ -224,3 +224,8 @@ def test_a_failed_warm_up_warns_and_the_engine_serves(cache, lm, monkeypatch):
         e = FusionEngine(cache, lm)
     with e:
         assert e.submit(FusionRequest(question="what is the capital", top_k=2, max_new_tokens=4)).result().text is not None
+
+
+def test_warmup_chunks_below_one_is_refused():
+    with pytest.raises(ValueError, match="warmup_chunks must be >= 1"):
+        EngineConfig(warmup_chunks=0)

@@ -191,3 +191,37 @@ def test_cuda_decode_step_plans_nothing_per_key_length():
         torch.cuda.synchronize()
         firsts.append(time.perf_counter() - t0)
     assert max(firsts) < 0.02, firsts
+
+
+def test_a_nan_left_in_the_scratch_does_not_reach_a_later_call(pad_everywhere):
+    """A request whose keys held a NaN must not poison later, shorter calls on the same thread
+    through the padded scratch (a hidden key's weight is 0, but 0 * NaN is NaN)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 9, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 300, 16, generator=g)
+    mask = torch.ones(1, 1, 9, 300, dtype=torch.bool)
+    bad_k, bad_v = torch.randn(2, 1, 2, 1000, 16, generator=g)
+    bad_v[:, :, 500:] = float("nan")
+    shape_buckets.bucketed_sdpa(q, bad_k, bad_v, torch.ones(1, 1, 9, 1000, dtype=torch.bool), 0.25)   # same bucket
+    got = shape_buckets.bucketed_sdpa(q, k, v, mask, 0.25)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25,
+                                                                    enable_gqa=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 300), (1, 1, 9, 1), (2, 1, 9, 300)])
+def test_masks_that_broadcast_are_padded_whole(shape):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 9, 16, generator=g)
+    k, v = torch.randn(2, 2, 2, 300, 16, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.3
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(shape_buckets.bucketed_sdpa(q, k, v, mask, 0.25), want, atol=1e-5, rtol=1e-5)
+
+
+def test_no_padding_where_gradients_flow(pad_everywhere):
+    positions, q, k, v = _problem(n_keys=300, rows=40)
+    q.requires_grad_(True)
+    out = ra.ScatteredQueries(positions, 300, "sdpa").attend(None, q, k, v, 0.25)
+    out.sum().backward()                                       # the scratch would break the graph
+    assert q.grad is not None and q.grad.shape == q.shape

@@ -21,7 +21,7 @@ from kvfuse.runtime.requests import FusionRequest
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--chunks", type=int, default=4, help="warmup_chunks (one setting per process: plans are process-wide)")
+    ap.add_argument("--chunks", type=int, default=4, help="warmup_chunks (one setting per process: compiled kernels and plans outlive an engine)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
