@@ -12,6 +12,8 @@
 #              bench/build_throughput.py gpu (issue 14) -> build_throughput_gpu.{json,md} (needs dask + distributed)
 #   kvttft     issue 14: bench ttft at 16k, r = 0.15 over a model-dtype, an fp8 and an int8 store -> kv-<dtype>/ttft.{json,md}
 #   kvpair     issue 14: bf16 and fp8 stores' warm runs alternating in one process (paired) -> kv-pair/ttft.{json,md}
+#   shapes     requests of new lengths with padded shapes off / on (bench/dev/shape_probe.py, one process each) and
+#              the setting alternated per request at 16k -> shapes-{0,1}/shape_probe.json, shapes-alt/... (~3 minutes)
 #   bash bench/run_device.sh [phases, default tests,attention,ttft]
 # About 8 minutes for the default phases on an H200 (the tests ~2, attention ~1, ttft ~5).
 set -uo pipefail
@@ -37,7 +39,8 @@ if has tests; then
   echo "== tests" | tee -a "$LOG"
   timeout 170 python3 -m pytest -q -p no:cacheprovider -m cuda -W ignore::FutureWarning \
     tests/test_layerwise.py tests/test_pool.py tests/test_prefetch.py tests/test_engine_cuda.py tests/test_coldplan.py \
-    tests/test_quant.py tests/test_selectors.py tests/test_fusion.py tests/test_attention_recorder.py 2>&1 | tail -30 | tee -a "$LOG"
+    tests/test_quant.py tests/test_selectors.py tests/test_fusion.py tests/test_attention_recorder.py \
+    tests/test_shape_buckets.py 2>&1 | tail -30 | tee -a "$LOG"
 fi
 if has tests; then   # the fused gather kernel (opt-in, KVFUSE_GATHER_KERNEL=1) against the torch gather on the GPU
   timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore::FutureWarning tests/test_gather_kernel.py 2>&1 \
@@ -88,6 +91,15 @@ if has kvpair; then   # bf16 and fp8 warm runs alternating in one process: the p
   timeout 300 python3 -m kvfuse.cli bench ttft --shapes llama3-8b --contexts 16384,32768 --ratios 0.15 --reps 3 \
     --compare-selectors none --profile none --kv-dtype model --pair-kv-dtype fp8 --pair-reps 12 \
     --out "$OUT/kv-pair" 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
+if has shapes; then   # what a server's requests cost (docs/loader.md, "Attention at padded shapes")
+  for b in 0 1; do
+    echo "== shape probe KVFUSE_SHAPE_BUCKETS=$b" | tee -a "$LOG"
+    KVFUSE_SHAPE_BUCKETS=$b timeout 150 python3 bench/dev/shape_probe.py --out "$OUT/shapes-$b" --context 16384 2>&1 \
+      | grep -v Warn | tee -a "$LOG"
+  done
+  timeout 150 python3 bench/dev/shape_probe.py --out "$OUT/shapes-alt" --context 16384 --alternate 8 2>&1 \
+    | grep -v Warn | tee -a "$LOG"
 fi
 cat "$OUT"/attention.md "$OUT"/ttft.md "$OUT"/copy_ceiling.md "$OUT"/qwen/ttft.md "$OUT"/serve.md \
   "$OUT"/build_throughput_gpu.md "$OUT"/kv-*/ttft.md 2>/dev/null
