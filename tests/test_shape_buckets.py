@@ -170,9 +170,11 @@ def test_cuda_padded_scattered_attention_equals_unpadded(backend, rows, monkeypa
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_decode_step_plans_nothing_per_key_length():
-    """A decode step (one query, no mask) runs on a kernel without per-shape plans: the first call
-    at a new key length costs about what the second does (cuDNN: ~65 ms against ~0.1 ms)."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_decode_step_plans_nothing_per_key_length(masked):
+    """A decode step (one query; no mask, or the batched decoder's [B, 1, 1, K] mask) runs on a
+    kernel without per-shape plans: the first call at a new key length costs about what the second
+    does (cuDNN: ~65 ms unmasked, up to ~1 s masked, against ~0.1 ms)."""
     import time
     from types import SimpleNamespace
 
@@ -180,14 +182,17 @@ def test_cuda_decode_step_plans_nothing_per_key_length():
 
     module = SimpleNamespace(layer_idx=0, num_key_value_groups=4, is_causal=True, training=False)
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    def mask(n):
+        return torch.ones(1, 1, 1, n, dtype=torch.bool, device="cuda") if masked else None
+
     warm = torch.randn(1, 8, 4000, 128, device="cuda", dtype=torch.bfloat16)
-    kvfuse_attention(module, q, warm, warm, None, scaling=0.088)        # the kernel's own first use
+    kvfuse_attention(module, q, warm, warm, mask(4000), scaling=0.088)   # the kernel's own first use
     firsts = []
     for n in (9001, 9002, 9003):
         k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        kvfuse_attention(module, q, k, k, None, scaling=0.088)
+        kvfuse_attention(module, q, k, k, mask(n), scaling=0.088)
         torch.cuda.synchronize()
         firsts.append(time.perf_counter() - t0)
     assert max(firsts) < 0.02, firsts
