@@ -95,12 +95,14 @@ def _shapes_seen(monkeypatch, n_keys, rows, backend):
 def test_requests_of_nearby_lengths_give_cudnn_one_shape(backend, rows, monkeypatch):
     """A question one token longer, a context a few tokens shorter: the calls cuDNN plans see
     the same shapes and strides, so the plans built for the first request serve the second."""
+    monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", "0")
     first = _shapes_seen(monkeypatch, 3000, rows, backend)
     monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", "all")
     padded = _shapes_seen(monkeypatch, 3000, rows, backend)
     for n_keys, r in ((3001, rows + 1), (2990, rows - 3)):
         monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", "all")
         assert _shapes_seen(monkeypatch, n_keys, r, backend) == padded
+        monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", "0")
         assert _shapes_seen(monkeypatch, n_keys, r, backend) != first   # unpadded: new shapes each time
 
 
