@@ -273,19 +273,26 @@ class ScatteredQueries:
             host_positions = positions.cpu()                       # one wait for it, then cuDNN's speed
         self.host_positions = host_positions
         self.pad = shape_buckets.enabled(positions)    # CUDA: cuDNN calls at padded shapes (shape_buckets)
-        self._bool: torch.Tensor | None = None
+        self._bool: dict = {}                          # padded? -> `allowed(padded)`
         self._float: dict = {}
         self._block = None
         self._split_plan = None
         self._recorded: dict = {}                      # the recorder's masks by recorded rows (`recorded`)
         self.plan: list[tuple[int, int, int]] | None = None
 
-    def allowed(self) -> torch.Tensor:
-        """[1, 1, R, K] bool: query row r sees key k iff k <= positions[r]."""
-        if self._bool is None:
-            keys = torch.arange(self.n_keys, device=self.positions.device)
-            self._bool = (keys[None, :] <= self.positions[:, None])[None, None]
-        return self._bool
+    def allowed(self, padded: bool = False) -> torch.Tensor:
+        """[1, 1, R, K] bool: query row r sees key k iff k <= positions[r]. padded: [1, 1, R', K']
+        at shape_buckets' buckets (rows of ROW_BUCKET, keys of KEY_BUCKET): the extra rows see key
+        0 only (position 0), no row sees the extra keys (every position is below K)."""
+        if padded not in self._bool:
+            rows, n_keys, positions = self.rows, self.n_keys, self.positions
+            if padded:
+                rows = shape_buckets.bucket(rows, shape_buckets.ROW_BUCKET)
+                n_keys = shape_buckets.bucket(n_keys, shape_buckets.KEY_BUCKET)
+                positions = torch.cat((positions, positions.new_zeros(rows - self.rows)))
+            keys = torch.arange(n_keys, device=positions.device)
+            self._bool[padded] = (keys[None, :] <= positions[:, None])[None, None]
+        return self._bool[padded]
 
     def first_unseen(self, rows: slice) -> int:
         """The first key that some row in `rows` can't see (its lowest position + 1), from the
@@ -322,24 +329,18 @@ class ScatteredQueries:
         return self._additive(dtype, -65504.0)
 
     def padded_additive(self, dtype) -> torch.Tensor:
-        """`additive(dtype)` padded to [1, 1, R', K'] (rows to a multiple of shape_buckets.ROW_BUCKET,
-        keys of KEY_BUCKET; `shape_buckets.pad_mask`), built once per pass."""
-        key = (dtype, "padded")
-        if key not in self._float:
-            rows = shape_buckets.bucket(self.rows, shape_buckets.ROW_BUCKET)
-            keys = shape_buckets.bucket(self.n_keys, shape_buckets.KEY_BUCKET)
-            self._float[key] = shape_buckets.pad_mask(self.additive(dtype), rows, keys, hidden=-65504.0)
-        return self._float[key]
+        """`additive(dtype)` of `allowed(padded=True)`: [1, 1, R', K'], built once per pass."""
+        return self._additive(dtype, -65504.0, padded=True)
 
     def float_mask(self, dtype) -> torch.Tensor:
         """[1, 1, R, K] additive mask (0 / dtype min), as the `dense` path gives SDPA."""
         return self._additive(dtype, torch.finfo(dtype).min)
 
-    def _additive(self, dtype, hidden_value: float) -> torch.Tensor:
-        """`allowed()` as an additive mask in `dtype` (0 / hidden_value), built once per pass."""
-        key = (dtype, hidden_value)
+    def _additive(self, dtype, hidden_value: float, padded: bool = False) -> torch.Tensor:
+        """`allowed(padded)` as an additive mask in `dtype` (0 / hidden_value), built once per pass."""
+        key = (dtype, hidden_value, padded)
         if key not in self._float:
-            allowed = self.allowed()
+            allowed = self.allowed(padded)
             self._float[key] = torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), hidden_value)
         return self._float[key]
 
@@ -371,7 +372,7 @@ class ScatteredQueries:
                 warnings.warn(f"FlexAttention failed ({_flex_failed}); the recompute falls back to {self.backend}",
                               stacklevel=2)
         if self.backend == "sdpa":
-            if self.pad and not query.requires_grad:   # CUDA: padded, so cuDNN's plan is reused by later passes
+            if self._pads(query):   # CUDA: padded, so cuDNN's plan is reused by later passes
                 out = shape_buckets.bucketed_sdpa(query, key, value, self.padded_additive(query.dtype), scaling,
                                                   padded_mask=True)
                 return out.transpose(1, 2).contiguous()
@@ -383,6 +384,11 @@ class ScatteredQueries:
         if self.backend == "dense":
             return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)[0]
         return self._grouped(query, key, value, mask, scaling)
+
+    def _pads(self, query: torch.Tensor) -> bool:
+        """Run this call's cuDNN attention at padded shapes? (Not where gradients flow: the scratch
+        buffers are reused.)"""
+        return self.pad and not query.requires_grad
 
     def _split(self, query, key, value, scaling) -> torch.Tensor:
         """`split`: each group's common key prefix unmasked (`attention_with_lse`), the band after
@@ -397,7 +403,7 @@ class ScatteredQueries:
         out, lse = _flex_with_lse(query.device)(query, key, value, band_mask, scaling)  # [1, H_q, R, D], [1, H_q, R]
         if any(p for *_, p in groups):
             out, lse = out.float(), lse.float()
-            pad = self.pad and not query.requires_grad
+            pad = self._pads(query)
             if pad:   # the prefix calls at fixed shapes: keys of fixed strides, SPLIT_GROUP_ROWS rows each
                 keys = shape_buckets.bucket(self.n_keys, shape_buckets.KEY_BUCKET)
                 key, value = shape_buckets.padded("key", key, keys), shape_buckets.padded("value", value, keys)

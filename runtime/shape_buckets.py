@@ -81,16 +81,15 @@ def padded(role: str, x: torch.Tensor, length: int) -> torch.Tensor:
     return buf
 
 
-def pad_mask(mask: torch.Tensor, rows: int, keys: int, hidden: float | None = None) -> torch.Tensor:
+def pad_mask(mask: torch.Tensor, rows: int, keys: int) -> torch.Tensor:
     """mask [b, h, R, K] (bool: True = sees; or additive float) -> [b, h, rows, keys]: padded keys
-    hidden from every row (additive: `hidden`, default the dtype's min), padded rows see key 0 only."""
+    hidden from every row (additive: the dtype's min), padded rows see key 0 only."""
     b, h, r, k = mask.shape
     if mask.dtype == torch.bool:
         out = torch.zeros((b, h, rows, keys), dtype=torch.bool, device=mask.device)
         out[..., r:, 0] = True
     else:
-        fill = torch.finfo(mask.dtype).min if hidden is None else hidden
-        out = torch.full((b, h, rows, keys), fill, dtype=mask.dtype, device=mask.device)
+        out = torch.full((b, h, rows, keys), torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
         out[..., r:, 0] = 0
     out[..., :r, :k] = mask
     return out
@@ -118,8 +117,9 @@ NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 
 def decode_kernels(query: torch.Tensor):
-    """The SDPA backends for an unmasked call of `query` [B, H, q, D]: on CUDA with q == 1 (a
-    decode step) only those that build no per-shape plan; elsewhere SDPA's own choice."""
-    if query.is_cuda and query.shape[2] == 1 and os.environ.get("KVFUSE_SHAPE_BUCKETS", "1") != "0":
+    """The SDPA backends for a call of `query` [B, H, q, D] outside the padded paths: for a decode
+    step (q == 1) where padding is on (`enabled`) only those that build no per-shape plan;
+    elsewhere SDPA's own choice."""
+    if query.shape[2] == 1 and enabled(query):
         return sdpa_kernel(NO_PLAN_BACKENDS)
     return contextlib.nullcontext()
