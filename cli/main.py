@@ -212,7 +212,10 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     if not question.strip():   # before importing torch (~5 s)
         raise click.BadParameter("give a non-empty question", param_hint="QUESTION")
     from kvfuse.runtime.selectors import get_selector
-    get_selector(selector)    # these before the engine's imports (~4 s): a wrong name or folder fails in ~1.5 s
+    try:                      # these before the engine's imports (~4 s): a wrong name or folder fails in ~1.5 s
+        get_selector(selector)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--selector") from None
     _check_model(model)
     _check_cache(cache_dir)
     from kvfuse.runtime.engine import FusionEngine

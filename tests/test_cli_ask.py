@@ -90,3 +90,8 @@ def test_serve_checks_the_model_before_importing_torch(tmp_path):
             "print(r.exit_code, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
     assert out == ["2", "False"]
+
+
+def test_an_unknown_selector_is_a_usage_error_before_the_model_loads(tmp_path, no_model):
+    r = CliRunner().invoke(cli.main, ["ask", str(tmp_path), "who painted it?", "--selector", "bogus"])
+    assert r.exit_code == 2 and "unknown selector 'bogus'" in r.output and "kvfuse" in r.output
