@@ -64,6 +64,7 @@ from kvfuse.loader.quant import dequantize_
 from kvfuse.loader.store import Store
 from kvfuse.loader.tiers import Tiers
 
+from . import shape_buckets
 from .coldplan import ChunkLoad, ColdPlan, LoadRates, plan_cold
 from .fusion import FusionResult, full_prefill, prepare_from, probe_depth, run
 from .fusion import recompute as recompute_pass
@@ -175,8 +176,15 @@ class LayerwiseLoad:
         device = tiers.device
         L, _, H, _, D = tiers.gpu.slot_shape
         P, N = self.layout.prefix_len, self.layout.question_start
-        # [L, 2, H_kv, N + Q, D]: stored K/V at 0..N-1; the question's fresh K/V land in the tail
-        self.fused = torch.empty((L, 2, H, N + n_question, D), dtype=tiers.dtype, device=device)  # model dtype
+        # [L, 2, H_kv, N + Q, D]: stored K/V at 0..N-1; the question's fresh K/V land in the tail. Where attention
+        # runs at padded shapes (runtime/shape_buckets.py) the buffer holds the padded key length, the view
+        # stops at N + Q and everything after N is zeroed: attention reads the padded keys in place, no copy
+        cap = shape_buckets.padded_length(N + n_question, device)
+        buffer = torch.empty((L, 2, H, cap, D), dtype=tiers.dtype, device=device)                 # model dtype
+        if cap > N + n_question:
+            buffer[:, :, :, N:].zero_()
+            shape_buckets.zeroed_beyond(buffer)
+        self.fused = buffer[:, :, :, :N + n_question]
         self.starts = (0, *self.layout.chunk_starts)
         # the gather as one kernel (copy, decode, re-rotation) where it runs; else torch ops, below
         self.front_kv = None   # [L, 2, H_kv, F, D]: the cold plan's prefilled front, copied beside the kernel

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,16 @@ KEY_BUCKET = 1024    # keys padded to a multiple of this (<= 6% more keys at 16k
 def enabled(tensor: torch.Tensor) -> bool:
     """Pad the attention calls on `tensor`'s device? KVFUSE_SHAPE_BUCKETS: "1" (default) on CUDA,
     "0" never, "all" on every device (the CPU tests of the padded paths). ValueError otherwise."""
+    return enabled_on(tensor.device)
+
+
+def enabled_on(device: torch.device | str) -> bool:
+    """`enabled` for tensors on `device`."""
     setting = os.environ.get("KVFUSE_SHAPE_BUCKETS", "1")
     if setting not in ("0", "1", "all"):
         raise ValueError(f"KVFUSE_SHAPE_BUCKETS={setting!r}: give 1 (pad on CUDA, the default), 0 or all")
-    return setting == "all" or (setting == "1" and tensor.is_cuda and _plans_per_shape(tensor.device))
+    device = torch.device(device)
+    return setting == "all" or (setting == "1" and device.type == "cuda" and _plans_per_shape(device))
 
 
 def _plans_per_shape(device: torch.device) -> bool:
@@ -49,6 +56,39 @@ def _plans_per_shape(device: torch.device) -> bool:
     nothing, so padding would only add work (and a masked call with grouped heads there would fall
     back to the math kernel)."""
     return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def padded_length(n: int, device: torch.device | str) -> int:
+    """Rows to allocate for a K/V buffer of n tokens on `device` whose attention may be padded: the key
+    bucket (register the buffer with `zeroed_beyond` once its rows past the used ones are zeroed)."""
+    return bucket(n, KEY_BUCKET) if enabled_on(device) else n
+
+
+# buffers whose rows past what their views use are zeroed: attention reads padded keys there in place
+_zeroed = weakref.WeakValueDictionary()
+
+
+def zeroed_beyond(buffer: torch.Tensor) -> torch.Tensor:
+    """Register `buffer` [..., T, D] (allocated with `padded_length` rows, those past its used ones
+    zeroed): `padded` then widens views of it in place instead of copying them. Returns it."""
+    _zeroed[id(buffer)] = buffer
+    return buffer
+
+
+def _in_place(x: torch.Tensor, length: int) -> torch.Tensor | None:
+    """x [B, H, n, D] widened to `length` rows of the registered buffer it views, or None (not a view
+    of one, or its rows don't reach `length` within each head)."""
+    base = x._base
+    if base is None or _zeroed.get(id(base)) is not base:
+        return None
+    b, h, n, d = x.shape
+    if x.stride(3) != 1 or x.stride(2) != d or (h > 1 and length * d > x.stride(1)) \
+            or (b > 1 and x.stride(0) < h * x.stride(1)):
+        return None
+    end = x.storage_offset() + (b - 1) * x.stride(0) + (h - 1) * x.stride(1) + length * d
+    if end > base.storage_offset() + base.numel():
+        return None
+    return x.as_strided((b, h, length, d), x.stride(), x.storage_offset())
 
 
 def bucket(n: int, step: int) -> int:
@@ -67,10 +107,14 @@ _scratch = _Scratch()
 
 
 def padded(role: str, x: torch.Tensor, length: int) -> torch.Tensor:
-    """x [B, H, n, D] copied into the first n of a per-thread buffer [B, H, length, D] (length >= n):
+    """x [B, H, n, D] as [B, H, length, D] (length >= n) of fixed strides: a view of the buffer x views if
+    that buffer is registered (`zeroed_beyond`), else x copied into the first n of a per-thread buffer:
     contiguous, so its strides depend on `length` alone; reused for the same shape (and inference
     mode), its rows after n zeroed on every call."""
     b, h, n, d = x.shape
+    view = _in_place(x, length) if role != "query" else None
+    if view is not None:                           # a view of a registered buffer: no copy
+        return view
     buf = _scratch.buffers.get(role)
     if (buf is None or buf.shape != (b, h, length, d) or buf.dtype != x.dtype or buf.device != x.device
             or buf.is_inference() != torch.is_inference_mode_enabled()):   # (an inference tensor: read-only outside)

@@ -232,3 +232,45 @@ def test_no_padding_where_gradients_flow(pad_everywhere):
     out = ra.ScatteredQueries(positions, 300, "sdpa").attend(None, q, k, v, 0.25)
     out.sum().backward()                                       # the scratch would break the graph
     assert q.grad is not None and q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("selector", ["kvfuse", "a3"])
+def test_layerwise_load_pads_in_place(tmp_path_factory, monkeypatch, selector):
+    """The layer-wise load's fused buffer holds the padded key length (zeroed past its tokens), so the
+    padded attention reads its keys in place (no scratch copy of keys or values) and the result is the
+    unpadded one: same selection, same logits, same continuation."""
+    from test_layerwise import question, setup, tiers_for
+
+    from kvfuse.runtime.layerwise import fuse_layerwise
+
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    q = question(lm)
+    results, calls = {}, []
+    real = shape_buckets.bucketed_sdpa
+    monkeypatch.setattr(shape_buckets, "bucketed_sdpa", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for setting in ("0", "all"):
+        monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", setting)
+        shape_buckets._scratch.buffers.clear()
+        tiers = tiers_for(lm, store, "cpu")
+        try:
+            tiers.submit("r", [prefix, *ids])
+            results[setting] = fuse_layerwise(lm, tiers, "r", q, selector=selector, ratio=0.2)
+        finally:
+            tiers.close()
+        if setting == "all":
+            assert calls                                        # the padded attention ran ...
+            assert "key" not in shape_buckets._scratch.buffers and "value" not in shape_buckets._scratch.buffers
+    assert torch.equal(results["all"].recomputed, results["0"].recomputed)
+    torch.testing.assert_close(results["all"].logits, results["0"].logits, atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_widening_only_for_registered_buffers():
+    buffer = torch.randn(2, 1, 3, 64, 8)                       # [L, 2, H, T, D]-like, tail not zeroed
+    view = buffer[0, :, :, :40]                                # [1, 3, 40, 8]
+    assert shape_buckets._in_place(view, 64) is None           # not registered: never read past 40
+    buffer[..., 40:, :] = 0
+    shape_buckets.zeroed_beyond(buffer)
+    wide = shape_buckets._in_place(view, 64)
+    assert wide.shape == (1, 3, 64, 8) and wide.data_ptr() == view.data_ptr()
+    assert torch.equal(wide[:, :, :40], view) and not wide[:, :, 40:].any()
+    assert shape_buckets._in_place(view, 65) is None           # past each head's rows
