@@ -36,7 +36,7 @@ class ServeConfig:
     zipf_s: float = 1.0
     lookahead: int = 4               # queued requests the engine knows ahead
     ratio: float = 0.15
-    selector: str = "a3"
+    selector: str = "kvfuse"             # the engine's default, as `kvfuse bench serve` runs it
     policies: tuple[str, ...] = ("lru", "lookahead")
     host_pool_gb: float = 5.0
     gpu_pool_gb: float = 2.0
