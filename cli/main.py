@@ -239,6 +239,17 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
         click.echo(f"full:       {_indented(a.full_text)}")
         click.echo(f"TTFT full:  {a.full_ttft_s * 1000:.0f} ms  (speed-up {a.full_ttft_s / a.ttft_s:.2f}x, "
                    f"first-token KL {max(0.0, a.first_token_kl):.4f} nats)")
+        click.echo(f"same:       {_agreement(a, engine.lm.tokenizer)}")
+
+
+def _agreement(a, tokenizer) -> str:
+    """Whether the fused answer is the full prefill's, token for token, or where it leaves it."""
+    i = a.first_difference
+    if i is None:
+        return "yes, token for token the full prefill's answer"
+    ours, full = a.token_ids[i:i + 1], a.full_token_ids[i:i + 1]
+    shown = [repr(tokenizer.decode(t)) if t else "the end" for t in (ours, full)]
+    return f"no, the answers part at generated token {i + 1}: {shown[0]} against the full prefill's {shown[1]}"
 
 
 def run():  # pragma: no cover

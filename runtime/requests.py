@@ -111,10 +111,24 @@ class Answer:
     full_text: str | None = None       # with compare: the full prefill's answer
     full_ttft_s: float | None = None
     first_token_kl: float | None = None
+    full_token_ids: list[int] | None = None   # with compare: the full prefill's greedy answer, token ids
 
     @property
     def n_generated(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def first_difference(self) -> int | None:
+        """With compare: the index of the first generated token where this answer leaves the full
+        prefill's greedy one (a shorter answer leaves it where it ends); None where the two are the same
+        tokens or nothing was compared. Meaningful for greedy requests (temperature 0, the default)."""
+        if self.full_token_ids is None:
+            return None
+        ours, full = self.token_ids, self.full_token_ids
+        for i, (a, b) in enumerate(zip(ours, full)):
+            if a != b:
+                return i
+        return None if len(ours) == len(full) else min(len(ours), len(full))
 
 
 _END = object()

@@ -37,6 +37,7 @@ def test_ask_reports_reuse_and_compares(engine):
     a = engine.ask("What is the painting known for?", top_k=3, ratio=0.15, max_new_tokens=8, compare=True)
     assert a.n_recomputed > 0 and a.n_reused > a.n_recomputed
     assert a.full_ttft_s > 0 and a.first_token_kl >= 0
+    assert a.full_token_ids and (a.first_difference is None) == (a.token_ids == a.full_token_ids)
 
 
 def test_demo_question_fused_answer_names_the_painter(tmp_path):
