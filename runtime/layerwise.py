@@ -184,6 +184,7 @@ class LayerwiseLoad:
         if cap > N + n_question:
             buffer[:, :, :, N:].zero_()
             shape_buckets.zeroed_beyond(buffer)
+        self.buffer = buffer                          # kept alive: the registry holds it weakly
         self.fused = buffer[:, :, :, :N + n_question]
         self.starts = (0, *self.layout.chunk_starts)
         # the gather as one kernel (copy, decode, re-rotation) where it runs; else torch ops, below

@@ -64,31 +64,33 @@ def padded_length(n: int, device: torch.device | str) -> int:
     return bucket(n, KEY_BUCKET) if enabled_on(device) else n
 
 
-# buffers whose rows past what their views use are zeroed: attention reads padded keys there in place
+# buffers whose rows past what their views use are zeroed, by the address of their storage (a slice
+# taken under inference mode has no `_base`, but shares the storage): attention reads padded keys there
 _zeroed = weakref.WeakValueDictionary()
 
 
 def zeroed_beyond(buffer: torch.Tensor) -> torch.Tensor:
     """Register `buffer` [..., T, D] (allocated with `padded_length` rows, those past its used ones
-    zeroed): `padded` then widens views of it in place instead of copying them. Returns it."""
-    _zeroed[id(buffer)] = buffer
+    zeroed): `padded` then widens views of it in place instead of copying them, while the caller
+    keeps `buffer` itself alive (the registry holds it weakly). Returns it."""
+    _zeroed[buffer.untyped_storage().data_ptr()] = buffer
     return buffer
 
 
 def _in_place(x: torch.Tensor, length: int) -> torch.Tensor | None:
     """x [B, H, n, D] widened to `length` rows of the registered buffer it views, or None (not a view
-    of one, or its rows don't reach `length` within each head)."""
-    base = x._base
-    if base is None or _zeroed.get(id(base)) is not base:
+    of one, or the widened view would not be what the scratch gives: rows 0..length-1 of each head
+    (the buffer's rows, length == its T), strides that depend on `length` alone)."""
+    base = _zeroed.get(x.untyped_storage().data_ptr())
+    if base is None or not base.is_contiguous():
         return None
     b, h, n, d = x.shape
-    if x.stride(3) != 1 or x.stride(2) != d or (h > 1 and length * d > x.stride(1)) \
-            or (b > 1 and x.stride(0) < h * x.stride(1)):
+    head = length * d
+    if (length < n or length != base.shape[-2] or base.shape[-1] != d or x.stride(3) != 1 or x.stride(2) != d
+            or x.stride(1) != head or (b > 1 and x.stride(0) != h * head)
+            or (x.storage_offset() - base.storage_offset()) % head):
         return None
-    end = x.storage_offset() + (b - 1) * x.stride(0) + (h - 1) * x.stride(1) + length * d
-    if end > base.storage_offset() + base.numel():
-        return None
-    return x.as_strided((b, h, length, d), x.stride(), x.storage_offset())
+    return x.as_strided((b, h, length, d), (h * head, head, d, 1), x.storage_offset())
 
 
 def bucket(n: int, step: int) -> int:
@@ -107,10 +109,11 @@ _scratch = _Scratch()
 
 
 def padded(role: str, x: torch.Tensor, length: int) -> torch.Tensor:
-    """x [B, H, n, D] as [B, H, length, D] (length >= n) of fixed strides: a view of the buffer x views if
-    that buffer is registered (`zeroed_beyond`), else x copied into the first n of a per-thread buffer:
-    contiguous, so its strides depend on `length` alone; reused for the same shape (and inference
-    mode), its rows after n zeroed on every call."""
+    """x [B, H, n, D] as [B, H, length, D] (length >= n) of fixed strides (they depend on `length`
+    alone): where x views the first rows of each head of a registered buffer (`zeroed_beyond`) of
+    `length` rows, that buffer's rows in place (rows n.. hold zeros or other finite K/V: they are
+    masked); else x copied into the first n of a contiguous per-thread buffer, reused for the same
+    shape (and inference mode), its rows after n zeroed on every call."""
     b, h, n, d = x.shape
     view = _in_place(x, length) if role != "query" else None
     if view is not None:                           # a view of a registered buffer: no copy

@@ -274,3 +274,87 @@ def test_in_place_widening_only_for_registered_buffers():
     assert wide.shape == (1, 3, 64, 8) and wide.data_ptr() == view.data_ptr()
     assert torch.equal(wide[:, :, :40], view) and not wide[:, :, 40:].any()
     assert shape_buckets._in_place(view, 65) is None           # past each head's rows
+
+
+def _registered(T=64, n=40):
+    """A registered [L, 2, H, T, D] buffer, data before row n, zeros after; and its [..., :n] view."""
+    buffer = torch.randn(2, 2, 3, T, 8)
+    buffer[..., n:, :] = 0
+    shape_buckets.zeroed_beyond(buffer)
+    return buffer, buffer[:, :, :, :n]
+
+
+def test_in_place_never_widens_into_another_heads_rows():
+    """A view that does not start at row 0 of its head, a one-head view, a view of every other
+    head, a length other than the buffer's rows: copied, never widened into other rows."""
+    buffer, fused = _registered()
+    offset = fused[0, 0, :, 10:40][None]                      # [1, 3, 30, 8], rows 10.. of each head
+    one_head = fused[0, 0, 0:1][None]                         # [1, 1, 40, 8]
+    every_other = fused[0, 0, ::2][None]                      # [1, 2, 40, 8], head stride 2 T D
+    for view, length in ((offset, 64), (one_head, 128), (every_other, 128), (fused[0, 0][None], 48)):
+        wide = shape_buckets._in_place(view, length)
+        assert wide is None or not wide[:, :, view.shape[2]:].any(), (view.shape, view.stride(), length)
+    assert shape_buckets._in_place(fused[0, 0][None], 48) is None   # strides would not be the bucket's
+
+
+def test_in_place_never_narrows():
+    """length < n is an error, as it is for the scratch copy: no silently dropped keys."""
+    _, fused = _registered()
+    with pytest.raises(RuntimeError):
+        shape_buckets.padded("key", fused[0, 0][None], 20)
+
+
+def test_widened_keys_have_the_strides_of_their_bucket(tmp_path_factory, monkeypatch):
+    """The probes and repair passes run N + Q' keys (Q' = min(Q, PROBE_QUESTION_TOKENS)) of a buffer
+    allocated for N + Q: two requests whose probe keys share a bucket but whose N + Q do not must
+    still hand cuDNN one set of strides (a masked plan per new strides: ~1 s on the H200). Small
+    buckets so that the tiny store shows it. (Found in review: the in-place view kept the buffer's
+    head stride.)"""
+    from test_layerwise import setup, tiers_for
+
+    from kvfuse.runtime import guards
+    from kvfuse.runtime.layerwise import fuse_layerwise
+
+    monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", "all")
+    monkeypatch.setattr(shape_buckets, "KEY_BUCKET", 128)
+    monkeypatch.setattr(guards, "PROBE_QUESTION_TOKENS", 8)
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)   # N = 4 + 5 * 16 = 84
+    sdpa = F.scaled_dot_product_attention
+    seen: dict[tuple, set] = {}
+
+    def record(q, k, v, attn_mask=None, **kw):
+        seen.setdefault(tuple(k.shape), set()).add(k.stride())
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(shape_buckets.F, "scaled_dot_product_attention", record)
+    monkeypatch.setattr(ra.F, "scaled_dot_product_attention", record)
+    g = torch.Generator().manual_seed(0)
+    for i, n_question in enumerate((10, 60)):                # N + Q = 94 (bucket 128), 144 (bucket 256)
+        q = torch.randint(5, 100, (n_question,), generator=g)
+        tiers = tiers_for(lm, store, "cpu")
+        try:
+            tiers.submit(f"r{i}", [prefix, *ids])
+            fuse_layerwise(lm, tiers, f"r{i}", q, selector="kvfuse", ratio=0.2)
+        finally:
+            tiers.close()
+    assert all(len(strides) == 1 for strides in seen.values()), seen
+
+
+def test_in_place_also_under_inference_mode(tmp_path_factory, monkeypatch):
+    """Under torch.inference_mode a slice of the buffer has no `_base`: the registry goes by the
+    storage, so the padded attention still reads the buffer in place (no scratch copies)."""
+    from test_layerwise import question, setup, tiers_for
+
+    from kvfuse.runtime.layerwise import fuse_layerwise
+
+    monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", "all")
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    shape_buckets._scratch.buffers.clear()
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        tiers.submit("r", [prefix, *ids])
+        with torch.inference_mode():
+            fuse_layerwise(lm, tiers, "r", question(lm), selector="kvfuse", ratio=0.2)
+    finally:
+        tiers.close()
+    assert "key" not in shape_buckets._scratch.buffers
