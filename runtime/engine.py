@@ -57,6 +57,7 @@ __all__ = ["Answer", "EngineConfig", "FusionEngine", "FusionRequest", "RequestEr
 
 WARMUP_CHUNKS = 4             # the warm-up request's chunks on CUDA: `ask`'s default top-k
 WARMUP_QUESTION_TOKENS = 24   # and its question's tokens (a typical length: the passes' rows pad to multiples of 128)
+WARMUP_RUNS = 2               # on CUDA: the first finds an empty pool (a cold request), the second the warm path
 
 
 @dataclass
@@ -187,7 +188,11 @@ class FusionEngine:
         """A fused prefill at start, not counted in stats: on CUDA of the first WARMUP_CHUNKS chunks
         with a WARMUP_QUESTION_TOKENS-token question, the default selector and ratio (a request of
         the default top-k's size, whose attention plans then exist: cuDNN builds one per new shape,
-        up to ~1 s each); on the CPU (no plans) of the first chunk with a two-token question."""
+        up to ~1 s each); on the CPU (no plans) of the first chunk with a two-token question.
+        On CUDA it runs WARMUP_RUNS times: the first run is a cold request (nothing pooled yet), which
+        the cold plan may answer with a plain prefill of every chunk, building nothing of the fused
+        path; the second finds its chunks pooled and runs the warm path (the loader's gather, the
+        selector's passes), whose first run in a process cost ~1 s on the H200 (stop 26)."""
         view = self._view
         if not view.records:
             return
@@ -196,8 +201,9 @@ class FusionEngine:
         chunks = [r.chunk_id for r in view.records[:n]]
         question = view.store.read(chunks[0], verify=False).tokens[-(WARMUP_QUESTION_TOKENS if cuda else 2):].tolist()
         try:
-            self.fused_prefill(FusionRequest(question_ids=question, chunk_ids=chunks,
-                                             **({} if cuda else {"ratio": 0.5})))
+            for _ in range(WARMUP_RUNS if cuda else 1):
+                self.fused_prefill(FusionRequest(question_ids=question, chunk_ids=chunks,
+                                                 **({} if cuda else {"ratio": 0.5})))
         except Exception as exc:  # noqa: BLE001 - a warm-up never keeps the engine from serving; it says why
             warnings.warn(f"the engine's warm-up request failed ({type(exc).__name__}: {exc}); the first requests "
                           f"will pay for what it would have prepared", stacklevel=2)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kvfuse.bench import ttft
+from kvfuse.runtime import engine as engine_module
 from kvfuse.runtime.engine import EngineConfig, FusionEngine
 from kvfuse.runtime.requests import FusionRequest
 
@@ -22,7 +23,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--chunks", type=int, default=4, help="warmup_chunks (one setting per process: compiled kernels and plans outlive an engine)")
+    ap.add_argument("--warmup-runs", type=int, default=None, help="engine.WARMUP_RUNS for this process (default: the engine's)")
     args = ap.parse_args()
+    if args.warmup_runs is not None:
+        engine_module.WARMUP_RUNS = args.warmup_runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = ttft.TTFTConfig(shapes=("llama3-8b",), contexts=(4096,), ratios=(0.15,))
@@ -35,18 +39,22 @@ def main() -> None:
         engine = FusionEngine(store.cache_dir, lm, release=store.release, config=EngineConfig(
             verify=False, source="tiered", chunk_tokens=512, warmup_chunks=chunks))
         start_s = time.perf_counter() - t0
-        runs = []
-        for i in range(4):
+        runs, parts = [], []   # parts: each request's timings (ms) and the cold plan's front
+        for i in range(7):   # 4 requests of chunks not pooled yet, then 3 of the first one's chunks (warm)
             q = torch.randint(0, lm.model.config.vocab_size, (18 + 3 * i,), generator=gen).tolist()
+            first = 4 + 4 * i if i < 4 else 4
             torch.cuda.synchronize()
             t1 = time.perf_counter()
-            engine.fused_prefill(FusionRequest(question_ids=q, chunk_ids=ids[4 + 4 * i:8 + 4 * i]))
+            r = engine.fused_prefill(FusionRequest(question_ids=q, chunk_ids=ids[first:first + 4]))
             torch.cuda.synchronize()
             runs.append(round((time.perf_counter() - t1) * 1e3, 1))
+            plan = r.timings.get("cold_plan") or {}
+            parts.append({k: round(v * 1e3, 1) for k, v in r.timings.items() if k.endswith("_s") and isinstance(v, float)}
+                         | {"front": plan.get("recomputed"), "tiers": [r.timings.get(t) for t in ("hot", "warm", "cold")]})
         engine.close()
-        result[f"warmup_chunks_{chunks}"] = {"start_s": round(start_s, 2), "first_requests_ms": runs}
-        print(chunks, result[f"warmup_chunks_{chunks}"], flush=True)
-    (out / f"warmup_{args.chunks}.json").write_text(json.dumps(result, indent=1))
+        result[f"warmup_chunks_{chunks}"] = {"start_s": round(start_s, 2), "first_requests_ms": runs, "timings_ms": parts}
+        print(f"warmup_chunks={chunks} runs={engine_module.WARMUP_RUNS} start_s={start_s:.2f} ms={runs} front={[p['front'] for p in parts]} select={[p.get('select_s') for p in parts]}", flush=True)
+    (out / f"warmup_{args.chunks}_runs{engine_module.WARMUP_RUNS}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
