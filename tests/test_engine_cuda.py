@@ -46,3 +46,22 @@ def test_tiered_batched_requests_equal_one_at_a_time(engines):
     handles = [tiered.submit(FusionRequest(question=q, top_k=2, max_new_tokens=8)) for q in QUESTIONS]
     assert [h.result(timeout=120).token_ids for h in handles] == alone
     assert tiered.stats()["source"]["requests"] >= 2 * len(QUESTIONS)
+
+
+def test_cuda_warm_up_also_runs_the_warm_path(engines, monkeypatch):
+    """On CUDA the warm-up runs WARMUP_RUNS times: the first is a cold request (empty pools), the
+    second finds its chunks pooled and runs the warm fused path, whose first run in a process cost
+    ~1 s on the H200 (docs/loader.md, warm-up)."""
+    from kvfuse.runtime import engine as engine_module
+
+    tiered, _ = engines
+    results = []
+    real = FusionEngine.fused_prefill
+    monkeypatch.setattr(FusionEngine, "fused_prefill", lambda self, req: results.append(real(self, req)) or results[-1])
+    gb = 1 << 30
+    with FusionEngine(tiered.cache_dir, tiered.lm, config=EngineConfig(source="tiered", host_pool_bytes=gb,
+                                                                            gpu_pool_bytes=gb)):
+        pass
+    assert len(results) == engine_module.WARMUP_RUNS == 2
+    last = results[-1].timings
+    assert last.get("cold", 0) == 0 and last.get("hot", 0) + last.get("warm", 0) > 0, last
