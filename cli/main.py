@@ -181,8 +181,11 @@ def verify(cache_dir, release, quick, as_json):
         what = "checksummed" if r.checksummed else "size + header checked"
         if r.ok:
             click.echo(f"release {r.release}: OK ({r.chunks} stored KV entries, the shared prefix's included, {what})")
+        elif r.release is None:   # no release to repair (an empty folder, the cache's parent: see above)
+            click.echo(f"no release of {cache_dir} could be read: nothing to repair")
         else:
-            click.echo(f"release {r.release or '?'}: {len(r.problems)} problems, {len(r.bad_chunks)} bad chunks; "
+            click.echo(f"release {r.release}: {_count(len(r.problems), 'problem')}, "
+                       f"{_count(len(r.bad_chunks), 'bad chunk')}; "
                        f"repair with `kvfuse build-cache CORPUS --cache {cache_dir} --repair`")
     if not r.ok:
         sys.exit(1)
@@ -242,6 +245,10 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
         click.echo(f"same:       {_agreement(a, engine.lm.tokenizer)}")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _agreement(a, tokenizer) -> str:
     """Whether the fused answer is the full prefill's, token for token, or where it leaves it."""
     i = a.first_difference
@@ -249,7 +256,7 @@ def _agreement(a, tokenizer) -> str:
         return "yes, token for token the full prefill's answer"
     ours, full = a.token_ids[i:i + 1], a.full_token_ids[i:i + 1]
     shown = [repr(tokenizer.decode(t)) if t else "the end" for t in (ours, full)]
-    return f"no, the answers part at generated token {i + 1}: {shown[0]} against the full prefill's {shown[1]}"
+    return f"no, the answers differ from generated token {i + 1} on: {shown[0]} against the full prefill's {shown[1]}"
 
 
 def run():  # pragma: no cover

@@ -112,6 +112,28 @@ def test_verify_cli_names_the_three_chunks_with_a_flipped_byte(tmp_path):
     assert quick.exit_code == 0 and json.loads(quick.output)["checksummed"] is False  # data flips need checksums
 
 
+def test_verify_of_a_folder_without_a_release_gives_no_repair_advice(tmp_path):
+    """An empty folder or a cache's parent has no release to repair: `build-cache --repair` there
+    would build a second cache in the wrong folder. The line naming the problem says what to do."""
+    cache = tmp_path / "cache"
+    write_release(cache, some_chunks(2), target_bytes=1)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path):
+        out = CliRunner().invoke(main, ["verify", str(folder)])
+        assert out.exit_code == 1 and "--repair" not in out.output, out.output
+        assert "nothing to repair" in out.output
+    assert "did you mean" in CliRunner().invoke(main, ["verify", str(tmp_path)]).output
+
+
+def test_verify_counts_in_words(tmp_path):
+    cache = tmp_path / "cache"
+    _, shards = write_release(cache, some_chunks(3), target_bytes=1)
+    path = cache / fmt.SHARDS_DIR / f"{shards[sorted(shards)[0]]}{fmt.SHARD_SUFFIX}"
+    flip(path, path.stat().st_size - 3, 0)
+    out = CliRunner().invoke(main, ["verify", str(cache)]).output
+    assert "1 problem, 1 bad chunk;" in out, out
+
+
 def test_verify_and_inspect_of_a_release_id_the_cache_lacks(tmp_path):
     """A wrong --release is the caller's mistake: a clear error naming the releases, no repair advice;
     `inspect --chunks` lists the ids an unknown-chunk error points to."""
