@@ -16,6 +16,7 @@ False, which the engine reports instead of passing arbitrary chunks off as relev
 
 from __future__ import annotations
 
+import bisect
 import os
 import sys
 import unicodedata
@@ -59,6 +60,7 @@ class BM25Retriever:
         self.n = len(texts)
         corpus = [terms(t) for t in texts]
         self.vocab = frozenset(t for doc in corpus for t in doc)
+        self._sorted_vocab = sorted(self.vocab)          # prefix lookups (`missing`)
         self.index = bm25s.BM25()
         self.index.index([doc or [""] for doc in corpus], show_progress=False)
 
@@ -68,8 +70,16 @@ class BM25Retriever:
 
     def missing(self, query: str) -> list[str]:
         """The terms of `query` that occur in no text, in question order (no repeats): a name
-        the corpus never mentions means the retrieved chunks matched on the other terms only."""
-        return list(dict.fromkeys(t for t in terms(query) if t not in self.vocab))
+        the corpus never mentions means the retrieved chunks matched on the other terms only.
+        Terms are not stemmed, so a word counts as present when a text holds a word that starts
+        with its stem (its first max(4, len - 2) characters: "write" is there when "writer" or
+        "written" is): the note is for names, not for a verb's other forms."""
+        return list(dict.fromkeys(t for t in terms(query) if t not in self.vocab and not self._stem_occurs(t)))
+
+    def _stem_occurs(self, term: str) -> bool:
+        stem = term[:max(4, len(term) - 2)]
+        i = bisect.bisect_left(self._sorted_vocab, stem)
+        return i < len(self._sorted_vocab) and self._sorted_vocab[i].startswith(stem)
 
     def top(self, query: str, k: int) -> list[tuple[int, float]]:
         """The k best texts as (index, BM25 score), best first; ties and a query without
