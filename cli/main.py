@@ -25,11 +25,20 @@ def _load(model: str, dtype: str | None):
     return load_model(model, dtype=dtype)
 
 
-def _check_cache(cache_dir: str) -> None:
+def _check_cache(cache_dir: str, model: str | None = None) -> None:
     """Open CACHE_DIR's current release and close it, before the model loads (seconds): a folder
-    that is not a cache fails at once with the store's own message (NoReleaseError, StoreError)."""
+    that is not a cache fails at once with the store's own message (NoReleaseError, StoreError).
+    `model`: a packaged model's name that is not the one the cache was built with fails here too
+    (ModelMismatchError), before that model is converted and loaded (~10 s) only to be refused."""
+    from kvfuse.loader.errors import ModelMismatchError
     from kvfuse.loader.store import Store
-    Store.open(cache_dir, lease=False).close()
+    from kvfuse.runtime.packaged import PACKAGED_MODELS
+    with Store.open(cache_dir, lease=False) as store:
+        built_with = store.model.get("name")
+    if model in PACKAGED_MODELS and built_with in PACKAGED_MODELS and built_with != model:
+        raise ModelMismatchError(f"cache {cache_dir} was built with model {built_with}, not {model}: ask it with "
+                                 f"`--model {built_with}`, or build a cache for {model} in another folder "
+                                 f"(`kvfuse build-cache CORPUS --cache NEW_DIR --model {model}`).")
 
 
 def _indented(text: str, width: int = 12) -> str:
@@ -88,18 +97,20 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise click.BadParameter(f"{cache_dir} is a file; give a folder (created if missing).", param_hint="--cache")
     _check_model(model)
+    from kvfuse.pipeline.corpus import read_corpus
+    docs = read_corpus(corpus)   # a missing, empty or malformed corpus fails here, before a model or cluster starts
     config = BuildConfig(chunk_tokens=chunk_tokens, shard_bytes=shard_mb << 20, enrich=enrich,
                          neighbours=neighbours, neighbour_tokens=neighbour_tokens, embedder=embedder,
                          neighbour_max_overlap=neighbour_max_overlap if neighbour_max_overlap < 1 else None,
                          verify=verify or repair, max_kv_gb=max_kv_gb, kv_dtype=kv_dtype)
     if in_process:
-        report = build_cache(corpus, cache_dir, _load(model, dtype), config)
+        report = build_cache(docs, cache_dir, _load(model, dtype), config)
     else:
         from kvfuse.pipeline.dask_job import ClusterConfig, ModelLoader, build_on_dask, open_client
         cluster = ClusterConfig(scheduler=scheduler, workers=workers, gpus=gpus)
         with open_client(cluster) as client:
             click.echo(f"dask: {len(client.scheduler_info()['workers'])} workers at {client.scheduler.address}", err=True)
-            report = build_on_dask(client, corpus, cache_dir, ModelLoader(model, dtype), config, cluster)
+            report = build_on_dask(client, docs, cache_dir, ModelLoader(model, dtype), config, cluster)
     for note in report.notes:
         click.echo(f"warning: {note}", err=True)
     if report.repaired:
@@ -220,7 +231,7 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--selector") from None
     _check_model(model)
-    _check_cache(cache_dir)
+    _check_cache(cache_dir, model)
     from kvfuse.runtime.engine import FusionEngine
     _set_threads(threads)
     engine = FusionEngine(cache_dir, _load(model, dtype))

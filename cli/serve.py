@@ -33,7 +33,7 @@ def serve_cmd(cache_dir, model, dtype, host, port, api_key, max_body_kb, default
     taking connections, lets in-flight requests finish, then closes the engine."""
     from kvfuse.cli.main import _check_cache, _check_model, _load
     _check_model(model)       # these two before torch and the model load (seconds)
-    _check_cache(cache_dir)
+    _check_cache(cache_dir, model)
 
     import torch
     import uvicorn

@@ -95,3 +95,34 @@ def test_serve_checks_the_model_before_importing_torch(tmp_path):
 def test_an_unknown_selector_is_a_usage_error_before_the_model_loads(tmp_path, no_model):
     r = CliRunner().invoke(cli.main, ["ask", str(tmp_path), "who painted it?", "--selector", "bogus"])
     assert r.exit_code == 2 and "unknown selector 'bogus'" in r.output and "kvfuse" in r.output
+
+
+def test_build_cache_on_an_empty_corpus_fails_before_a_model_or_cluster_starts(tmp_path, no_model, monkeypatch):
+    from kvfuse.pipeline import dask_job
+    from kvfuse.pipeline.corpus import CorpusError
+
+    def no_cluster(*_):
+        raise AssertionError("a Dask cluster was started before the corpus was read")
+    monkeypatch.setattr(dask_job, "open_client", no_cluster)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    r = CliRunner().invoke(cli.main, ["build-cache", str(tmp_path / "empty.jsonl"), "--cache", str(tmp_path / "c")])
+    assert isinstance(r.exception, CorpusError) and "no documents found" in str(r.exception)
+    assert not (tmp_path / "c").exists()
+
+
+def test_ask_with_another_packaged_model_than_the_cache_was_built_with_fails_before_loading(tmp_path, no_model,
+                                                                                          monkeypatch):
+    """A cache built with one packaged model, asked with another: refused before that model is converted
+    and loaded (~10 s), naming the model to use. (The fingerprint check after loading stays the rule for
+    folders and .gguf files.)"""
+    from test_store import some_chunks, write_release
+
+    from kvfuse.loader.errors import ModelMismatchError
+    from kvfuse.runtime.packaged import PACKAGED_MODELS
+
+    write_release(tmp_path / "cache", some_chunks(2))           # its manifest's model is named "tiny"
+    monkeypatch.setitem(PACKAGED_MODELS, "tiny", PACKAGED_MODELS["smollm2-135m"])
+    for cmd in (["ask", str(tmp_path / "cache"), "who?"], ["serve", str(tmp_path / "cache")]):
+        r = CliRunner().invoke(cli.main, [*cmd, "--model", "smollm2-135m"])
+        assert isinstance(r.exception, ModelMismatchError), r.output
+        assert "built with model tiny, not smollm2-135m" in str(r.exception) and "--model tiny" in str(r.exception)
