@@ -143,7 +143,7 @@ def gc(cache_dir, keep, grace, dry_run):
 
 
 @main.command()
-@click.argument("cache_dir", type=CachePath())
+@click.argument("cache_dir", type=CachePath(exists=True, file_okay=False))
 @storage_options
 @click.option("--release", default=None, help="A release id (default: CURRENT).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -162,12 +162,13 @@ def inspect(cache_dir, release, as_json, list_chunks):
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
+    width = max(map(len, stats))
     for key, value in stats.items():
         if key == "kv_bytes":
             value = f"{value / 2**20:.1f} MiB"
         elif key == "kv_bytes_per_token":
             value = f"{value:.0f} B"
-        click.echo(f"{key:>12}: {value}")
+        click.echo(f"{key:>{width}}: {value}")
 
 
 @main.command()

@@ -279,8 +279,8 @@ def read_manifest(cache_dir: Path, release: str) -> dict:
     except FileNotFoundError:
         known = ", ".join(list_releases(cache_dir)) or "none"
         raise NoReleaseError(f"unknown release {release!r} in {cache_dir} (releases: {known}).") from None
-    advice = ("The release is damaged: run `kvfuse build-cache CORPUS --cache DIR` (it falls back to the newest "
-              "release that verifies), or open another release with --release.")
+    advice = (f"The release is damaged: run `kvfuse build-cache CORPUS --cache {cache_dir}` (it falls back to the "
+              "newest release that verifies), or open another release with --release.")
     sidecar = path.with_name(path.name + DIGEST_SUFFIX)
     want = None
     if sidecar.exists():

@@ -138,11 +138,9 @@ class Store:
             name = release or read_current(cache_dir)
             if name is None:
                 inner = [p.parent for p in sorted(cache_dir.glob(f"*/{fmt.CURRENT_FILE}"))]  # e.g. the demo's folder
-                hint = f" (did you mean {inner[0]}?)" if inner else ""
-                raise NoReleaseError(
-                    f"{given} has no current release (no {fmt.CURRENT_FILE} file){hint}; "
-                    "build one with `kvfuse build-cache CORPUS --cache DIR`."
-                )
+                todo = (f"did you mean {inner[0]}?" if inner
+                        else f"build one with `kvfuse build-cache CORPUS --cache {given}`.")
+                raise NoReleaseError(f"{given} has no current release (no {fmt.CURRENT_FILE} file); {todo}")
             held = _Lease.take(cache_dir, name) if lease else None  # before reading: gc then keeps it
             try:
                 store = cls._open(cache_dir, name)

@@ -126,3 +126,9 @@ def test_ask_with_another_packaged_model_than_the_cache_was_built_with_fails_bef
         r = CliRunner().invoke(cli.main, [*cmd, "--model", "smollm2-135m"])
         assert isinstance(r.exception, ModelMismatchError), r.output
         assert "built with model tiny, not smollm2-135m" in str(r.exception) and "--model tiny" in str(r.exception)
+
+
+def test_inspect_on_a_missing_folder_is_a_usage_error_like_ask_and_verify(tmp_path):
+    for cmd in ("inspect", "verify", "ask"):
+        r = CliRunner().invoke(cli.main, [cmd, str(tmp_path / "nope"), *(["q"] if cmd == "ask" else [])])
+        assert r.exit_code == 2 and "does not exist; build a cache there" in r.output, (cmd, r.output)

@@ -275,14 +275,15 @@ def test_unknown_release_and_chunk(tmp_path):
     with pytest.raises(NoReleaseError):
         Store.open(tmp_path / "nope")
     tmp_path.joinpath("empty").mkdir()
-    with pytest.raises(NoReleaseError):
+    with pytest.raises(NoReleaseError, match=f"--cache {tmp_path / 'empty'}`"):   # the folder's own path
         Store.open(tmp_path / "empty")
     write_release(tmp_path, some_chunks(2))
     with pytest.raises(NoReleaseError):
         Store.open(tmp_path, release="r9999-nothere")
     write_release(tmp_path / "outer" / "cache", some_chunks(1))
-    with pytest.raises(NoReleaseError, match="did you mean .*outer/cache"):    # the folder above a cache
+    with pytest.raises(NoReleaseError, match="did you mean .*outer/cache") as above:   # the folder above a cache
         Store.open(tmp_path / "outer")
+    assert "build-cache" not in str(above.value)            # not: build a second cache in the wrong folder
     store = Store.open(tmp_path)
     with pytest.raises(UnknownChunkError) as e:
         store.read("deadbeef")
