@@ -114,7 +114,7 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
     for note in report.notes:
         click.echo(f"warning: {note}", err=True)
     if report.repaired:
-        click.echo(f"repaired {len(report.repaired)} damaged chunks: {', '.join(report.repaired)}", err=True)
+        click.echo(f"repaired {_count(len(report.repaired), 'damaged chunk')}: {', '.join(report.repaired)}", err=True)
     transcoded = f", {report.transcoded} re-encoded from the model-dtype release" if report.transcoded else ""
     click.echo(f"release {report.release}: {report.chunks} chunks ({report.computed} computed, "
                f"{report.reused} reused{transcoded}), {report.tokens} chunk tokens stored "
