@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -92,7 +93,6 @@ def build_cache_cmd(corpus, cache_dir, model, dtype, chunk_tokens, shard_mb, enr
     every chunk's KV (FusionRAG-enriched unless --no-enrich) and publish a new release into --cache.
     Building onto an existing cache recomputes only new or changed chunks and those whose
     neighbours changed; a rerun after a crash resumes. Runs as a Dask job unless --in-process."""
-    from pathlib import Path
     from kvfuse.pipeline.build import BuildConfig, build_cache
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise click.BadParameter(f"{cache_dir} is a file; give a folder (created if missing).", param_hint="--cache")
@@ -193,10 +193,10 @@ def verify(cache_dir, release, quick, as_json):
         what = "checksummed" if r.checksummed else "size + header checked"
         if r.ok:
             click.echo(f"release {r.release}: OK ({r.chunks} stored KV entries, the shared prefix's included, {what})")
-        elif r.release is None:   # no release to repair (an empty folder, the cache's parent: see above)
+        elif r.release is None and _not_a_cache(cache_dir):   # an empty folder, a cache's parent: see above
             click.echo(f"no release of {cache_dir} could be read: nothing to repair")
         else:
-            click.echo(f"release {r.release}: {_count(len(r.problems), 'problem')}, "
+            click.echo(f"release {r.release or '?'}: {_count(len(r.problems), 'problem')}, "
                        f"{_count(len(r.bad_chunks), 'bad chunk')}; "
                        f"repair with `kvfuse build-cache CORPUS --cache {cache_dir} --repair`")
     if not r.ok:
@@ -257,6 +257,15 @@ def ask(cache_dir, question, model, dtype, top_k, selector, ratio, max_new_token
         click.echo(f"same:       {_agreement(a, engine.lm.tokenizer)}")
 
 
+def _not_a_cache(cache_dir: str) -> bool:
+    """A local folder with neither a CURRENT file nor a releases folder: nothing a repair could fix
+    (a damaged CURRENT or manifest is a cache to repair; object storage is not looked into here)."""
+    from kvfuse.loader import format as fmt
+    from kvfuse.loader.fs import is_url
+    folder = Path(cache_dir)
+    return not is_url(cache_dir) and not (folder / fmt.CURRENT_FILE).exists() and not (folder / fmt.RELEASES_DIR).exists()
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -288,7 +297,6 @@ def run():  # pragma: no cover
 @click.pass_context
 def demo(ctx, workdir, model, question, threads):
     """Sample corpus + default model -> cache -> an answered question, compared with a full prefill."""
-    from pathlib import Path
     from kvfuse.cli.demo import DEMO_QUESTION, demo_corpus
     _set_threads(threads)
     corpus = demo_corpus(Path(workdir) / "corpus.jsonl")

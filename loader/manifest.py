@@ -159,6 +159,13 @@ def index_bytes(rows: list[dict]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def shown_cache(cache_dir: str | Path) -> str:
+    """The cache as the user named it, for advice: an object-storage cache's URL, not its local mirror."""
+    from .fs import remote_of   # (fs imports this module)
+    remote = remote_of(cache_dir)
+    return remote.url if remote is not None else str(cache_dir)
+
+
 def write_index(path: Path, rows: list[dict]) -> Digest:
     data = index_bytes(rows)
     write_bytes_atomic(path, data)
@@ -279,8 +286,8 @@ def read_manifest(cache_dir: Path, release: str) -> dict:
     except FileNotFoundError:
         known = ", ".join(list_releases(cache_dir)) or "none"
         raise NoReleaseError(f"unknown release {release!r} in {cache_dir} (releases: {known}).") from None
-    advice = (f"The release is damaged: run `kvfuse build-cache CORPUS --cache {cache_dir}` (it falls back to the "
-              "newest release that verifies), or open another release with --release.")
+    advice = (f"The release is damaged: run `kvfuse build-cache CORPUS --cache {shown_cache(cache_dir)}` (it falls "
+              "back to the newest release that verifies), or open another release with --release.")
     sidecar = path.with_name(path.name + DIGEST_SUFFIX)
     want = None
     if sidecar.exists():
@@ -343,7 +350,7 @@ def read_current(cache_dir: Path) -> str | None:
     if not fmt.is_safe_name(release):
         raise StoreError(
             f"{path} holds {release[:60]!r}, not a release name: the file is damaged or was edited. "
-            f"Run `kvfuse build-cache CORPUS --cache {cache_dir}` (it falls back to the newest release that "
+            f"Run `kvfuse build-cache CORPUS --cache {shown_cache(cache_dir)}` (it falls back to the newest release that "
             f"verifies), or write one of {list_releases(cache_dir) or 'the releases'} into it."
         )
     return release

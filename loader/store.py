@@ -44,6 +44,7 @@ from .manifest import (
     read_index,
     read_manifest,
     shard_header_digest,
+    shown_cache,
 )
 
 __all__ = ["ChunkData", "ChunkRecord", "Store", "list_releases", "read_current", "verify_release"]
@@ -75,8 +76,9 @@ def _inside(cache_dir: Path, relpath: str, what: str) -> Path:
 
 
 def _repair_advice(cache_dir: Path) -> str:
-    return (f"Run `kvfuse verify {cache_dir}` to list every damaged chunk, then "
-            f"`kvfuse build-cache CORPUS --cache {cache_dir} --repair` to recompute them.")
+    shown = shown_cache(cache_dir)   # an object-storage cache's URL, not its mirror
+    return (f"Run `kvfuse verify {shown}` to list every damaged chunk, then "
+            f"`kvfuse build-cache CORPUS --cache {shown} --repair` to recompute them.")
 
 
 class _MixedKV(Exception):

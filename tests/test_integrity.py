@@ -491,3 +491,36 @@ def test_cli_commands_reading_the_index_exit_cleanly(release):
                  ["inspect", str(cache)]):
         out = subprocess.run([sys.executable, "-m", "kvfuse.cli", *args], capture_output=True, text=True, env=env)
         assert out.returncode == 0, (args, out.returncode, out.stderr[-300:])
+
+
+@pytest.mark.parametrize("damage", ["manifest", "current", "manifest_gone"])
+def test_verify_of_a_cache_whose_release_cannot_be_opened_still_advises_the_repair(tmp_path, damage):
+    """A damaged CURRENT or manifest is a cache to repair (review: the 'nothing to repair' line for
+    folders without a release first caught these too)."""
+    cache = tmp_path / "cache"
+    release, _ = write_release(cache, some_chunks(2), target_bytes=1)
+    if damage == "manifest":
+        path = manifest_path(cache, release)
+        flip(path, path.stat().st_size // 2, 0)
+    elif damage == "current":
+        (cache / fmt.CURRENT_FILE).write_text("../../etc\n")
+    else:
+        manifest_path(cache, release).unlink()
+    out = CliRunner().invoke(main, ["verify", str(cache)])
+    assert out.exit_code == 1 and "nothing to repair" not in out.output and "--repair" in out.output, out.output
+
+
+def test_repair_advice_names_an_object_storage_cache_by_its_url(tmp_path, monkeypatch):
+    """A cache on object storage is read through a local mirror; advice must name the URL the user
+    gave (a build into the mirror folder would not repair the bucket). Found in review."""
+    from types import SimpleNamespace
+
+    from kvfuse.loader import fs
+    from kvfuse.loader import store as store_module
+    from kvfuse.loader.manifest import shown_cache
+
+    mirror = tmp_path / "mirror" / "s3" / "bucket" / "kv"
+    monkeypatch.setattr(fs, "remote_of", lambda d: SimpleNamespace(url="s3://bucket/kv") if Path(d) == mirror else None)
+    assert shown_cache(mirror) == "s3://bucket/kv" and shown_cache(tmp_path) == str(tmp_path)
+    advice = store_module._repair_advice(mirror)
+    assert "--cache s3://bucket/kv --repair" in advice and str(mirror) not in advice
