@@ -16,7 +16,6 @@ False, which the engine reports instead of passing arbitrary chunks off as relev
 
 from __future__ import annotations
 
-import bisect
 import os
 import sys
 import unicodedata
@@ -53,6 +52,31 @@ def terms(text: str) -> list[str]:
     return out
 
 
+# English inflection endings, longest first: what `inflection_key` strips (one of them)
+_ENDINGS = ("ings", "ing", "ers", "er", "ed", "es", "en", "s", "e")
+
+
+def inflection_key(term: str) -> str:
+    """`term` without one English inflection ending when at least 4 letters remain, and then
+    without a doubled last letter: write / writer / writing / written -> "writ", paint / painted
+    / painter -> "paint". Numbers and other scripts are their own key. For noticing that a
+    question's word occurs in another form, not for ranking."""
+    if not term.isalpha() or not term.isascii():
+        return term
+    for ending in _ENDINGS:
+        if term.endswith(ending) and len(term) - len(ending) >= 4:
+            term = term[:-len(ending)]
+            break
+    return term[:-1] if len(term) >= 5 and term[-1] == term[-2] else term
+
+
+def capitalised_terms(text: str) -> set[str]:
+    """The terms of the words `text` capitalises, its first word left out (a question's first
+    word is capitalised anyway): the names it asks about."""
+    runs = _RUN.findall(unicodedata.normalize("NFKC", text))
+    return {t for run in runs[1:] if run[0].isupper() for t in terms(run)}
+
+
 class BM25Retriever:
     def __init__(self, texts: list[str]):
         if not texts:
@@ -60,7 +84,7 @@ class BM25Retriever:
         self.n = len(texts)
         corpus = [terms(t) for t in texts]
         self.vocab = frozenset(t for doc in corpus for t in doc)
-        self._sorted_vocab = sorted(self.vocab)          # prefix lookups (`missing`)
+        self._vocab_keys = frozenset(map(inflection_key, self.vocab))   # `missing`
         self.index = bm25s.BM25()
         self.index.index([doc or [""] for doc in corpus], show_progress=False)
 
@@ -71,15 +95,13 @@ class BM25Retriever:
     def missing(self, query: str) -> list[str]:
         """The terms of `query` that occur in no text, in question order (no repeats): a name
         the corpus never mentions means the retrieved chunks matched on the other terms only.
-        Terms are not stemmed, so a word counts as present when a text holds a word that starts
-        with its stem (its first max(4, len - 2) characters: "write" is there when "writer" or
-        "written" is): the note is for names, not for a verb's other forms."""
-        return list(dict.fromkeys(t for t in terms(query) if t not in self.vocab and not self._stem_occurs(t)))
-
-    def _stem_occurs(self, term: str) -> bool:
-        stem = term[:max(4, len(term) - 2)]
-        i = bisect.bisect_left(self._sorted_vocab, stem)
-        return i < len(self._sorted_vocab) and self._sorted_vocab[i].startswith(stem)
+        Terms are not stemmed, so a lower-case word also counts as present when a text holds
+        another inflection of it (`inflection_key`: "write" is there when "writer" or "written"
+        is); a word the question capitalises (not its first word) must occur as it is: names
+        ("Monet" is missing from a text that says "money")."""
+        names = capitalised_terms(query)
+        return list(dict.fromkeys(t for t in terms(query) if t not in self.vocab
+                                  and (t in names or inflection_key(t) not in self._vocab_keys)))
 
     def top(self, query: str, k: int) -> list[tuple[int, float]]:
         """The k best texts as (index, BM25 score), best first; ties and a query without

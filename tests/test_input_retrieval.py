@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvfuse.runtime.retrieval import BM25Retriever, terms
+from kvfuse.runtime.retrieval import BM25Retriever, inflection_key, terms
 
 # Four documents per script; the question shares words with the third one only, so retrieval
 # that sees no matching term (index order) puts the wrong document first.
@@ -89,3 +89,19 @@ def test_missing_ignores_other_forms_of_a_word_the_texts_hold():
     r = BM25Retriever(["Aldous Huxley was an English writer.", "Paris is the capital of France."])
     assert r.missing("What did Aldous Huxley write?") == []
     assert r.missing("What did Aldous Huxley paint in Atlantis?") == ["paint", "atlantis"]
+
+
+def test_missing_still_names_names_that_share_a_start_with_a_corpus_word():
+    """Capitalised question words must occur as they are, and other words match other inflections
+    only, not any word with the same first letters (review: Monet was hidden by money, Plato by
+    platform, Carter by cart, 12 by 120)."""
+    r = BM25Retriever(["money platform individual home greenland handle franchise curious venue saturday",
+                       "stall canal cart 120 1990 writer written painted founders happened"])
+    for name in ("Monet", "Plato", "India", "Homer", "Greece", "Handel", "France", "Curie", "Venus", "Saturn",
+                 "Stalin", "Canada", "Carter"):
+        assert r.missing(f"What did {name} do?") == [name.lower()], name
+    assert r.missing("What happened in 12 and 19?") == ["12", "19"]
+    assert r.missing("who did monet write about") == ["monet"]      # lower case: inflections only
+    assert r.missing("Who wrote it, who writes, who painted, who founded?") == ["wrote"]   # irregular forms differ
+    assert [inflection_key(w) for w in ("write", "writer", "writing", "written", "paints", "cart", "12")] == \
+        ["writ", "writ", "writ", "writ", "paint", "cart", "12"]
