@@ -272,11 +272,13 @@ def _count(n: int, noun: str) -> str:
 
 def _agreement(a, tokenizer) -> str:
     """Whether the fused answer is the full prefill's, token for token, or where it leaves it."""
+    if a.full_token_ids is None:
+        return "not compared (a sampled request, or one with stop strings)"
     i = a.first_difference
     if i is None:
         return "yes, token for token the full prefill's answer"
     ours, full = a.token_ids[i:i + 1], a.full_token_ids[i:i + 1]
-    shown = [repr(tokenizer.decode(t)) if t else "the end" for t in (ours, full)]
+    shown = [f"{tokenizer.decode(t)!r} (token {t[0]})" if t else "the end" for t in (ours, full)]
     return f"no, the answers differ from generated token {i + 1} on: {shown[0]} against the full prefill's {shown[1]}"
 
 

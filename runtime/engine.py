@@ -560,7 +560,9 @@ class FusionEngine:
         cache, full_logits = full_prefill(self.lm, all_ids)
         work.answer.full_ttft_s = time.perf_counter() - t0
         tokens = greedy(self.lm, cache, full_logits, len(all_ids), work.request.max_new_tokens)
-        work.answer.full_token_ids = tokens[:-1] if tokens and tokens[-1] in self._eos else list(tokens)  # as token_ids: no EOS
+        req = work.request
+        if req.temperature == 0 and not any(req.stop):   # a greedy answer with no stop strings: comparable token for token
+            work.answer.full_token_ids = tokens[:-1] if tokens and tokens[-1] in self._eos else list(tokens)  # no EOS
         work.answer.full_text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         work.answer.first_token_kl = float(torch.nn.functional.kl_div(
             logits.log_softmax(-1), full_logits.log_softmax(-1), log_target=True, reduction="sum"))

@@ -111,7 +111,8 @@ class Answer:
     full_text: str | None = None       # with compare: the full prefill's answer
     full_ttft_s: float | None = None
     first_token_kl: float | None = None
-    full_token_ids: list[int] | None = None   # with compare: the full prefill's greedy answer, token ids
+    full_token_ids: list[int] | None = None   # with compare, for a greedy request without stop strings:
+                                              # the full prefill's greedy answer, token ids (no EOS)
 
     @property
     def n_generated(self) -> int:
@@ -121,7 +122,8 @@ class Answer:
     def first_difference(self) -> int | None:
         """With compare: the index of the first generated token where this answer leaves the full
         prefill's greedy one (a shorter answer leaves it where it ends); None where the two are the same
-        tokens or nothing was compared. Meaningful for greedy requests (temperature 0, the default)."""
+        tokens or nothing was compared (no compare, or a sampled request or one with stop strings,
+        whose answer the full prefill's greedy one is not comparable with: `full_token_ids` None)."""
         if self.full_token_ids is None:
             return None
         ours, full = self.token_ids, self.full_token_ids

@@ -229,3 +229,21 @@ def test_a_failed_warm_up_warns_and_the_engine_serves(cache, lm, monkeypatch):
 def test_warmup_chunks_below_one_is_refused():
     with pytest.raises(ValueError, match="warmup_chunks must be >= 1"):
         EngineConfig(warmup_chunks=0)
+
+
+def test_compare_leaves_sampled_and_stopped_requests_uncompared_token_for_token(cache, lm):
+    """The full prefill's answer is greedy and ignores stop strings: a sampled request or one with stop
+    strings is not comparable with it token for token (review: a stopped answer 'differed' where it
+    stopped)."""
+    from kvfuse.runtime.requests import FusionRequest
+
+    with FusionEngine(cache, lm) as engine:
+        greedy = engine.submit(FusionRequest(question="what is the capital", top_k=2, max_new_tokens=4),
+                               compare=True).result()
+        stopped = engine.submit(FusionRequest(question="what is the capital", top_k=2, max_new_tokens=4, stop=(" ",)),
+                                compare=True).result()
+        sampled = engine.submit(FusionRequest(question="what is the capital", top_k=2, max_new_tokens=4,
+                                              temperature=1.0, seed=1), compare=True).result()
+    assert greedy.full_token_ids is not None and greedy.full_text is not None
+    assert stopped.full_token_ids is None and sampled.full_token_ids is None
+    assert stopped.first_difference is None and stopped.full_text is not None
