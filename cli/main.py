@@ -37,7 +37,7 @@ def _check_cache(cache_dir: str, model: str | None = None) -> None:
     with Store.open(cache_dir, lease=False) as store:
         built_with = store.model.get("name")
     if model in PACKAGED_MODELS and built_with in PACKAGED_MODELS and built_with != model:
-        raise ModelMismatchError(f"cache {cache_dir} was built with model {built_with}, not {model}: ask it with "
+        raise ModelMismatchError(f"cache {cache_dir} was built with model {built_with}, not {model}: use "
                                  f"`--model {built_with}`, or build a cache for {model} in another folder "
                                  f"(`kvfuse build-cache CORPUS --cache NEW_DIR --model {model}`).")
 

@@ -181,8 +181,8 @@ class LayerwiseLoad:
         # stops at N + Q and everything after N is zeroed: attention reads the padded keys in place, no copy
         cap = shape_buckets.padded_length(N + n_question, device)
         buffer = torch.empty((L, 2, H, cap, D), dtype=tiers.dtype, device=device)                 # model dtype
-        if cap > N + n_question:
-            buffer[:, :, :, N:].zero_()
+        if shape_buckets.enabled_on(device):   # also when cap == N + Q: the question's rows are read padded
+            buffer[:, :, :, N:].zero_()         # before its K/V land there (probes of fewer question rows)
             shape_buckets.zeroed_beyond(buffer)
         self.buffer = buffer                          # kept alive: the registry holds it weakly
         self.fused = buffer[:, :, :, :N + n_question]

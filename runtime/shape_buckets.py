@@ -82,7 +82,7 @@ def _in_place(x: torch.Tensor, length: int) -> torch.Tensor | None:
     of one, or the widened view would not be what the scratch gives: rows 0..length-1 of each head
     (the buffer's rows, length == its T), strides that depend on `length` alone)."""
     base = _zeroed.get(x.untyped_storage().data_ptr())
-    if base is None or not base.is_contiguous():
+    if base is None or not base.is_contiguous() or base.dtype != x.dtype:
         return None
     b, h, n, d = x.shape
     head = length * d

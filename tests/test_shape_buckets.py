@@ -358,3 +358,26 @@ def test_in_place_also_under_inference_mode(tmp_path_factory, monkeypatch):
     finally:
         tiers.close()
     assert "key" not in shape_buckets._scratch.buffers
+
+
+def test_a_buffer_whose_length_is_a_whole_bucket_is_read_in_place_too(tmp_path_factory, monkeypatch):
+    """N + Q exactly a multiple of the key bucket: no padding rows, but the buffer is still registered
+    (its question rows zeroed until their K/V land), so the probes read it in place (review: it was
+    registered only when padded rows existed)."""
+    from test_layerwise import question, setup, tiers_for
+
+    from kvfuse.runtime.layerwise import fuse_layerwise
+
+    monkeypatch.setenv("KVFUSE_SHAPE_BUCKETS", "all")
+    lm, store, prefix, ids = setup(tmp_path_factory, "cpu", torch.float32)
+    q = question(lm)
+    tiers = tiers_for(lm, store, "cpu")
+    try:
+        tiers.submit("r", [prefix, *ids])
+        n = sum(store.read(c).kv.shape[3] for c in [prefix, *ids]) + len(q)
+        monkeypatch.setattr(shape_buckets, "KEY_BUCKET", n)                 # N + Q is one whole bucket
+        shape_buckets._scratch.buffers.clear()
+        fuse_layerwise(lm, tiers, "r", q, selector="kvfuse", ratio=0.2)
+    finally:
+        tiers.close()
+    assert "key" not in shape_buckets._scratch.buffers
