@@ -195,8 +195,11 @@ def verify(cache_dir, release, quick, as_json):
             click.echo(f"release {r.release}: OK ({r.chunks} stored KV entries, the shared prefix's included, {what})")
         elif r.release is None and _not_a_cache(cache_dir):   # an empty folder, a cache's parent: see above
             click.echo(f"no release of {cache_dir} could be read: nothing to repair")
+        elif r.release is None:   # a damaged CURRENT or manifest: a build falls back to a release that verifies
+            click.echo(f"{cache_dir}: its current release could not be opened; run `kvfuse build-cache CORPUS "
+                       f"--cache {cache_dir}` (it falls back to the newest release that verifies and builds on it)")
         else:
-            click.echo(f"release {r.release or '?'}: {_count(len(r.problems), 'problem')}, "
+            click.echo(f"release {r.release}: {_count(len(r.problems), 'problem')}, "
                        f"{_count(len(r.bad_chunks), 'bad chunk')}; "
                        f"repair with `kvfuse build-cache CORPUS --cache {cache_dir} --repair`")
     if not r.ok:
@@ -279,7 +282,8 @@ def _agreement(a, tokenizer) -> str:
         return "yes, token for token the full prefill's answer"
     ours, full = a.token_ids[i:i + 1], a.full_token_ids[i:i + 1]
     shown = [f"{tokenizer.decode(t)!r} (token {t[0]})" if t else "the end" for t in (ours, full)]
-    return f"no, the answers differ from generated token {i + 1} on: {shown[0]} against the full prefill's {shown[1]}"
+    where = "from the first generated token on" if i == 0 else f"from generated token {i + 1} on (the first {i} agree)"
+    return f"no, the answers differ {where}: {shown[0]} against the full prefill's {shown[1]}"
 
 
 def run():  # pragma: no cover

@@ -37,6 +37,7 @@ class Tok:
 def test_the_cli_line_names_the_parting_tokens():
     assert cli._agreement(answer([5, 6], [5, 6]), Tok()).startswith("yes")
     line = cli._agreement(answer([9, 6], [5, 6]), Tok())
-    assert line == "no, the answers differ from generated token 1 on: 'The' (token 9) against the full prefill's 'A' (token 5)"
+    assert line == "no, the answers differ from the first generated token on: 'The' (token 9) against the full prefill's 'A' (token 5)"
+    assert "from generated token 2 on (the first 1 agree)" in cli._agreement(answer([5, 9], [5, 6]), Tok())
     assert "the end" in cli._agreement(answer([5], [5, 6]), Tok())
     assert cli._agreement(answer([5], None), Tok()).startswith("not compared")
