@@ -75,13 +75,17 @@ class KVCodec:
         """The dtype of the stored `.kv` tensor (and of the pools' arenas)."""
         return self.code_dtype if self.code_dtype is not None else model_dtype
 
+    def chunk_bytes(self, n_layers: int, n_kv_heads: int, head_dim: int, model_dtype: torch.dtype,
+                    n_tokens: int) -> int:
+        """Stored KV bytes of a chunk of `n_tokens` tokens: codes (or model-dtype K/V) + their
+        scale rows [L, H_kv, key_cols * D + T] (0 for model-dtype KV)."""
+        codes = n_layers * 2 * n_kv_heads * n_tokens * head_dim * self.storage_dtype(model_dtype).itemsize
+        return codes + n_layers * n_kv_heads * self.row_width(head_dim, n_tokens) * self.scale_dtype.itemsize
+
     def bytes_per_token(self, n_layers: int, n_kv_heads: int, head_dim: int, model_dtype: torch.dtype,
                         chunk_tokens: int) -> float:
         """Stored KV bytes per token (codes + scales), for chunks of `chunk_tokens` tokens."""
-        codes = n_layers * 2 * n_kv_heads * head_dim * self.storage_dtype(model_dtype).itemsize
-        if not self.quantised:
-            return float(codes)
-        return codes + n_layers * n_kv_heads * (self.key_cols * head_dim / chunk_tokens + 1) * self.scale_dtype.itemsize
+        return self.chunk_bytes(n_layers, n_kv_heads, head_dim, model_dtype, chunk_tokens) / chunk_tokens
 
     @property
     def key_cols(self) -> int:

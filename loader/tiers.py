@@ -77,15 +77,12 @@ class Tiers:
         chunk_ids = list(self.queue.chunks(request_id) or ())
         if not chunk_ids:
             raise KeyError(f"request {request_id!r} is not queued; submit() it first")
-        L, two, H, _, D = self.gpu.slot_shape
+        L, _, H, _, D = self.gpu.slot_shape
         out = []
         for cid in chunk_ids:
             n = self.prefetcher.store.record(cid).n_tokens
             state = "hot" if cid in self.gpu else self.prefetcher.state(cid)
-            nbytes = L * two * H * n * D * self.gpu.dtype.itemsize          # codes (or model-dtype K/V)
-            if self.codec.quantised:                                         # + their scales [L, H_kv, W]
-                nbytes += L * H * self.codec.row_width(D, n) * self.codec.scale_dtype.itemsize
-            out.append((state, n, nbytes))
+            out.append((state, n, self.codec.chunk_bytes(L, H, D, self.dtype, n)))
         return out
 
     def acquire(self, request_id: str, recompute=()) -> tuple[list[tuple[PoolEntry, PoolEntry | None]], dict]:

@@ -179,9 +179,10 @@ class LayerwiseLoad:
         # [L, 2, H_kv, N + Q, D]: stored K/V at 0..N-1; the question's fresh K/V land in the tail. Where attention
         # runs at padded shapes (runtime/shape_buckets.py) the buffer holds the padded key length, the view
         # stops at N + Q and everything after N is zeroed: attention reads the padded keys in place, no copy
-        cap = shape_buckets.padded_length(N + n_question, device)
+        pad = shape_buckets.enabled_on(device)
+        cap = shape_buckets.bucket(N + n_question, shape_buckets.KEY_BUCKET) if pad else N + n_question
         buffer = torch.empty((L, 2, H, cap, D), dtype=tiers.dtype, device=device)                 # model dtype
-        if shape_buckets.enabled_on(device):   # also when cap == N + Q: the question's rows are read padded
+        if pad:                                 # also when cap == N + Q: the question's rows are read padded
             buffer[:, :, :, N:].zero_()         # before its K/V land there (probes of fewer question rows)
             shape_buckets.zeroed_beyond(buffer)
         self.buffer = buffer                          # kept alive: the registry holds it weakly

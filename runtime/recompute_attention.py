@@ -318,19 +318,16 @@ class ScatteredQueries:
             self._recorded[key] = first, ~self.row_mask(rows, first)
         return self._recorded[key]
 
-    def additive(self, dtype) -> torch.Tensor:
-        """[1, 1, R, K] additive mask in `dtype`, 0 where a row sees the key and -65504 (-65536
+    def additive(self, dtype, padded: bool = False) -> torch.Tensor:
+        """[1, 1, R, K] additive mask in `dtype` (padded: of `allowed(padded=True)`, [1, 1, R', K']),
+        0 where a row sees the key and -65504 (-65536
         in bfloat16) where not: what SDPA makes of `allowed()` when it runs cuDNN (torch's
         `convert_boolean_attn_mask_cudnn`, a finite value because of cuDNN's -inf handling),
         made once per pass instead of inside every layer's call. On the H200, where cuDNN runs
         these passes, it is the mask the bool mask became, so the attention is the same; on a
         backend whose conversion gives -inf instead, every row still sees key 0, so a hidden
         key's weight underflows to exactly 0 either way (tests/test_attention_recorder.py)."""
-        return self._additive(dtype, -65504.0)
-
-    def padded_additive(self, dtype) -> torch.Tensor:
-        """`additive(dtype)` of `allowed(padded=True)`: [1, 1, R', K'], built once per pass."""
-        return self._additive(dtype, -65504.0, padded=True)
+        return self._additive(dtype, -65504.0, padded)
 
     def float_mask(self, dtype) -> torch.Tensor:
         """[1, 1, R, K] additive mask (0 / dtype min), as the `dense` path gives SDPA."""
@@ -373,7 +370,7 @@ class ScatteredQueries:
                               stacklevel=2)
         if self.backend == "sdpa":
             if self._pads(query):   # CUDA: padded, so cuDNN's plan is reused by later passes
-                out = shape_buckets.bucketed_sdpa(query, key, value, self.padded_additive(query.dtype), scaling,
+                out = shape_buckets.bucketed_sdpa(query, key, value, self.additive(query.dtype, padded=True), scaling,
                                                   padded_mask=True)
                 return out.transpose(1, 2).contiguous()
             mask = self.additive(query.dtype) if query.is_cuda else self.allowed()   # CPU: as before, bit for bit

@@ -58,20 +58,14 @@ def _plans_per_shape(device: torch.device) -> bool:
     return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def padded_length(n: int, device: torch.device | str) -> int:
-    """Rows to allocate for a K/V buffer of n tokens on `device` whose attention may be padded: the key
-    bucket (register the buffer with `zeroed_beyond` once its rows past the used ones are zeroed)."""
-    return bucket(n, KEY_BUCKET) if enabled_on(device) else n
-
-
 # buffers whose rows past what their views use are zeroed, by the address of their storage (a slice
 # taken under inference mode has no `_base`, but shares the storage): attention reads padded keys there
 _zeroed = weakref.WeakValueDictionary()
 
 
 def zeroed_beyond(buffer: torch.Tensor) -> torch.Tensor:
-    """Register `buffer` [..., T, D] (allocated with `padded_length` rows, those past its used ones
-    zeroed): `padded` then widens views of it in place instead of copying them, while the caller
+    """Register `buffer` [..., T, D] (allocated with `bucket(n, KEY_BUCKET)` rows for n used, those
+    past the used ones zeroed): `padded` then widens views of it in place instead of copying them, while the caller
     keeps `buffer` itself alive (the registry holds it weakly). Returns it."""
     _zeroed[buffer.untyped_storage().data_ptr()] = buffer
     return buffer

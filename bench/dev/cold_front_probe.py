@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -20,23 +19,15 @@ from kvfuse.bench import ttft
 from kvfuse.bench.timing import host_to_gpu_gbps, median, timed
 from kvfuse.runtime import coldplan, layerwise
 from kvfuse.runtime.fusion import full_prefill
+from probe_setup import probe_setup
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--context", type=int, default=16384)
-    ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--kv-dtypes", default="model,fp8")
     ap.add_argument("--fronts", default="")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--selector", default="kvfuse")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = ttft.TTFTConfig(shapes=("llama3-8b",), contexts=(args.context,), ratios=(args.ratio,))
-    lm = ttft.build_random_model("llama3-8b", "cuda")
-    n = args.context // cfg.chunk_tokens
+    args, out, cfg, lm, n = probe_setup(ap)
     fronts = [int(x) for x in args.fronts.split(",")] if args.fronts else [0, n // 4, n // 2, 5 * n // 8, 3 * n // 4, 7 * n // 8, n]
     forced = {"front": None}
     original = layerwise.plan_request_loads
@@ -52,8 +43,7 @@ def main() -> None:
     ceiling = host_to_gpu_gbps(device="cuda")
     results = {"context": args.context, "ratio": args.ratio, "selector": args.selector, "fronts": fronts, "stores": {}}
     for kv in args.kv_dtypes.split(","):
-        store_dir = Path(cfg.store_root) / ("llama3-8b" if kv == "model" else f"llama3-8b-{kv}")
-        store, prefix, ids = ttft.ensure_store(store_dir, lm, n, cfg.chunk_tokens, cfg.prefix_tokens, "cuda", kv)
+        store, prefix, ids = ttft.ensure_store(ttft.store_dir(cfg, "llama3-8b", kv), lm, n, cfg.chunk_tokens, cfg.prefix_tokens, "cuda", kv)
         engine = ttft.make_engine(store, lm, cfg)
         tiers = engine.source.tiers
         disk = ttft.measure_disk_gbps(tiers, ids, cfg.workers)

@@ -15,12 +15,12 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from kvfuse.bench import ttft
 from kvfuse.bench.timing import median
+from probe_setup import probe_setup
 
 
 def cudnn_first_calls(keys=(4096, 4224, 8192, 8320, 12288, 12416), rows=512) -> list[dict]:
@@ -66,21 +66,11 @@ def decode_first_calls(lengths=(16416, 16417, 16418, 20000)) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--context", type=int, default=16384)
-    ap.add_argument("--ratio", type=float, default=0.15)
-    ap.add_argument("--selector", default="kvfuse")
     ap.add_argument("--kv-dtype", default="model")
     ap.add_argument("--alternate", type=int, default=0,
                     help="only: N pairs of warm runs of one request alternating KVFUSE_SHAPE_BUCKETS=0 / 1 (ABBA)")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = ttft.TTFTConfig(shapes=("llama3-8b",), contexts=(args.context,), ratios=(args.ratio,))
-    lm = ttft.build_random_model("llama3-8b", "cuda")
-    n = args.context // cfg.chunk_tokens
-    store_dir = Path(cfg.store_root) / ("llama3-8b" if args.kv_dtype == "model" else f"llama3-8b-{args.kv_dtype}")
-    store, prefix, ids = ttft.ensure_store(store_dir, lm, n + 4, cfg.chunk_tokens, cfg.prefix_tokens, "cuda",
+    args, out, cfg, lm, n = probe_setup(ap)
+    store, prefix, ids = ttft.ensure_store(ttft.store_dir(cfg, "llama3-8b", args.kv_dtype), lm, n + 4, cfg.chunk_tokens, cfg.prefix_tokens, "cuda",
                                            args.kv_dtype)
     engine = ttft.make_engine(store, lm, cfg)
     gen = torch.Generator().manual_seed(1)
