@@ -264,8 +264,8 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
     lm = build_random_model(shape, cfg.device)
     build_s = time.perf_counter() - t0
     n_store = max(cfg.store_chunks, max(cfg.contexts) // cfg.chunk_tokens)
-    store, prefix, ids = ensure_store(store_dir(cfg, shape, cfg.kv_dtype), lm, n_store, cfg.chunk_tokens, cfg.prefix_tokens, cfg.device,
-                                      cfg.kv_dtype)
+    store, prefix, ids = ensure_store(store_dir(cfg, shape, cfg.kv_dtype), lm, n_store, cfg.chunk_tokens,
+                                      cfg.prefix_tokens, cfg.device, cfg.kv_dtype)
     ceiling = host_to_gpu_gbps(device=cfg.device)
     print(f"  host->GPU: pinned {ceiling['pinned_gbps']:.1f} GB/s, pageable {ceiling['pageable_gbps']:.1f} GB/s",
           flush=True)
@@ -278,8 +278,9 @@ def run_shape(cfg: TTFTConfig, shape: str, out_dir: Path) -> dict:
     runner = Runner(engine, question, cfg.selector)
     pair = None   # (runner, [prefix, *chunk ids]) of the store timed against this one (--pair-kv-dtype)
     if cfg.pair_kv_dtype:
-        pair_store, pair_prefix, pair_ids = ensure_store(store_dir(cfg, shape, cfg.pair_kv_dtype), lm, n_store, cfg.chunk_tokens, cfg.prefix_tokens,
-                                                         cfg.device, cfg.pair_kv_dtype)
+        pair_store, pair_prefix, pair_ids = ensure_store(store_dir(cfg, shape, cfg.pair_kv_dtype), lm, n_store,
+                                                         cfg.chunk_tokens, cfg.prefix_tokens, cfg.device,
+                                                         cfg.pair_kv_dtype)
         pair = Runner(make_engine(pair_store, lm, cfg), question, cfg.selector), [pair_prefix, *pair_ids]
     # the tokens without the KV: a `Store.read` of a quantised chunk dequantises through its memory
     # map, and the kernel keeps mapped pages however the cold runs drop the page cache
